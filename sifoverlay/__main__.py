@@ -1,0 +1,5 @@
+import sys
+
+from sifoverlay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""The one error tree of sifoverlay.
+
+Every error carries its data as attributes and renders as ONE line that names the
+image (or file) and the problem. Only the CLI maps classes to exit codes; the Epilog,
+the operator and the exporter catch `SifOverlayError` and record it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# sysexits-style codes, mapped once in the CLI.
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_TEMPFAIL = 75  # busy image: try again later
+EXIT_NOPERM = 77
+
+
+class SifOverlayError(Exception):
+    """Base class. `path` is the image or file concerned (may be None)."""
+
+    exit_code: int = EXIT_FAILURE
+
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str, **data: Any) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = problem
+        self.data = data
+        for key, value in data.items():
+            setattr(self, key, value)
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        text = " ".join(self.problem.split())  # always one line
+        return f"{self.path}: {text}" if self.path else text
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": type(self).__name__, "path": self.path, "message": self.message()}
+        for key, value in self.data.items():
+            out[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+        return out
+
+
+# --- bad input (exit 2): the file is not what it should be -------------------------
+class BadInput(SifOverlayError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class SifFormatError(BadInput):
+    """The SIF container itself is malformed (header, descriptor table, offsets)."""
+
+
+class NotAnOciSif(BadInput):
+    """A valid SIF, but not an OCI-SIF (no root index) or no single image in it."""
+
+
+class OciFormatError(BadInput):
+    """OCI JSON inside an OCI-SIF is invalid, or a digest does not resolve / match."""
+
+
+class Ext3FormatError(BadInput):
+    """The overlay region is not an acceptable ext3 filesystem."""
+
+
+class OverlayStateError(BadInput):
+    """The operation does not fit the image: no overlay, already has one, signed image..."""
+
+
+class CapacityError(BadInput):
+    """Not enough free descriptor slots; `needed` and `free` say how many."""
+
+
+class UsageError(BadInput):
+    """Bad arguments or configuration (relative path, unknown key...)."""
+
+
+# --- state (exit 75 / 77 / 1) -------------------------------------------------------
+class ImageBusy(SifOverlayError):
+    """A live writer holds the image (lease or mount); `holder` describes it."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class NotAuthorized(SifOverlayError):
+    """The job's user may not write the image, or it lies outside the allowed roots."""
+
+    exit_code = EXIT_NOPERM
+
+
+class JournalError(SifOverlayError):
+    """A journal record could not be written, or recovery could not finish."""
+
+
+class RecoveryNeeded(SifOverlayError):
+    """The image has an unfinished journal entry that this caller may not recover."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class ExternalToolError(SifOverlayError):
+    """An external tool (e2fsck, mksquashfs, fuse2fs...) failed.
+
+    Attributes: tool, returncode, output_tail (last lines of its output).
+    """
+
+
+class RegistryError(SifOverlayError):
+    """A registry push/pull failed (auth, unreachable, digest mismatch)."""
