@@ -40,3 +40,29 @@ def vectors() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def siftool() -> str:
+    """Path to the Go reference siftool (sylabs/sif from Debian), built once into
+    .tools/siftool by scripts/build-siftool.sh. Skips locally / fails in CI without Go."""
+    import subprocess
+
+    path = REPO / ".tools" / "siftool"
+    if not path.exists():
+        require_tool("go")
+        proc = subprocess.run(
+            [str(REPO / "scripts" / "build-siftool.sh"), str(path)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            msg = f"cannot build siftool: {tail}"
+            if IN_CI:
+                pytest.fail(msg)
+            pytest.skip(msg)
+    require_tool(str(path))
+    return str(path)

@@ -7,11 +7,14 @@ output; a failure raises ExternalToolError(tool, returncode, output_tail).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import struct
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from sifoverlay.errors import ExternalToolError
 
@@ -98,16 +101,64 @@ def attach_loop(path: str | os.PathLike[str], offset: int, size: int, *, read_on
     raise last
 
 
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = "=QQQQQIIII64s64s32sQQ"  # struct loop_info64
+
+
+@dataclass(frozen=True, slots=True)
+class LoopBinding:
+    """What a loop device really serves, from the kernel (LOOP_GET_STATUS64)."""
+
+    st_dev: tuple[int, int]  # (major, minor) of the backing file's filesystem
+    st_ino: int
+    offset: int
+    sizelimit: int
+
+
+def loop_binding(device: str) -> LoopBinding:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(struct.calcsize(_LOOP_INFO64)))
+    finally:
+        os.close(fd)
+    lo_device, lo_inode, _rdev, lo_offset, lo_sizelimit = struct.unpack_from("=QQQQQ", raw)
+    # huge_encode_dev(): minor bits 0-7 and 20-31, major bits 8-19
+    major = (lo_device & 0xFFF00) >> 8
+    minor = (lo_device & 0xFF) | ((lo_device >> 12) & 0xFFF00)
+    return LoopBinding((major, minor), lo_inode, lo_offset, lo_sizelimit)
+
+
+def serves(binding: LoopBinding, st: os.stat_result, offset: int, size: int) -> bool:
+    """Does the loop device serve exactly [offset, offset+size) of the file `st`?"""
+    return (binding.st_dev == (os.major(st.st_dev), os.minor(st.st_dev)) and binding.st_ino == st.st_ino
+            and binding.offset == offset and binding.sizelimit == size)
+
+
+_DETACH_WAIT = 5.0
+
+
 def detach_loop(device: str) -> None:
-    """Detach a loop device (retried briefly: udev may still hold it just after use)."""
+    """Detach a loop device and wait until the kernel has really let go of it.
+
+    When something still has the device open (a blkid probe, say), `losetup -d` only
+    sets autoclear and returns; the backing file stays attached until the last close.
+    Callers that check "is this range attached?" right afterwards must not see it.
+    """
     for attempt in range(_ATTACH_TRIES):
         try:
             run_tool(["losetup", "--detach", device], path=device, timeout=60)
-            return
+            break
         except ExternalToolError:
             if attempt == _ATTACH_TRIES - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
+    backing = f"/sys/block/{os.path.basename(device)}/loop/backing_file"
+    deadline = time.monotonic() + _DETACH_WAIT
+    while os.path.exists(backing):
+        if time.monotonic() > deadline:
+            log.warning("%s is still attached %.0f s after detach (held open elsewhere)", device, _DETACH_WAIT)
+            return
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

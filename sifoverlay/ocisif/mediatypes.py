@@ -36,8 +36,8 @@ CONFIG_TYPES: Final = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 
 def is_index(media_type: object) -> bool:
-    return media_type in INDEX_TYPES
+    return isinstance(media_type, str) and media_type in INDEX_TYPES
 
 
 def is_image_manifest(media_type: object) -> bool:
-    return media_type in IMAGE_MANIFEST_TYPES
+    return isinstance(media_type, str) and media_type in IMAGE_MANIFEST_TYPES

@@ -28,8 +28,8 @@ DETERMINISTIC_TIME: Final = -62135596800
 GROUP_MASK: Final = 0xF0000000
 
 # Sanity ceiling when loading: Go would happily allocate any count the header claims.
-# 1 << 20 slots is a 585 MiB table, far beyond anything real (default capacity is 48).
-MAX_DESCRIPTORS: Final = 1 << 20
+# 65536 slots is a 38 MiB table, far beyond anything real (default capacity is 48).
+MAX_DESCRIPTORS: Final = 1 << 16
 
 
 class DataType(enum.IntEnum):

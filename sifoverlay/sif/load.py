@@ -24,7 +24,7 @@ from .constants import (
     VERSION,
     DataType,
 )
-from .descriptor import Descriptor
+from .descriptor import DESCRIPTOR_STRUCT, EMPTY_DESCRIPTOR, Descriptor
 from .header import Header
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK: Final = 4 << 20
 DEFAULT_READ_CAP: Final = 64 << 20  # .read() is for JSON-sized objects, not layers
 
+_EMPTY_FIELDS: Final = DESCRIPTOR_STRUCT.unpack(bytes(DESCRIPTOR_SIZE))
 _HEADER_INT_FIELDS: Final = (
     "created_at",
     "modified_at",
@@ -64,7 +65,7 @@ def pread_exact(fd: int, length: int, offset: int, path: str) -> bytes:
 def validate_header(header: Header, file_size: int, path: str) -> None:
     """Every header rule; raises SifFormatError naming the first violated one."""
     if header.magic != MAGIC:
-        raise SifFormatError(path, f"not a SIF file: bad magic {header.magic.rstrip(bytes(1))!r} (want 'SIF_MAGIC')")
+        raise SifFormatError(path, f"not a SIF file: bad magic (no SIF_MAGIC at offset 32, found hex {header.magic.hex()})")
     if header.version != VERSION:
         raise SifFormatError(path, f"unsupported SIF version {header.version!r} (only '01' is known)")
     for field in _HEADER_INT_FIELDS[2:]:
@@ -179,8 +180,10 @@ class SifFile:
             header = Header.unpack(pread_exact(fd, HEADER_SIZE, 0, name))
             validate_header(header, size, name)
             table = pread_exact(fd, header.descriptors_size, header.descriptors_offset, name)
+            # unused all-zero slots share one immutable record: most of a table is empty
             descriptors = [
-                Descriptor.unpack(table[i : i + DESCRIPTOR_SIZE]) for i in range(0, len(table), DESCRIPTOR_SIZE)
+                EMPTY_DESCRIPTOR if fields == _EMPTY_FIELDS else Descriptor(*fields)
+                for fields in DESCRIPTOR_STRUCT.iter_unpack(table)
             ]
             validate_descriptors(header, descriptors, size, name)
         except BaseException:

@@ -1,0 +1,82 @@
+"""`sifoverlay exec [--writable] [--mount fuse|kernel] [--bind SRC[:DST[:ro]]] IMAGE -- CMD...`
+
+Embedded single-machine mode: lease, assemble, run CMD inside the image as the invoking
+user, tear down, reconcile (--writable), release. Exits with CMD's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+HELP = "run a command inside an OCI-SIF (overlay writable with --writable)"
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "exec", help=HELP,
+        description=HELP + ". Needs root (mount namespace, chroot); the command runs as the invoking user "
+        "(SUDO_UID/SUDO_GID under sudo) or --user. Changes are discarded unless --writable.",
+    )
+    parser.add_argument("--writable", "-w", action="store_true", help="mount the ext3 overlay read-write and reconcile after")
+    parser.add_argument("--mount", choices=("fuse", "kernel"), default="fuse",
+                        help="fuse (default: FUSE daemons as the user) or kernel (trusted images only)")
+    parser.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro]]", help="bind a host path")
+    parser.add_argument("--user", "-u", metavar="USER|UID", help="run as this user (root only)")
+    parser.add_argument("--job-id", help="job id for the lease, session and runtime dir (default exec-HOST-PID)")
+    parser.add_argument("--base-dir", help="runtime directory (default $SIFOVERLAY_RUNTIME_DIR or /run/sifoverlay/jobs)")
+    parser.add_argument("--journal-dir", help="journal directory (default: see `sifoverlay recover`)")
+    parser.add_argument("--no-sync", action="store_true", help="do not reconcile after a --writable run")
+    parser.add_argument("--lease-ttl", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("image", metavar="IMAGE", help="OCI-SIF image")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="command and arguments")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sifoverlay.errors import NotAuthorized, UsageError
+    from sifoverlay.runtime import Bind, run_embedded
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError(None, "no command given: sifoverlay exec IMAGE -- CMD [ARGS...]")
+    if os.geteuid() != 0:
+        raise NotAuthorized(args.image, "sifoverlay exec needs root (mount namespace, chroot): run it with sudo")
+    user = resolve_user(args.user)
+    binds = [Bind.parse(spec) for spec in args.bind]
+    outcome = run_embedded(
+        args.image, argv, user=user, writable=args.writable, mode=args.mount, binds=binds, cwd=os.getcwd(),
+        job_id=args.job_id, base_dir=args.base_dir, journal_dir=args.journal_dir, lease_ttl=args.lease_ttl,
+        sync=not args.no_sync,
+    )
+    if outcome.sync_error:
+        print(f"sifoverlay: {args.image}: not reconciled: {outcome.sync_error}", file=sys.stderr)
+    return outcome.returncode
+
+
+def resolve_user(spec: str | None) -> Any:
+    """--user NAME|UID, else the sudo caller, else ourselves."""
+    import pwd
+
+    from sifoverlay.errors import UsageError
+    from sifoverlay.runtime import User
+
+    if spec is None and os.environ.get("SUDO_UID", "").isdigit():
+        spec = os.environ["SUDO_UID"]
+    if spec is None:
+        uid, gid = os.getuid(), os.getgid()
+        return User(uid, gid, tuple(sorted(set(os.getgroups()) | {gid})))
+    try:
+        entry = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except KeyError:
+        if spec.isdigit():  # an id without a passwd entry: its own group only
+            return User(int(spec), int(spec), (int(spec),))
+        raise UsageError(None, f"unknown user {spec!r}") from None
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    return User(entry.pw_uid, entry.pw_gid, tuple(sorted(set(groups))))

@@ -1,0 +1,138 @@
+"""`sifoverlay overlay create|status|sync|seal`: the writable overlay of an OCI-SIF.
+
+Imports only argparse at module level: the engine is imported inside `run`, so that a
+no-op `overlay sync` costs little more than reading the header, table, JSON and the
+ext3 superblock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+HELP = "create, inspect, reconcile or seal the writable ext3 overlay of an OCI-SIF"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="OCI-SIF file")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    parser.add_argument(
+        "--journal-dir", metavar="DIR", default=None,
+        help="journal directory (default: $SIFOVERLAY_JOURNAL_DIR, /var/lib/sifoverlay/journal "
+        "for root, else $XDG_STATE_HOME/sifoverlay/journal)",
+    )
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("overlay", help=HELP, description=HELP + ".")
+    verbs = parser.add_subparsers(dest="overlay_command", metavar="VERB", parser_class=type(parser))
+    verbs.required = True
+
+    create = verbs.add_parser("create", help="add an empty ext3 overlay as the last layer",
+                              description="Add an empty ext3 overlay (upper/, work/) as the last layer of IMAGE.")
+    create.add_argument("--size", type=int, default=64, metavar="MiB", help="overlay size in MiB (>= 64, default 64)")
+    create.add_argument("--sparse", action="store_true", help="leave the overlay sparse instead of allocating it")
+    _common(create)
+    create.set_defaults(func=run, verb="create")
+
+    status = verbs.add_parser("status", help="drift of the overlay against its recorded digest",
+                              description="Report clean / modified / drift / in-use / unknown. Read-only.")
+    group = status.add_mutually_exclusive_group()
+    group.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
+                       help="always hash the overlay")
+    group.add_argument("--no-verify", dest="verify", action="store_const", const=False,
+                       help="never hash (an overlay without fingerprint stays 'unknown')")
+    _common(status)
+    status.set_defaults(func=run, verb="status")
+
+    sync = verbs.add_parser("sync", help="record the overlay's current digest (crash-safe)",
+                            description="Reconcile the OCI metadata of IMAGE with its overlay bytes.")
+    sync.add_argument("--force-hash", action="store_true", help="hash even if the fingerprint is unchanged")
+    sync.add_argument("--job", metavar="ID", default=None, help="run inside the lease of job ID")
+    _common(sync)
+    sync.set_defaults(func=run, verb="sync")
+
+    seal = verbs.add_parser("seal", help="turn upper/ into a squashfs layer replacing the overlay",
+                            description="Convert the overlay's upper/ into a squashfs layer (crash-safe).")
+    _common(seal)
+    seal.set_defaults(func=run, verb="seal")
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        pct = 100.0 * done / total if total else 100.0
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
+                         f"{done / (1 << 30):.2f}/{total / (1 << 30):.2f} GiB")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sifoverlay.fsio import io_from_env
+
+    verb = args.verb
+    bar = _ProgressBar("hashing overlay") if sys.stderr.isatty() and not args.json else None
+    try:
+        if verb == "sync":
+            from sifoverlay.engine.reconcile import sync
+
+            result = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
+                          progress=bar, force_hash=args.force_hash)
+            _emit(args, result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})")
+        elif verb == "status":
+            from sifoverlay.engine.status import status
+
+            st = status(args.image, verify=args.verify, journal_dir=args.journal_dir, progress=bar)
+            lines = [f"{st.image}: {st.state}", f"  recorded digest: {st.recorded_digest}"]
+            if st.actual_digest:
+                lines.append(f"  actual digest:   {st.actual_digest}")
+            lines.append(f"  overlay: {st.overlay_size} bytes at offset {st.overlay_offset}, {st.free_bytes} bytes free")
+            if st.holder:
+                lines.append(f"  in use: {st.holder['detail']}")
+            if st.journal_pending:
+                lines.append(f"  unfinished operations: {st.journal_pending} (run `sifoverlay recover`)")
+            _emit(args, st.as_dict(), "\n".join(lines))
+        elif verb == "create":
+            from sifoverlay.engine.create import create_overlay
+
+            op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
+                                io=io_from_env())
+            _emit(args, op.as_dict(), f"{op.image}: overlay created ({op.layer_size} bytes, {op.layer_digest})")
+        else:
+            from sifoverlay.engine.seal import seal
+
+            op = seal(args.image, journal_dir=args.journal_dir, io=io_from_env())
+            _emit(args, op.as_dict(), f"{op.image}: overlay sealed into squashfs layer {op.layer_digest}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0

@@ -1,0 +1,55 @@
+"""`sifoverlay recover [IMAGE ...] [--journal-dir DIR] [--json]`: finish or roll back every
+interrupted create / sync / seal (all images with journal entries when none is named).
+
+Exit status: 0 when everything was recovered (or nothing was pending), 1 when an entry
+could not be recovered (it is kept; the outcome says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+HELP = "finish or roll back interrupted overlay operations"
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("recover", help=HELP, description=HELP + " (idempotent, crash-safe).")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to recover (default: all with pending entries)")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    parser.add_argument("--journal-dir", metavar="DIR", default=None, help="journal directory (default: see `overlay sync --help`)")
+    # HOOK (Slurm sweeper) -- added by the Slurm integration (sifoverlay/slurm/sweeper.py):
+    parser.add_argument("--slurm", action="store_true",
+                        help="also finish the Slurm jobs that are over but whose Epilog never ran "
+                             "(this node's open job sessions; see docs/slurm.md)")
+    parser.add_argument("--plugstack", metavar="FILE", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", choices=("auto", "cli", "pyslurm"), default="auto", help=argparse.SUPPRESS)
+    # end HOOK
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sifoverlay.engine.recover import recover
+    from sifoverlay.fsio import io_from_env
+
+    # HOOK (Slurm sweeper) -- added by the Slurm integration: sweep first, then the plain recover.
+    if getattr(args, "slurm", False):
+        from sifoverlay.slurm.sweeper import recover_slurm
+
+        return recover_slurm(args, recover=recover, io=io_from_env())
+    # end HOOK
+
+    outcomes = recover(args.images or None, journal_dir=args.journal_dir, io=io_from_env())
+    # HOOK (Slurm sweeper): `if getattr(args, "slurm", False):` run sifoverlay.slurm.sweeper here
+    # and merge its report into `outcomes`.
+    if args.json:
+        json.dump({"outcomes": [o.as_dict() for o in outcomes]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if not outcomes:
+            sys.stdout.write("nothing to recover\n")
+        for o in outcomes:
+            sys.stdout.write(f"{o.image}: {o.outcome}" + (f" ({o.op})" if o.op else "") + f": {o.detail}\n")
+    return 1 if any(o.outcome == "failed" for o in outcomes) else 0

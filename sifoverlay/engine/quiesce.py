@@ -1,0 +1,182 @@
+"""Is anyone using the overlay right now? (crash-safety.md R7, R8)
+
+Looks at what this host can see, without changing anything:
+  * FUSE mounts in /proc/self/mountinfo whose source is the image (fuse2fs = the ext3,
+    squashfuse = a squashfs layer); a fuse2fs mount is a writer unless mounted ro;
+  * loop devices whose backing file is the image and whose [offset, sizelimit) overlaps
+    the ext3 region (/sys/block/loop*/loop/); writable unless /sys/block/loopN/ro is 1;
+  * byte-range locks over the ext3 region held through other open files (F_OFD_GETLK
+    sees OFD locks and POSIX locks, e.g. SingularityCE native mode's F_SETLK);
+  * the lease file (engine.lease.inspect), when its holder is alive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from sifoverlay.errors import ImageBusy
+
+log = logging.getLogger(__name__)
+
+_FLOCK = "hhqqi4x"
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+FUSE_WRITERS = ("fuse2fs",)
+FUSE_READERS = ("squashfuse", "squashfuse_ll")
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One sign of use. `writer` = it may change the ext3 bytes."""
+
+    kind: str  # "fuse" (ext3) | "fuse-layer" (squashfs layer) | "loop" | "lock" | "lease"
+    detail: str
+    writer: bool
+
+
+def _same_file(candidate: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(candidate)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> list[Activity]:
+    found = []
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 2:
+            continue
+        fstype, source = tail[0], _unescape(tail[1])
+        program = fstype.split(".", 1)[1] if fstype.startswith("fuse.") else fstype
+        if program not in FUSE_WRITERS + FUSE_READERS and fstype != "fuse":
+            continue
+        if not _same_file(source, st):
+            continue
+        options = fields[5].split(",")
+        kind = "fuse" if program in FUSE_WRITERS or fstype == "fuse" else "fuse-layer"
+        writable = kind == "fuse" and "ro" not in options
+        found.append(Activity(kind, f"{program} mount at {_unescape(fields[4])} ({'rw' if writable else 'ro'})", writable))
+    return found
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/sys/block") -> list[Activity]:
+    found = []
+    try:
+        names = sorted(n for n in os.listdir(sys_block) if n.startswith("loop"))
+    except OSError:
+        return found
+    for name in names:
+        base = os.path.join(sys_block, name)
+        backing = _read(os.path.join(base, "loop", "backing_file"))
+        if not backing:
+            continue
+        if backing.endswith(" (deleted)") or not _same_file(backing, st):
+            continue
+        lo_offset = int(_read(os.path.join(base, "loop", "offset")) or 0)
+        limit = int(_read(os.path.join(base, "loop", "sizelimit")) or 0)
+        lo_end = lo_offset + limit if limit else st.st_size
+        if lo_end <= offset or lo_offset >= offset + size:
+            continue
+        writable = _read(os.path.join(base, "ro")) != "1"
+        found.append(Activity("loop", f"/dev/{name} at offset {lo_offset} ({'rw' if writable else 'ro'})", writable))
+    return found
+
+
+def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool) -> list[Activity]:
+    """A conflicting lock on [offset, offset+size) held through another open file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        probe = fcntl.F_RDLCK if writers_only else fcntl.F_WRLCK
+        raw = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, probe, os.SEEK_SET, offset, size, 0))
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    kind, _, start, length, pid = struct.unpack(_FLOCK, raw)
+    if kind == fcntl.F_UNLCK:
+        return []
+    from . import lease
+
+    info = lease.inspect(path)
+    if pid > 0:
+        who = f"pid {pid}"
+    elif info is not None:
+        who = info.describe()  # OFD locks carry no pid: the lease file names the holder
+    else:
+        who = "another open file (OFD lock)"
+    what = "write" if kind == fcntl.F_WRLCK else "read"
+    return [Activity("lock", f"{what} lock on the overlay held by {who}", kind == fcntl.F_WRLCK)]
+
+
+def lease_holder(path: str, *, job: str | None = None) -> list[Activity]:
+    from . import lease
+
+    info = lease.inspect(path)
+    if info is None or not info.is_alive() or (job is not None and info.job_id == str(job)):
+        return []
+    return [Activity("lease", info.describe(), True)]
+
+
+def find_activity(
+    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
+) -> list[Activity]:
+    st = os.stat(path)
+    found = fuse_mounts(st) + loop_devices(st, offset, size)
+    if locks:
+        found += byte_range_lock(path, offset, size, writers_only=writers_only)
+    found += lease_holder(path, job=job)
+    return found
+
+
+def ensure_quiet(
+    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
+) -> list[Activity]:
+    """Raise ImageBusy when a writer (or, with writers_only=False, any user) is active;
+    return the harmless activity seen (read-only mounts)."""
+    found = find_activity(path, offset, size, locks=locks, writers_only=writers_only, job=job)
+    blocking = [a for a in found if a.writer or (not writers_only and a.kind != "fuse-layer")]
+    if blocking:
+        first = blocking[0]
+        raise ImageBusy(
+            path,
+            f"overlay in use: {'; '.join(a.detail for a in blocking)}",
+            holder={"kind": first.kind, "detail": first.detail},
+        )
+    return found

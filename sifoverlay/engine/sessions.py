@@ -1,0 +1,163 @@
+"""Job session records: one durable JSON file per running job in ``<journal_dir>/sessions/``.
+
+A session is written when a job starts using an image (Slurm Prolog, Kubernetes pod,
+`sifoverlay exec`) and removed when the job's end has been handled (unmounted,
+reconciled, lease released). Whatever is left in the directory is work for the sweeper
+(crash-safety.md R10: keyed by job id, liveness decided from Slurm/K8s state).
+
+Files are named ``<job_id>.json`` (the job id restricted to a safe character set) and
+written with `FileIO.write_file_atomic` (temp + fsync + rename + directory fsync), so a
+reader sees either no record or a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sifoverlay.errors import JournalError, UsageError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+__all__ = ["Session", "finish", "load", "open_sessions", "session_path", "sessions_dir", "start"]
+
+log = logging.getLogger(__name__)
+
+SESSIONS_SUBDIR = "sessions"
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+_MODES = ("rw", "ro")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One job's use of one image."""
+
+    job_id: str
+    image: str
+    mode: str  # "rw" | "ro"
+    host: str
+    uid: int
+    source: str  # "slurm" | "k8s" | "cli"
+    started: float
+    pid: int
+    details: dict[str, Any] = field(default_factory=dict)
+    finished: float | None = None
+    result: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": 1, **asdict(self)}, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, path: str) -> Session:
+        try:
+            data = json.loads(raw)
+            return cls(
+                job_id=str(data["job_id"]), image=str(data["image"]), mode=str(data["mode"]),
+                host=str(data["host"]), uid=int(data["uid"]), source=str(data["source"]),
+                started=float(data["started"]), pid=int(data.get("pid", 0)),
+                details=dict(data.get("details") or {}), finished=data.get("finished"),
+                result=data.get("result"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalError(path, f"unreadable session record: {exc}") from None
+
+
+def sessions_dir(journal_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(journal_dir), SESSIONS_SUBDIR)
+
+
+def session_path(journal_dir: str | os.PathLike[str], job_id: str) -> str:
+    job = str(job_id)
+    if not _JOB_ID.match(job):
+        raise UsageError(None, f"job id {job!r} is not usable as a session name (allowed: letters, digits, ._:@+-)")
+    return os.path.join(sessions_dir(journal_dir), f"{job}.json")
+
+
+def start(
+    journal_dir: str | os.PathLike[str],
+    job_id: str,
+    image: str | os.PathLike[str],
+    *,
+    mode: str,
+    host: str,
+    uid: int,
+    source: str,
+    details: dict[str, Any] | None = None,
+    io: FileIO = REAL_IO,
+) -> Session:
+    """Durably record that `job_id` uses `image`. A requeued job (same id, same image)
+    replaces its old record; an open session of the same id on another image is refused."""
+    if mode not in _MODES:
+        raise UsageError(None, f"session mode must be one of {', '.join(_MODES)}, not {mode!r}")
+    path = session_path(journal_dir, job_id)
+    image_path = os.path.abspath(os.fspath(image))
+    existing = load(journal_dir, job_id)
+    if existing is not None:
+        if existing.image != image_path:
+            raise JournalError(path, f"job {job_id} already has an open session on {existing.image}")
+        log.info("job %s: replacing its open session on %s (requeue)", job_id, image_path)
+    session = Session(
+        job_id=str(job_id), image=image_path, mode=mode, host=host, uid=int(uid), source=source,
+        started=time.time(), pid=os.getpid(), details=dict(details or {}),
+    )
+    io.makedirs(sessions_dir(journal_dir), 0o755)
+    io.write_file_atomic(path, session.to_json(), mode=0o644)
+    return session
+
+
+def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io: FileIO = REAL_IO) -> Session | None:
+    """Close the session of `job_id`: its record is removed (durably) and returned with
+    `finished`/`result` filled in. None (not an error) when there is no open session, so
+    an Epilog and a sweeper may both call it."""
+    session = load(journal_dir, job_id)
+    if session is None:
+        return None
+    path = session_path(journal_dir, job_id)
+    try:
+        io.unlink(path)
+    except FileNotFoundError:
+        return None  # someone else finished it between our read and our unlink
+    io.fsync_dir(sessions_dir(journal_dir))
+    log.info("job %s: session on %s finished: %s", job_id, session.image, result)
+    return Session(**{**_fields(session), "finished": time.time(), "result": str(result)})
+
+
+def load(journal_dir: str | os.PathLike[str], job_id: str) -> Session | None:
+    path = session_path(journal_dir, job_id)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    return Session.from_json(raw, path)
+
+
+def open_sessions(journal_dir: str | os.PathLike[str]) -> list[Session]:
+    """Every session not yet finished, oldest first. Unreadable records are logged and
+    skipped (temp files of an interrupted write are ignored)."""
+    directory = sessions_dir(journal_dir)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as fh:
+                found.append(Session.from_json(fh.read(), path))
+        except FileNotFoundError:
+            continue
+        except JournalError as exc:
+            log.error("%s", exc)
+    return sorted(found, key=lambda s: (s.started, s.job_id))
+
+
+def _fields(session: Session) -> dict[str, Any]:
+    return {name: getattr(session, name) for name in session.__dataclass_fields__}

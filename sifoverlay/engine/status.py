@@ -1,0 +1,92 @@
+"""`overlay status`: drift of the overlay against its recorded digest, without hashing
+unless asked. Read-only: takes no lease and recovers nothing (pending journal entries
+are counted; `sifoverlay recover` or any writing verb finishes them).
+
+States:
+  in-use    a live writer: lease holder, rw FUSE mount, rw loop device, write lock;
+  clean     fingerprint unchanged since the last reconcile (and, when hashed, digest equal);
+  modified  fingerprint changed since the last reconcile, not hashed: drift suspected;
+  drift     hashed and different from the recorded digest;
+  unknown   no fingerprint recorded (e.g. made or synced by SingularityCE) and not hashed.
+Hashing: verify=True always, verify=None only when there is no fingerprint (the CLI
+default), verify=False never (the library default: cheap enough for exporters).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sifoverlay.errors import OverlayStateError
+
+from .journal import Journal
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: str
+    image: str
+    recorded_digest: str
+    actual_digest: str | None
+    fingerprint_recorded: dict[str, Any] | None
+    fingerprint_now: dict[str, Any]
+    overlay_size: int
+    free_bytes: int
+    holder: dict[str, Any] | None
+    journal_pending: int
+    overlay_offset: int = 0
+    dirty: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "image": self.image, "recorded_digest": self.recorded_digest,
+            "actual_digest": self.actual_digest, "fingerprint_recorded": self.fingerprint_recorded,
+            "fingerprint_now": self.fingerprint_now, "overlay_offset": self.overlay_offset,
+            "overlay_size": self.overlay_size, "free_bytes": self.free_bytes, "dirty": self.dirty,
+            "holder": self.holder, "journal_pending": self.journal_pending,
+        }
+
+
+def status(
+    path: str | os.PathLike[str],
+    *,
+    verify: bool | None = False,
+    journal_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Status:
+    from sifoverlay.ext3 import Superblock, hash_range
+    from sifoverlay.ocisif import open_image
+
+    from . import quiesce
+
+    image = os.fspath(path)
+    pending = len(Journal(journal_dir).pending(image))
+    with open_image(image) as img:
+        overlay = img.overlay
+        if overlay is None:
+            raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
+        sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+        now = sb.fingerprint()
+        busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size) if a.writer]
+        recorded_fp = overlay.fingerprint
+        want_hash = verify is True or (verify is None and recorded_fp is None)
+        actual = None
+        if want_hash and not busy:
+            actual = hash_range(img.sif.fd, overlay.offset, overlay.size, progress=progress)
+        if busy:
+            state = "in-use"
+        elif actual is not None:
+            state = "clean" if actual == overlay.recorded_digest else "drift"
+        elif recorded_fp is None:
+            state = "unknown"
+        else:
+            state = "clean" if now == recorded_fp else "modified"
+        holder = {"kind": busy[0].kind, "detail": busy[0].detail} if busy else None
+        return Status(
+            state=state, image=image, recorded_digest=overlay.recorded_digest, actual_digest=actual,
+            fingerprint_recorded=recorded_fp, fingerprint_now=now, overlay_size=overlay.size,
+            free_bytes=sb.free_bytes, holder=holder, journal_pending=pending,
+            overlay_offset=overlay.offset, dirty=sb.is_dirty,
+        )

@@ -1,0 +1,99 @@
+"""The operator's settings, read once from its environment (the chart sets them).
+
+| variable | meaning | default |
+|---|---|---|
+| SIFOVERLAY_LEASE_NAMESPACE | namespace of the per-image Leases (one writer cluster-wide) | POD_NAMESPACE or "default" |
+| SIFOVERLAY_VOLUME_ROOTS | `KEY=DIR,...`: image volumes mounted into the operator, KEY is `hostPath:/dir` or `pvc:ns/claim` | none |
+| SIFOVERLAY_JOURNAL_DIR | the operator's journal (sessions, commit records): a persistent volume | engine default |
+| SIFOVERLAY_LEASE_RETRY_SECONDS | how often a waiting resource retries the Lease | 10 |
+| SIFOVERLAY_RECHECK_SECONDS | level-based re-check of running/reconciling resources | 30 |
+| SIFOVERLAY_DRIFT_SECONDS | drift check (engine.status) of finished resources | 300 |
+| SIFOVERLAY_METRICS_PORT | Prometheus port, 0 = off | 9108 |
+| SIFOVERLAY_FUSE_ACCESS | devicePlugin, hostPath or privileged (see builders.PodPolicy) | devicePlugin |
+| SIFOVERLAY_FUSE_RESOURCE | the device plugin's extended resource for /dev/fuse | smarter-devices/fuse |
+| SIFOVERLAY_USER_NAMESPACES | "true": workload pods get hostUsers: false | false |
+| SIFOVERLAY_APPARMOR_UNCONFINED | "true": workload pods run AppArmor-unconfined (mount(2)) | true |
+| SIFOVERLAY_ALLOW_KERNEL_MOUNTS | "true": honour spec.mountMode: kernel (privileged pods) | false |
+| SIFOVERLAY_OPERATOR_IMAGE | image of reconcile Jobs | ghcr.io/sifoverlay/operator:0.1.0 |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sifoverlay.errors import UsageError
+from sifoverlay.k8s.builders import FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED, PodPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    lease_namespace: str = "default"
+    volume_roots: Mapping[str, str] = field(default_factory=dict)
+    journal_dir: str | None = None
+    lease_retry_seconds: float = 10.0
+    recheck_seconds: float = 30.0
+    drift_seconds: float = 300.0
+    metrics_port: int = 9108
+    pod_policy: PodPolicy = field(default_factory=PodPolicy)
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise UsageError(None, f"{name}={value!r} is not a boolean (true/false)")
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(None, f"{name}={value!r} is not a number") from None
+    if number < 0:
+        raise UsageError(None, f"{name}={value!r} must not be negative")
+    return number
+
+
+def parse_volume_roots(text: str) -> dict[str, str]:
+    roots: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, directory = item.rpartition("=")
+        if not sep or not key.startswith(("hostPath:/", "pvc:")) or not directory.startswith("/"):
+            raise UsageError(None, f"SIFOVERLAY_VOLUME_ROOTS entry {item!r} is not hostPath:/DIR=/LOCAL or pvc:NS/CLAIM=/LOCAL")
+        roots[key] = directory
+    return roots
+
+
+def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
+    env = os.environ if env is None else env
+    fuse = env.get("SIFOVERLAY_FUSE_ACCESS") or FUSE_DEVICE_PLUGIN
+    if fuse not in (FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED):
+        raise UsageError(None, f"SIFOVERLAY_FUSE_ACCESS={fuse!r} is not devicePlugin, hostPath or privileged")
+    defaults = PodPolicy()
+    policy = PodPolicy(
+        fuse_access=fuse,
+        fuse_resource=env.get("SIFOVERLAY_FUSE_RESOURCE") or defaults.fuse_resource,
+        user_namespaces=_flag(env, "SIFOVERLAY_USER_NAMESPACES", defaults.user_namespaces),
+        apparmor_unconfined=_flag(env, "SIFOVERLAY_APPARMOR_UNCONFINED", defaults.apparmor_unconfined),
+        allow_kernel_mounts=_flag(env, "SIFOVERLAY_ALLOW_KERNEL_MOUNTS", defaults.allow_kernel_mounts),
+        operator_image=env.get("SIFOVERLAY_OPERATOR_IMAGE") or defaults.operator_image,
+    )
+    return OperatorConfig(
+        lease_namespace=env.get("SIFOVERLAY_LEASE_NAMESPACE") or env.get("POD_NAMESPACE") or "default",
+        volume_roots=parse_volume_roots(env.get("SIFOVERLAY_VOLUME_ROOTS", "")),
+        journal_dir=env.get("SIFOVERLAY_JOURNAL_DIR") or None,
+        lease_retry_seconds=_number(env, "SIFOVERLAY_LEASE_RETRY_SECONDS", 10.0),
+        recheck_seconds=_number(env, "SIFOVERLAY_RECHECK_SECONDS", 30.0),
+        drift_seconds=_number(env, "SIFOVERLAY_DRIFT_SECONDS", 300.0),
+        metrics_port=int(_number(env, "SIFOVERLAY_METRICS_PORT", 9108)),
+        pod_policy=policy,
+    )

@@ -1,0 +1,127 @@
+"""The operator's use of the engine: session records, reconcile, drift check.
+
+The engine is imported inside each function: the operator's handlers load (and can report
+a clean error) even on a node where an optional engine dependency is missing. The commit
+itself goes through `fsio.io_from_env()`, which is REAL_IO unless the crash harness sets
+SIFOVERLAY_CRASH_AT (tests/k8s/test_operator_crash.py kills the operator mid-commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from sifoverlay.errors import OverlayStateError, RecoveryNeeded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileOutcome:
+    action: str  # engine SyncResult.action: noop | reconciled | replayed-and-reconciled
+    replayed: bool
+    digest_before: str | None
+    digest_after: str | None
+    manifest_digest: str | None
+    seconds: float
+    sealed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DriftReport:
+    state: str  # engine Status.state
+    recorded: str | None
+    actual: str | None
+
+
+def manifest_digest(path: str) -> str | None:
+    from sifoverlay.ocisif import open_image
+
+    with open_image(path) as image:
+        return str(image.manifest.digest)
+
+
+def current_digests(path: str, journal_dir: str | None) -> tuple[str | None, str | None]:
+    """(overlay digest the manifest records, manifest digest) before the workload runs.
+    Raises the engine's BadInput errors for a file that is not a usable OCI-SIF."""
+    from sifoverlay import engine
+
+    status = engine.status(path, verify=False, journal_dir=journal_dir)  # BadInput without an overlay
+    return status.recorded_digest, manifest_digest(path)
+
+
+def start_session(journal_dir: str | None, job_id: str, path: str, *, writable: bool) -> None:
+    """Record the job in the journal (idempotent: a re-run handler finds it open)."""
+    from sifoverlay.engine import journal, sessions
+
+    directory = journal_dir or journal.default_journal_dir()
+    if any(s.job_id == job_id for s in sessions.open_sessions(directory)):
+        return
+    sessions.start(directory, job_id, path, mode="rw" if writable else "ro", host=socket.gethostname(),
+                   uid=0, source="k8s")
+
+
+def finish_session(journal_dir: str | None, job_id: str, result: str) -> None:
+    from sifoverlay.engine import journal, sessions
+
+    directory = journal_dir or journal.default_journal_dir()
+    if any(s.job_id == job_id for s in sessions.open_sessions(directory)):
+        sessions.finish(directory, job_id, result)
+
+
+def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool) -> ReconcileOutcome:
+    """engine.sync (which replays an interrupted commit of this image first); if the
+    engine asks for a recovery it cannot do inline, run engine.recover and sync again.
+    Running it twice is harmless: the second sync is a noop."""
+    from sifoverlay import engine
+    from sifoverlay.fsio import io_from_env
+
+    try:
+        result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env())
+    except RecoveryNeeded:
+        log.info("%s: recovering an interrupted commit before the reconcile", path)
+        engine.recover([path], journal_dir=journal_dir)
+        result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env())
+    _release_job_lease(path, job_id)
+    sealed = False
+    if seal:
+        engine.seal(path, journal_dir=journal_dir)
+        sealed = True
+    return ReconcileOutcome(
+        action=result.action, replayed=bool(result.replayed), digest_before=result.old_digest,
+        digest_after=result.new_digest, manifest_digest=manifest_digest(path), seconds=float(result.seconds),
+        sealed=sealed)
+
+
+def _release_job_lease(path: str, job_id: str) -> None:
+    """The workload pod (`sifoverlay exec`, SIFOVERLAY_JOB_ID) or a killed operator may have
+    left a file lease under this job's id; sync ran inside it. The job is over: drop it."""
+    from sifoverlay.engine import lease
+
+    leftover = lease.resume(path, job_id)
+    if leftover is not None:
+        log.info("%s: releasing the file lease left by job %s", path, job_id)
+        leftover.release()
+
+
+def from_termination_message(text: str, *, image: str) -> ReconcileOutcome:
+    """The outcome a reconcile Job printed (`sifoverlay overlay sync --json`)."""
+    try:
+        data: dict[str, Any] = json.loads(text)
+        return ReconcileOutcome(
+            action=str(data["action"]), replayed=bool(data.get("replayed", False)),
+            digest_before=data.get("old_digest"), digest_after=data.get("new_digest"),
+            manifest_digest=data.get("manifest_digest"), seconds=float(data.get("seconds", 0.0)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OverlayStateError(image, f"reconcile Job printed no sync result ({exc}): {text[-200:]!r}") from None
+
+
+def drift(path: str, journal_dir: str | None) -> DriftReport:
+    """Level-based drift check (engine.status: reads the superblock fingerprint only)."""
+    from sifoverlay import engine
+
+    status = engine.status(path, verify=False, journal_dir=journal_dir)
+    return DriftReport(state=status.state, recorded=status.recorded_digest, actual=status.actual_digest)

@@ -1,0 +1,407 @@
+"""Assemble a job's rootfs from an OCI-SIF, tear it down, find leftovers.
+
+Threat model (issue 4): the image is user-controlled and the kernel's squashfs/ext3
+drivers are not hardened against crafted images, so by default root never kernel-mounts
+anything from an image:
+
+* mode "fuse" (default): `squashfuse -o offset=N` per squashfs layer, `fuse2fs -o
+  offset=N,fakeroot` for the ext3 overlay and `fuse-overlayfs` on top all run AS THE JOB
+  USER (what SingularityCE's OCI mode does), mounted allow_other so root can enter the
+  rootfs (needs ``user_allow_other`` in /etc/fuse.conf). Root's part parses nothing in
+  the kernel: validation (sifoverlay.ocisif, superblock), the lease, e2fsck (userspace).
+* mode "kernel" (admin opt-in for trusted images): loop devices + squashfs/ext3 kernel
+  mounts + kernel overlayfs, all nosuid,nodev. A userspace `e2fsck -fn` of the ext3 runs
+  first so that a plainly corrupt filesystem never reaches the kernel driver.
+
+Swap safety: the image is opened ONCE with O_NOFOLLOW and validated through that fd; the
+helpers get ``/proc/self/fd/N`` (the fd is inherited), and loop devices are bound to the
+fd itself (LOOP_CONFIGURE), so renaming another file over the image path after validation
+redirects nothing. What could not be made fd-based: nothing on the mount path; the
+caller's lease file is by name (it is a lock, not data).
+
+Limitation (fuse mode): an unprivileged fuse-overlayfs cannot read ``trusted.*`` xattrs
+of lower files (the kernel answers ENODATA), so copy-up of such files fails; images
+whose layers carry trusted.* xattrs need kernel mode or a re-import without xattrs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from sifoverlay.errors import Ext3FormatError, ExternalToolError, NotAuthorized, OverlayStateError, UsageError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from . import mounts, state
+from .state import JobState, Step
+
+log = logging.getLogger(__name__)
+
+MODES = ("fuse", "kernel")
+FUSE_TOOLS = ("squashfuse", "fuse2fs", "fuse-overlayfs")
+SQUASHFS_MAGIC = b"hsqs"
+
+
+@dataclass(frozen=True, slots=True)
+class Rootfs:
+    """An assembled rootfs: `path` is the merged tree to chroot into."""
+
+    job_id: str
+    path: str
+    base_dir: str
+    image: str
+    mode: str
+    writable: bool
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TeardownReport:
+    job_id: str
+    unmounted: tuple[str, ...]
+    signalled: tuple[int, ...]  # FUSE daemons that had to be killed
+    removed: bool  # the job directory is gone
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    offset: int
+    size: int
+
+
+def assemble(
+    image: str | os.PathLike[str], job_id: str, *, writable: bool, mode: str = "fuse", uid: int, gid: int,
+    base_dir: str | os.PathLike[str], image_fd: int | None = None, hold_fds: Sequence[int] = (),
+    io: FileIO = REAL_IO,
+) -> Rootfs:
+    """Mount the image's layers (+ overlay) for `job_id` under ``base_dir/<job_id>/``.
+
+    `image_fd`: an fd the caller already opened with O_NOFOLLOW (else the path is opened
+    so). `hold_fds`: fds inherited by the ext3 FUSE daemon (fuse mode), e.g. the lease's
+    OFD lock fd, so the byte-range lock lives exactly as long as the ext3 mount.
+    On any failure everything already set up is torn down before the error propagates.
+    """
+    path = os.path.abspath(os.fspath(image))
+    if mode not in MODES:
+        raise UsageError(None, f"mount mode must be one of {', '.join(MODES)}, not {mode!r}")
+    job = state.check_job_id(job_id)
+    _preflight(mode, uid)
+    fd = _open_image(path, image_fd, rw=writable and mode == "kernel")
+    try:
+        layers, overlay = _validate(path, fd, writable)
+        _check_user_access(path, fd, uid, gid, writable)
+        directory = state.job_dir(base_dir, job)
+        _make_job_dir(base_dir, directory, io)
+        st = os.fstat(fd)
+        current = state.new_state(job, path, st, mode=mode, writable=writable, uid=uid, gid=gid)
+        state.save(base_dir, current, io=io)
+        try:
+            if overlay is not None:
+                _prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"))
+            build = _assemble_fuse if mode == "fuse" else _assemble_kernel
+            build(current, base_dir, directory, fd, layers, overlay, hold_fds, io)
+        except BaseException:
+            teardown(job, base_dir=base_dir, io=io)
+            raise
+    finally:
+        os.close(fd)
+    log.info("assembled %s for job %s (%s, %s)", path, job, mode, "rw" if writable else "ro")
+    return Rootfs(job, os.path.join(directory, "rootfs"), os.path.abspath(os.fspath(base_dir)), path, mode,
+                  writable, uid, gid)
+
+
+def teardown(job_id: str, *, base_dir: str | os.PathLike[str], timeout: float = mounts.EXIT_TIMEOUT,
+             io: FileIO = REAL_IO) -> TeardownReport:
+    """Undo `assemble` for `job_id`, in reverse order, whatever state it was left in
+    (crash mid-setup included). Idempotent: a job with nothing left is a no-op."""
+    job = state.check_job_id(job_id)
+    directory = state.job_dir(base_dir, job)
+    if not os.path.isdir(directory):
+        return TeardownReport(job, (), (), True)
+    try:
+        recorded = state.load(base_dir, job)
+    except state.StateError as exc:
+        log.error("%s; tearing down by scanning mountinfo", exc)
+        recorded = None
+    unmounted: list[str] = []
+    signalled: list[int] = []
+    for step in reversed(recorded.steps if recorded else ()):
+        if mounts.is_mounted(step.target):
+            mounts.unmount(step.target)
+            unmounted.append(step.target)
+        if step.kind == "fuse" and mounts.stop_process(step.pid, step.pid_start, grace=timeout):
+            signalled.append(step.pid or 0)
+        if step.kind == "kernel" and step.loop and recorded is not None:
+            mounts.detach_loop(step.loop, (recorded.image_dev, recorded.image_ino), _step_offset(step))
+    for target in mounts.mounts_under(directory):  # anything the record does not know about
+        mounts.unmount(target)
+        unmounted.append(target)
+    left = mounts.mounts_under(directory)
+    if left:
+        raise ExternalToolError(directory, f"still mounted after teardown: {', '.join(left)}", tool="umount",
+                                returncode=1, output_tail="")
+    removed = _remove_job_dir(directory, io)
+    log.info("tore down job %s: %d unmounted, %d daemons signalled", job, len(unmounted), len(signalled))
+    return TeardownReport(job, tuple(unmounted), tuple(signalled), removed)
+
+
+def find_leftovers(base_dir: str | os.PathLike[str]) -> list[str]:
+    """Job ids with a runtime directory under base_dir (assembled or left by a crash)."""
+    return state.job_ids(base_dir)
+
+
+# --- validation ----------------------------------------------------------------------------------
+def _preflight(mode: str, uid: int) -> None:
+    needed = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "e2fsck")
+    missing = [t for t in needed if shutil.which(t) is None]
+    if missing:
+        raise ExternalToolError(None, f"{mode} mode needs {', '.join(missing)} (not installed)", tool=missing[0],
+                                returncode=127, output_tail="")
+    if mode == "fuse" and uid != 0:
+        if not mounts.user_allow_other():
+            raise UsageError(mounts.FUSE_CONF, "user_allow_other is not set: add that line so root can enter the job "
+                                               "user's FUSE mounts (allow_other)")
+        st = os.stat("/dev/fuse")
+        if not st.st_mode & stat.S_IROTH or not st.st_mode & stat.S_IWOTH:
+            raise UsageError("/dev/fuse", f"not usable by uid {uid} (mode {stat.S_IMODE(st.st_mode):04o}; "
+                                          "FUSE for ordinary users needs 0666)")
+
+
+def _open_image(path: str, image_fd: int | None, *, rw: bool) -> int:
+    flags = (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC
+    if image_fd is not None:  # same inode as the caller's fd, with the access we need
+        return os.open(f"/proc/self/fd/{image_fd}", flags)
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
+def _validate(path: str, fd: int, writable: bool) -> tuple[list[_Region], _Region | None]:
+    from sifoverlay.ext3 import Superblock, check_region_header
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.ocisif.mediatypes import SQUASHFS_LAYER
+    from sifoverlay.sif.load import SifFile
+
+    sif = SifFile.from_fd(os.dup(fd), path)
+    try:
+        img = open_image(sif)
+        layers = [lay for lay in img.layers if img.overlay is None or lay.descriptor != img.overlay.descriptor]
+        for number, layer in enumerate(layers):
+            if layer.media_type != SQUASHFS_LAYER:
+                raise OverlayStateError(path, f"layer {number} is {layer.media_type}: only squashfs layers can be mounted")
+            if os.pread(fd, 4, layer.offset) != SQUASHFS_MAGIC:
+                raise OverlayStateError(path, f"layer {number} at offset {layer.offset} is not a squashfs filesystem")
+        overlay = _Region(img.overlay.offset, img.overlay.size) if img.overlay is not None else None
+    finally:
+        sif.close()
+    if not layers:
+        raise OverlayStateError(path, "image has no squashfs layer to run")
+    if overlay is None and writable:
+        raise OverlayStateError(path, "--writable needs an ext3 overlay and this image has none "
+                                      "(add one with: sifoverlay overlay create)")
+    if overlay is not None:
+        try:
+            Superblock.read(fd, overlay.offset, size=overlay.size)
+            check_region_header(fd, overlay.offset)
+        except Ext3FormatError as exc:
+            raise Ext3FormatError(path, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
+    return [_Region(lay.offset, lay.size) for lay in layers], overlay
+
+
+def _check_user_access(path: str, fd: int, uid: int, gid: int, writable: bool) -> None:
+    """The job user (not root) must be able to read - and for rw, write - the image."""
+    if uid == 0:
+        return
+    test = shutil.which("test") or "/usr/bin/test"
+    proc = subprocess.run([test, "-w" if writable else "-r", f"/proc/self/fd/{fd}"], user=uid, group=gid,
+                          extra_groups=[], pass_fds=(fd,), cwd="/", check=False)
+    if proc.returncode != 0:
+        raise NotAuthorized(path, f"uid {uid} may not {'write' if writable else 'read'} the image")
+
+
+def _prepare_ext3(path: str, fd: int, overlay: _Region, *, writable: bool, kernel: bool) -> None:
+    """Replay/repair a dirty ext3 before a rw mount; in kernel mode also refuse an ext3
+    that a read-only userspace e2fsck finds broken, before the kernel driver sees it."""
+    from sifoverlay.ext3 import Superblock
+
+    from .fsck import fsck_region
+
+    sb = Superblock.read(fd, overlay.offset, size=overlay.size)
+    if writable and sb.is_dirty:
+        log.info("%s: ext3 overlay is dirty (needs_recovery=%s): e2fsck -p first", path, sb.needs_recovery)
+        fsck_region(path, fd, overlay.offset, overlay.size, repair=True)
+    if kernel:
+        fsck_region(path, fd, overlay.offset, overlay.size, repair=False)
+
+
+# --- building -------------------------------------------------------------------------------------
+def _make_job_dir(base_dir: str | os.PathLike[str], directory: str, io: FileIO) -> None:
+    io.makedirs(os.fspath(base_dir), 0o755)
+    try:
+        io.mkdir(directory, 0o755)
+    except FileExistsError:
+        raise UsageError(directory, "already exists: the job is assembled or was left over by a crash "
+                                    "(tear it down first)") from None
+    io.mkdir(os.path.join(directory, "log"), 0o700)
+
+
+def _mountpoint(directory: str, name: str, owner: tuple[int, int] | None, io: FileIO) -> str:
+    target = os.path.join(directory, name)
+    io.mkdir(target, 0o700 if owner else 0o755)
+    if owner:
+        os.chown(target, *owner)  # fusermount wants the user to own the mount point
+    return target
+
+
+def _record(base_dir: str | os.PathLike[str], current: JobState, step: Step, io: FileIO) -> JobState:
+    updated = current.with_step(step)
+    state.save(base_dir, updated, io=io)
+    return updated
+
+
+def _fuse_step(current: JobState, base_dir: str | os.PathLike[str], step: Step, argv: list[str], *,
+               fds: Sequence[int], io: FileIO, umask: int = 0o022) -> JobState:
+    current = _record(base_dir, current, step, io)
+    log_path = os.path.join(os.path.dirname(step.target), "log", f"{step.name}.log")
+    proc = mounts.spawn_fuse(argv, step.target, uid=current.uid, gid=current.gid, pass_fds=fds,
+                             log_path=log_path, umask=umask)
+    return _record(base_dir, current, replace(step, status="mounted", pid=proc.pid,
+                                              pid_start=mounts.process_start(proc.pid)), io)
+
+
+def _opt_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
+                   layers: list[_Region], overlay: _Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+    owner = (current.uid, current.gid)
+    source = f"/proc/self/fd/{fd}"
+    lowers = []
+    for number, layer in enumerate(layers):
+        target = _mountpoint(directory, f"layer.{number}", owner, io)
+        opts = f"ro,offset={layer.offset},allow_other,subtype=squashfuse,fsname={_opt_escape(current.image)}"
+        current = _fuse_step(current, base_dir, Step("fuse", f"layer.{number}", target),
+                             ["squashfuse", "-f", "-o", opts, source, target], fds=(fd,), io=io)
+        lowers.insert(0, target)  # overlay lowerdir lists the top layer first
+    if overlay is not None:
+        target = _mountpoint(directory, "ext3", owner, io)
+        opts = f"offset={overlay.offset},fakeroot,allow_other" + ("" if current.writable else ",ro")
+        current = _fuse_step(current, base_dir, Step("fuse", "ext3", target),
+                             ["fuse2fs", "-f", source, target, "-o", opts], fds=(fd, *hold_fds), io=io, umask=0)
+    upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
+    if current.writable:
+        from .copyup import prepare_upper
+
+        prepare_upper(upper, lowers, io=io)
+    target = _mountpoint(directory, "rootfs", owner, io)
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},allow_other"
+    _fuse_step(current, base_dir, Step("fuse", "rootfs", target), ["fuse-overlayfs", "-f", "-o", opts, target],
+               fds=(), io=io, umask=0)
+
+
+def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
+                     layers: list[_Region], overlay: _Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+    lowers = []
+    for number, layer in enumerate(layers):
+        target = _mountpoint(directory, f"layer.{number}", None, io)
+        current = _kernel_step(current, base_dir, f"layer.{number}", target, fd, layer, readonly=True,
+                               fstype="squashfs", options="ro,nosuid,nodev", io=io)
+        lowers.insert(0, target)
+    if overlay is not None:
+        target = _mountpoint(directory, "ext3", None, io)
+        options = "rw,nosuid,nodev" if current.writable else "ro,noload,nosuid,nodev"
+        current = _kernel_step(current, base_dir, "ext3", target, fd, overlay, readonly=not current.writable,
+                               fstype="ext3", options=options, io=io)
+    upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
+    target = _mountpoint(directory, "rootfs", None, io)
+    current = _record(base_dir, current, Step("kernel", "rootfs", target), io)
+    mounts.kernel_mount("overlay", target, "overlay",
+                        f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},nosuid,nodev")
+    _record(base_dir, current, Step("kernel", "rootfs", target, status="mounted"), io)
+
+
+def _kernel_step(current: JobState, base_dir: str | os.PathLike[str], name: str, target: str, fd: int,
+                 region: _Region, *, readonly: bool, fstype: str, options: str, io: FileIO) -> JobState:
+    current = _record(base_dir, current, Step("kernel", name, target), io)
+    with mounts.loop_from_fd(fd, region.offset, region.size, readonly=readonly, label=f"sifoverlay:{name}") as dev:
+        current = _record(base_dir, current, Step("kernel", name, target, loop=f"{dev}@{region.offset}"), io)
+        mounts.kernel_mount(dev, target, fstype, options)
+    return _record(base_dir, current, Step("kernel", name, target, status="mounted", loop=f"{dev}@{region.offset}"), io)
+
+
+def _step_offset(step: Step) -> int:
+    return int(step.loop.rsplit("@", 1)[1]) if step.loop and "@" in step.loop else -1
+
+
+def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: str, overlay: _Region | None,
+                lowers: list[str], io: FileIO) -> tuple[str, str]:
+    """rw: the ext3's upper/ and work/; ro: a private tmpfs (changes discarded), with the
+    ext3's upper/ (if any) as the topmost lower layer."""
+    ext3 = os.path.join(directory, "ext3")
+    if current.writable:
+        upper, work = os.path.join(ext3, "upper"), os.path.join(ext3, "work")
+        for sub, mode in ((upper, 0o755), (work, 0o700)):
+            _ensure_real_dir(current, sub, mode, io)
+        return upper, work
+    if overlay is not None:
+        _ensure_real_dir(current, os.path.join(ext3, "upper"), 0o755, io, create=False)
+        lowers.insert(0, os.path.join(ext3, "upper"))
+    scratch = _mountpoint(directory, "scratch", None, io)
+    current = _record(base_dir, current, Step("tmpfs", "scratch", scratch), io)
+    mounts.kernel_mount("tmpfs", scratch, "tmpfs", f"mode=0700,uid={current.uid},gid={current.gid},nosuid,nodev")
+    _record(base_dir, current, Step("tmpfs", "scratch", scratch, status="mounted"), io)
+    upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
+    for sub in (upper, work):
+        io.mkdir(sub, 0o755)
+        os.chown(sub, current.uid, current.gid)
+    return upper, work
+
+
+def _ensure_real_dir(current: JobState, path: str, mode: int, io: FileIO, *, create: bool = True) -> None:
+    """upper/ and work/ must be directories of the ext3 itself: a symlink there would make
+    a kernel overlay write outside the image."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise OverlayStateError(current.image, f"ext3 overlay has no {os.path.basename(path)}/ directory") from None
+        io.mkdir(path, mode)  # SingularityCE creates missing upper/ and work/ the same way
+        if current.mode == "kernel":
+            os.chown(path, current.uid, current.gid)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise OverlayStateError(current.image, f"ext3 overlay's {os.path.basename(path)} is not a directory")
+
+
+def _remove_job_dir(directory: str, io: FileIO) -> bool:
+    """Remove the job directory without ever recursing through a mount: only the known
+    layout is removed, mount points only when empty."""
+    log_dir = os.path.join(directory, "log")
+    if os.path.isdir(log_dir) and not os.path.islink(log_dir):
+        for name in os.listdir(log_dir):
+            io.unlink(os.path.join(log_dir, name))
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name == state.STATE_FILE:
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                io.unlink(path)
+        except OSError as exc:
+            log.error("cannot remove %s: %s (left in place)", path, exc.strerror)
+            return False
+    state_path = os.path.join(directory, state.STATE_FILE)
+    if os.path.exists(state_path):
+        io.unlink(state_path)
+    os.rmdir(directory)
+    return True
+
+
+__all__ = ["MODES", "Rootfs", "TeardownReport", "assemble", "find_leftovers", "teardown"]

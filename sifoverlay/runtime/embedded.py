@@ -1,0 +1,145 @@
+"""Embedded single-machine mode (`sifoverlay exec`): lease, session, assemble, run,
+teardown, reconcile, release - no scheduler involved.
+
+Order, and why:
+  1. open the image once (O_NOFOLLOW), validate it, take the lease through that fd
+     (writer lease for --writable, reader lease otherwise) and journal the session;
+  2. assemble, run the command, tear down (always, also when the command fails);
+  3. --writable: drop our byte-range lock (engine.sync's quiesce would see it), then
+     `engine.sync(image, job=<our job id>)` reconciles under our lease;
+  4. close the session and release the lease. A failed sync leaves the session open for
+     `sifoverlay recover` and is reported, but the command's exit code is returned.
+While the command runs, a thread heartbeats the lease every ttl/3 seconds so other
+nodes never judge it stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sifoverlay.errors import SifOverlayError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from .assemble import assemble, teardown
+from .execute import Bind, exec_in
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_DIR = "/run/sifoverlay/jobs"
+ENV_BASE_DIR = "SIFOVERLAY_RUNTIME_DIR"
+DEFAULT_LEASE_TTL = 60.0
+
+
+def default_base_dir() -> str:
+    return os.path.abspath(os.environ.get(ENV_BASE_DIR) or DEFAULT_BASE_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutcome:
+    returncode: int
+    job_id: str
+    sync_action: str | None  # "noop" | "reconciled" | ... | None (ro, skipped, failed)
+    sync_error: str | None
+
+
+def run_embedded(
+    image: str, argv: Sequence[str], *, user: User, writable: bool, mode: str = "fuse",
+    binds: Sequence[Bind] = (), cwd: str | None = None, env: Mapping[str, str] | None = None,
+    job_id: str | None = None, base_dir: str | None = None, journal_dir: str | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL, sync: bool = True, io: FileIO = REAL_IO,
+) -> ExecOutcome:
+    from sifoverlay.engine import lease, sessions
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
+
+    path = os.path.abspath(image)
+    host = socket.gethostname()
+    job = job_id or f"exec-{host}-{os.getpid()}"
+    base = os.path.abspath(base_dir) if base_dir else default_base_dir()
+    journal = journal_dir or _default_journal_dir()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with SifFile.from_fd(os.dup(fd), path) as sif, open_image(sif) as img:
+            region = (img.overlay.offset, img.overlay.size) if img.overlay is not None else (0, 0)
+        take = lease.acquire if writable else lease.acquire_shared
+        held = take(path, lease.Holder.current(job, "cli"), ttl=lease_ttl, region=region, image_fd=fd, io=io)
+        try:
+            sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
+                           source="cli", details={"lease_token": held.token, "base_dir": base}, io=io)
+            with _Heartbeat(held, lease_ttl / 3):
+                rootfs = assemble(path, job, writable=writable, mode=mode, uid=user.uid, gid=user.gid,
+                                  base_dir=base, image_fd=fd, io=io)
+                try:
+                    returncode = exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups,
+                                         binds=binds, cwd=cwd, env=env)
+                finally:
+                    teardown(job, base_dir=base, io=io)
+            action, error = (None, None)
+            if writable and sync:
+                held.unlock_range()
+                action, error = _reconcile(path, job, journal, io)
+            if error is None:
+                sessions.finish(journal, job, f"exit {returncode}" + (f", sync {action}" if action else ""), io=io)
+        finally:
+            held.release()
+    finally:
+        os.close(fd)
+    return ExecOutcome(returncode, job, action, error)
+
+
+def _reconcile(image: str, job: str, journal: str, io: FileIO) -> tuple[str | None, str | None]:
+    try:
+        from sifoverlay import engine
+    except ImportError as exc:  # engine still being built: say so instead of failing the run
+        log.error("%s: not reconciled: sifoverlay.engine is unavailable (%s)", image, exc)
+        return None, f"engine unavailable: {exc}"
+    try:
+        result = engine.sync(image, job=job, journal_dir=journal, io=io)
+    except SifOverlayError as exc:
+        log.error("reconcile after the run failed, left for `sifoverlay recover`: %s", exc)
+        return None, exc.message()
+    return result.action, None
+
+
+def _default_journal_dir() -> str:
+    from sifoverlay.engine.journal import default_journal_dir
+
+    return default_journal_dir()
+
+
+class _Heartbeat:
+    """Extend the lease periodically while the job runs (stopped on exit)."""
+
+    def __init__(self, held: object, every: float) -> None:
+        self._held = held
+        self._every = max(every, 0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._held.heartbeat()  # type: ignore[attr-defined]
+            except SifOverlayError as exc:
+                log.error("lease heartbeat failed: %s", exc)
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,105 @@
+"""Run a command inside an assembled rootfs (parent side; see `enter` for the child).
+
+`exec_in` starts ``python -m sifoverlay.runtime.enter`` as root; it enters a private
+mount namespace, mounts /proc, /dev, /sys and the binds into the rootfs, chroots, drops
+to the job user and execs the command. SIGINT/SIGTERM/SIGHUP received by the caller are
+forwarded to the command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from sifoverlay.errors import SifOverlayError, UsageError
+
+from .assemble import Rootfs
+
+log = logging.getLogger(__name__)
+
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP)  # SIGINT: the terminal already sends it to the child
+
+
+class StartError(SifOverlayError):
+    """The command could not be started inside the image (bad bind, not found...)."""
+
+    def __init__(self, path: str | None, problem: str, *, returncode: int) -> None:
+        super().__init__(path, problem, returncode=returncode)
+        self.exit_code = returncode
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    source: str  # host path (absolute)
+    dest: str  # path inside the image (absolute)
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Bind:
+        """SRC[:DST[:ro|rw]] as on the command line."""
+        parts = spec.split(":")
+        if not 1 <= len(parts) <= 3 or not parts[0]:
+            raise UsageError(None, f"bad --bind {spec!r}: expected SRC[:DST[:ro]]")
+        source = os.path.abspath(parts[0])
+        dest = parts[1] if len(parts) > 1 and parts[1] else source
+        flag = parts[2] if len(parts) > 2 else "rw"
+        if flag not in ("ro", "rw") or not dest.startswith("/"):
+            raise UsageError(None, f"bad --bind {spec!r}: DST must be absolute and the flag ro or rw")
+        if not os.path.exists(source):
+            raise UsageError(source, "bind source does not exist")
+        return cls(source, os.path.normpath(dest), flag == "ro")
+
+
+def exec_in(
+    rootfs: Rootfs, argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[int] | None = None,
+    binds: Sequence[Bind] = (), cwd: str | None = None, env: Mapping[str, str] | None = None,
+) -> int:
+    """Run argv inside `rootfs` as uid/gid; return its exit status (128+N for signal N).
+    Raises StartError (exit 125, or 127 for a missing command) when it never started."""
+    if not argv:
+        raise UsageError(None, "no command given")
+    read_end, write_end = os.pipe()
+    spec = {
+        "rootfs": rootfs.path, "argv": list(argv), "uid": uid, "gid": gid,
+        "groups": list(groups) if groups is not None else [gid], "cwd": cwd or "/",
+        "binds": [[b.source, b.dest, b.readonly] for b in binds],
+        "env": dict(os.environ if env is None else env), "status_fd": write_end,
+    }
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "sifoverlay.runtime.enter", json.dumps(spec)],
+                                pass_fds=(write_end,), cwd="/")
+    finally:
+        os.close(write_end)
+    previous = _forward_signals(proc)
+    try:
+        with os.fdopen(read_end, "rb") as status:
+            failure = status.read().decode(errors="replace")
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise StartError(rootfs.image, failure, returncode=returncode if returncode > 0 else 125)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _forward_signals(proc: subprocess.Popen[bytes]) -> dict[int, object]:
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous: dict[int, object] = {}
+    try:
+        for sig in _FORWARDED:
+            previous[sig] = signal.signal(sig, forward)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    return previous

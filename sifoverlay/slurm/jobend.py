@@ -1,0 +1,131 @@
+"""What happens when a job that used an image is over — shared by the Epilog (normal
+path) and the sweeper (the Epilog never ran or failed).
+
+Order, each step idempotent so a second run after a crash is harmless:
+  1. tear down the job's rootfs (FUSE/kernel mounts, loop devices) — sifoverlay.runtime;
+  2. rw: check the path still names the inode the Prolog authorized, then
+     engine.sync inside the job's own lease (recovers an unfinished commit first,
+     replays the ext3 journal with e2fsck, hashes, commits the new digest);
+  3. release the job's lease (writer or reader);
+  4. close the job session in the journal directory;
+  5. drop the plugin's per-job record.
+A step that fails stops the sequence: the session and the lease stay, so the image is
+not handed to another job half-reconciled, and the sweeper tries again later. Nothing
+here raises: the outcome says what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sifoverlay.errors import SifOverlayError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from . import records
+from .authorize import verify_unchanged
+from .config import SlurmConfig
+
+__all__ = ["JobEndOutcome", "finish_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobEndOutcome:
+    job_id: str
+    image: str | None
+    result: str  # "reconciled" | "noop" | "released" | "refused" | "image-missing" | "nothing" | "failed"
+    step: str  # the last step attempted
+    detail: str = ""
+    new_digest: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.result != "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def finish_job(job_id: str, config: SlurmConfig, *, reason: str, io: FileIO = REAL_IO) -> JobEndOutcome:
+    """Steps 1-5 for `job_id`; `reason` ("epilog", "sweeper") goes into the logs."""
+    from sifoverlay.engine import sessions
+
+    start = time.monotonic()
+    session = sessions.load(config.journal_dir, job_id)
+    record = records.read(config.records_dir, job_id)
+
+    def outcome(result: str, step: str, detail: str = "", digest: str | None = None) -> JobEndOutcome:
+        image = session.image if session is not None else (record.image if record else None)
+        done = JobEndOutcome(job_id, image, result, step, detail, digest, time.monotonic() - start)
+        (log.error if result == "failed" else log.info)(
+            "job %s (%s): %s at step %s%s", job_id, reason, result, step, f": {detail}" if detail else "")
+        return done
+
+    if session is None:
+        _teardown_quietly(job_id, config)
+        records.remove(config.records_dir, job_id, io=io)
+        if record is not None and record.status == "refused":
+            return outcome("refused", "record", record.message)
+        return outcome("nothing", "session", "no open session for this job")
+
+    step = "teardown"
+    try:
+        from sifoverlay import runtime
+
+        runtime.teardown(job_id, base_dir=config.mounts_dir)
+        result, digest = "released", None
+        if not os.path.lexists(session.image):
+            # Deleted while the job ran (or since): nothing left to reconcile, and keeping
+            # the session would make every sweep fail forever.
+            log.error("job %s: image %s no longer exists: closing its session", job_id, session.image)
+            result = "image-missing"
+        elif session.mode == "rw":
+            step = "verify"
+            dev, ino = session.details.get("dev"), session.details.get("ino")
+            if dev is not None and ino is not None:
+                verify_unchanged(session.image, int(dev), int(ino))
+            step = "sync"
+            from sifoverlay import engine
+
+            synced = engine.sync(session.image, job=job_id, journal_dir=config.journal_dir, io=io)
+            result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
+        step = "release"
+        _release_lease(session.image, job_id, io)
+        step = "session"
+        sessions.finish(config.journal_dir, job_id, result, io=io)
+        step = "record"
+        records.remove(config.records_dir, job_id, io=io)
+        return outcome(result, step, digest=digest)
+    except SifOverlayError as exc:
+        return outcome("failed", step, exc.message())
+    except Exception as exc:  # the Epilog must survive anything
+        log.exception("job %s: %s failed", job_id, step)
+        return outcome("failed", step, f"{type(exc).__name__}: {exc}")
+
+
+def _release_lease(image: str, job_id: str, io: FileIO) -> None:
+    from sifoverlay.engine import lease
+
+    try:
+        held = lease.resume(image, job_id, io=io)
+    except FileNotFoundError:  # the image's directory is gone too
+        held = None
+    if held is None:
+        log.info("job %s: no lease of its own on %s (already released)", job_id, image)
+        return
+    held.release()
+
+
+def _teardown_quietly(job_id: str, config: SlurmConfig) -> None:
+    try:
+        from sifoverlay import runtime
+
+        runtime.teardown(job_id, base_dir=config.mounts_dir)
+    except Exception:
+        log.exception("job %s: teardown of leftovers failed", job_id)

@@ -1,0 +1,197 @@
+"""Slurm Prolog (slurm.conf ``Prolog=``, via slurm_plugin/hooks/prolog): prepare the
+job's image before any of its tasks start.
+
+Runs as root on the node, with no PATH. For a job submitted with --oci-sif-overlay:
+
+1. authorize as the job's user (the uid must be able to write the image for rw, read it
+   for ro; O_NOFOLLOW; inside the image roots) — `authorize.authorize`;
+2. take the lease with the job as holder (writer for rw, reader for ro);
+3. check the path still names the inode that was authorized (symlink/rename swap);
+4. record the job session in the journal directory (what the Epilog and the sweeper
+   reconcile);
+5. rw only: if the ext3 was left dirty by an earlier crash, reconcile it first
+   (engine.sync replays the ext3 journal with e2fsck in userspace and records the digest);
+6. assemble the rootfs with sifoverlay.runtime (FUSE mounts as the job's user by
+   default; kernel mounts only with plugstack mount=kernel);
+7. write the record the plugin reads in slurmstepd (`records.write_ready`).
+
+Any refusal (not authorized, busy, not an OCI-SIF, ...) is written as a refused record
+and the Prolog still exits 0: a failing Prolog drains the node and requeues the job.
+The plugin fails the job's tasks with the message on the job's stderr instead. Nothing
+is mounted and the image is not written before authorization and the lease succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Any, Final
+
+from sifoverlay.errors import ImageBusy, OverlayStateError, SifOverlayError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from . import records
+from .authorize import ImageIdentity, authorize, verify_unchanged
+from .config import SlurmConfig, load_config
+from .jobenv import JobEnv
+
+__all__ = ["LEASE_TTL", "main", "prepare"]
+
+log = logging.getLogger(__name__)
+
+# Slurm, not the lease clock, decides when a job is over: the Epilog or the sweeper
+# (which asks slurmctld) releases the lease. A short TTL would let another job break
+# the lease of a long-running one.
+LEASE_TTL: Final = 365 * 24 * 3600.0
+
+
+def _take_lease(identity: ImageIdentity, job: JobEnv) -> Any:
+    from sifoverlay.engine import lease
+
+    holder = lease.Holder(socket.gethostname(), os.getpid(), job.job_id, "slurm", uid=job.uid)
+    take = lease.acquire if job.mode == "rw" else lease.acquire_shared
+    try:
+        return take(identity.path, holder, ttl=LEASE_TTL, image_fd=identity.fd)
+    except ImageBusy:
+        # A requeued job (same id) whose previous run was not cleaned up yet: its lease.
+        again = lease.resume(identity.path, job.job_id)
+        if again is None:
+            raise
+        log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
+        return again
+
+
+def _check_image(identity: ImageIdentity, writable: bool) -> None:
+    """A valid OCI-SIF, with an ext3 overlay when the job wants to write."""
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
+
+    with open_image(SifFile.from_fd(os.dup(identity.fd), identity.path)) as img:
+        if writable and img.overlay is None:
+            raise OverlayStateError(identity.path, "has no writable ext3 overlay: add one with "
+                                    "'sifoverlay overlay create' or run the job with :ro")
+
+
+def _reconcile_if_dirty(image: str, job: JobEnv, config: SlurmConfig) -> None:
+    from sifoverlay import engine
+    from sifoverlay.ext3 import Superblock
+    from sifoverlay.ocisif import open_image
+
+    with open_image(image) as img:
+        overlay = img.overlay
+        if overlay is None:
+            return
+        dirty = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size).is_dirty
+    if dirty:
+        log.warning("%s: overlay left dirty by an earlier job: reconciling before job %s", image, job.job_id)
+        result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir)
+        log.info("%s: %s (%s)", image, result.action, result.new_digest)
+
+
+def _rootfs_path(rootfs: Any) -> str:
+    for name in ("path", "root", "rootfs"):
+        value = getattr(rootfs, name, None)
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return os.fspath(rootfs)
+
+
+def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
+    """Steps 1-7 of the module docstring; returns the rootfs path. Raises a
+    SifOverlayError on refusal, after undoing whatever it had done."""
+    from sifoverlay import runtime
+    from sifoverlay.engine import sessions
+
+    assert job.image is not None and job.mode is not None
+    writable = job.mode == "rw"
+    identity = authorize(job.image, uid=job.uid, gid=job.gid, user=job.user, writable=writable,
+                         image_roots=config.image_roots)
+    image = identity.path
+    try:
+        held = _take_lease(identity, job)
+        started = assembled = False
+        try:
+            verify_unchanged(image, identity.dev, identity.ino)
+            _check_image(identity, writable)
+            sessions.start(config.journal_dir, job.job_id, image, mode=job.mode, host=socket.gethostname(),
+                           uid=job.uid, source="slurm", io=io,
+                           details={"dev": identity.dev, "ino": identity.ino, "gid": job.gid,
+                                    "user": job.user, "mount": config.mount})
+            started = True
+            if writable:
+                _reconcile_if_dirty(image, job, config)
+            # The runtime mounts through our authorized fd (no path lookup after the check)
+            # and hands the lease's byte-range lock fd to the ext3 FUSE daemon, so the lock
+            # lives exactly as long as the ext3 mount, long after this Prolog exits.
+            lock_fd = getattr(held, "lock_fd", None)
+            rootfs = runtime.assemble(image, job.job_id, writable=writable, mode=config.mount,
+                                      uid=job.uid, gid=job.gid, base_dir=config.mounts_dir,
+                                      image_fd=identity.fd, hold_fds=() if lock_fd is None else (lock_fd,))
+            assembled = True
+            verify_unchanged(image, identity.dev, identity.ino)
+            path = _rootfs_path(rootfs)
+            records.write_ready(config.records_dir, job.job_id, image, job.mode, path, io=io)
+        except BaseException:
+            if assembled:
+                _quietly(runtime.teardown, job.job_id, base_dir=config.mounts_dir)
+            if started:
+                _quietly(sessions.finish, config.journal_dir, job.job_id, "refused", io=io)
+            _quietly(held.release)
+            raise
+    finally:
+        identity.close()
+    log.info("job %s: %s ready (%s) at %s", job.job_id, image, job.mode, path)
+    return path
+
+
+def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        func(*args, **kwargs)
+    except Exception:
+        log.exception("cleanup step %s failed", getattr(func, "__name__", func))
+
+
+def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None) -> str:
+    """The Prolog without the process around it: 'skipped' | 'ready' | 'refused'."""
+    problem = None
+    if config is None:
+        try:
+            config = load_config(env=env)
+        except SifOverlayError as exc:
+            config, problem = SlurmConfig(), f"sifoverlay is misconfigured on this node: {exc.message()}"
+    job = JobEnv.from_env(env, default_mode=config.default_mode)
+    if job.image is None:
+        return "skipped"
+    from . import logsetup
+
+    logsetup.set_fields(job=job.job_id, image=job.image)
+    try:
+        if problem is not None:
+            raise SifOverlayError(None, problem)
+        prepare(job, config)
+        return "ready"
+    except SifOverlayError as exc:
+        message = exc.message()
+    except Exception as exc:  # never fail the Prolog: refuse the job instead
+        log.exception("job %s: unexpected error", job.job_id)
+        message = f"{job.image}: internal error in the sifoverlay Prolog: {type(exc).__name__}: {exc}"
+    log.error("job %s refused: %s", job.job_id, message)
+    records.write_refused(config.records_dir, job.job_id, job.image, f"refused: {message}")
+    return "refused"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logsetup
+
+    logsetup.setup("prolog", verbose="-v" in (argv or sys.argv[1:]), job=os.environ.get("SLURM_JOB_ID", ""))
+    try:
+        run()
+    except BaseException:  # whatever happens, do not drain the node
+        log.exception("prolog crashed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

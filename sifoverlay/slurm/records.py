@@ -1,0 +1,116 @@
+"""The Prolog's word to the job's tasks: ``<runtime_dir>/slurm/<job>/state``.
+
+The C plugin (slurmstepd, task_init_privileged) reads it to either chroot the task into
+the assembled rootfs or fail it with the refusal. A refused Prolog still exits 0 (a
+failing Prolog drains the node): this file is how the refusal reaches the job's stderr.
+
+Format (key=value lines, one line each, no newlines inside values)::
+
+    status=ready|refused
+    image=/abs/path/img.oci.sif
+    rootfs=/run/sifoverlay/mounts/<job>/rootfs     (ready)
+    mode=rw|ro
+    message=<image>: <problem>                     (refused)
+
+Root writes it atomically in a root-owned 0755 directory; the plugin believes only a
+root-owned file that nobody else can write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from sifoverlay.errors import UsageError
+from sifoverlay.fsio import REAL_IO, FileIO
+
+__all__ = ["JobRecord", "job_dir", "list_jobs", "read", "remove", "write_ready", "write_refused"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "state"
+_JOB_ID: Final = re.compile(r"^[0-9]{1,12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    job_id: str
+    status: str  # "ready" | "refused"
+    image: str
+    mode: str = ""
+    rootfs: str = ""
+    message: str = ""
+
+
+def job_dir(records_dir: str, job_id: str) -> str:
+    if not _JOB_ID.match(str(job_id)):
+        raise UsageError(None, f"Slurm job id {job_id!r} is not a number")
+    return os.path.join(records_dir, str(job_id))
+
+
+def _one_line(value: str) -> str:
+    return " ".join(str(value).split())
+
+
+def _write(records_dir: str, record: JobRecord, io: FileIO) -> str:
+    directory = job_dir(records_dir, record.job_id)
+    io.makedirs(records_dir, 0o755)
+    io.makedirs(directory, 0o755)
+    io.chmod(directory, 0o755)  # whatever the umask: the plugin refuses group/other-writable
+    fields = [("status", record.status), ("image", record.image), ("mode", record.mode),
+              ("rootfs", record.rootfs), ("message", record.message)]
+    text = "".join(f"{key}={_one_line(value)}\n" for key, value in fields if value)
+    path = os.path.join(directory, STATE_FILE)
+    io.write_file_atomic(path, text.encode(), mode=0o644)
+    return path
+
+
+def write_ready(records_dir: str, job_id: str, image: str, mode: str, rootfs: str, *, io: FileIO = REAL_IO) -> str:
+    return _write(records_dir, JobRecord(str(job_id), "ready", image, mode=mode, rootfs=rootfs), io)
+
+
+def write_refused(records_dir: str, job_id: str, image: str, message: str, *, io: FileIO = REAL_IO) -> str:
+    return _write(records_dir, JobRecord(str(job_id), "refused", image, message=message), io)
+
+
+def read(records_dir: str, job_id: str) -> JobRecord | None:
+    path = os.path.join(job_dir(records_dir, job_id), STATE_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        raw = os.read(fd, 65536).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    values = dict(line.split("=", 1) for line in raw.splitlines() if "=" in line)
+    return JobRecord(str(job_id), values.get("status", ""), values.get("image", ""),
+                     mode=values.get("mode", ""), rootfs=values.get("rootfs", ""),
+                     message=values.get("message", ""))
+
+
+def remove(records_dir: str, job_id: str, *, io: FileIO = REAL_IO) -> None:
+    """Drop the job's record and its directory (idempotent)."""
+    directory = job_dir(records_dir, job_id)
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return
+    for name in os.listdir(directory):  # the state file, and temp files of a killed write
+        try:
+            io.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+
+
+def list_jobs(records_dir: str) -> list[str]:
+    try:
+        names = os.listdir(records_dir)
+    except FileNotFoundError:
+        return []
+    return sorted((n for n in names if _JOB_ID.match(n)), key=int)

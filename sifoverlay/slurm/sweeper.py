@@ -1,0 +1,161 @@
+"""The sweeper (`sifoverlay recover --slurm`, or ``python -m sifoverlay.slurm.sweeper``):
+finish the jobs whose end nobody handled.
+
+The Epilog handles every job end slurmd sees. What is left — the node died or rebooted,
+the Epilog timed out or was killed, slurmd was down past the job's end, a reconcile
+failed — stays as an open job session in the journal directory. For every open Slurm
+session of this host whose job slurmctld reports as over (`jobstate`: pyslurm when it
+matches the running Slurm, else the CLI), the sweeper runs the Epilog's own sequence
+(`jobend.finish_job`: teardown leftovers, recover + reconcile inside the job's lease,
+release the lease, finish the session). Jobs that are pending/running/completing, and
+jobs whose state cannot be read, are left alone. Mount leftovers and plugin records of
+dead jobs without a session are removed too.
+
+Run it from a systemd timer (slurm_plugin/systemd/) and once at slurmd start.
+Exit status: 0 when nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sifoverlay.errors import SifOverlayError
+
+from . import records
+from .config import SlurmConfig, load_config
+from .jobend import JobEndOutcome, finish_job
+from .jobstate import JobState, select_backend
+
+__all__ = ["SweepReport", "add_arguments", "main", "recover_slurm", "run_from_args", "sweep"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SweepReport:
+    backend: str
+    outcomes: list[JobEndOutcome] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (job id, why)
+
+    @property
+    def failed(self) -> list[JobEndOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"backend": self.backend, "outcomes": [o.as_dict() for o in self.outcomes],
+                "skipped": [{"job_id": j, "why": w} for j, w in self.skipped]}
+
+
+def _leftover_jobs(config: SlurmConfig) -> set[str]:
+    jobs = set(records.list_jobs(config.records_dir))
+    try:
+        from sifoverlay import runtime
+
+        jobs |= {str(j) for j in runtime.find_leftovers(config.mounts_dir)}
+    except ImportError:
+        log.warning("sifoverlay.runtime is not installed: mount leftovers not checked")
+    except Exception:
+        log.exception("listing mount leftovers in %s failed", config.mounts_dir)
+    return {j for j in jobs if j.isdigit()}
+
+
+def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None) -> SweepReport:
+    from sifoverlay.engine import sessions
+
+    host = host or socket.gethostname()
+    report = SweepReport(backend=jobstate.name)
+    seen: set[str] = set()
+    for session in sessions.open_sessions(config.journal_dir):
+        seen.add(session.job_id)
+        if session.source != "slurm":
+            report.skipped.append((session.job_id, f"source {session.source}"))
+            continue
+        if session.host != host:
+            report.skipped.append((session.job_id, f"session of host {session.host}"))
+            continue
+        alive = jobstate.is_alive(session.job_id)
+        if alive is None:
+            report.skipped.append((session.job_id, "job state unknown (slurmctld unreachable?)"))
+            continue
+        if alive:
+            report.skipped.append((session.job_id, "job still alive"))
+            continue
+        log.warning("job %s is over but its session on %s is open: finishing it", session.job_id, session.image)
+        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper"))
+    for job_id in sorted(_leftover_jobs(config) - seen, key=int):
+        if jobstate.is_alive(job_id) is False:
+            report.outcomes.append(finish_job(job_id, config, reason="sweeper"))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugstack", metavar="FILE", help="plugstack.conf with the sifoverlay line "
+                        "(default: beside $SLURM_CONF, else /etc/slurm/plugstack.conf)")
+    parser.add_argument("--backend", choices=("auto", "cli", "pyslurm"), default="auto",
+                        help="job state backend (default auto: pyslurm when it matches the running Slurm)")
+
+
+def run_from_args(args: argparse.Namespace, out: object = sys.stdout) -> int:
+    """Shared by `sifoverlay recover --slurm` and `python -m sifoverlay.slurm.sweeper`."""
+    config = load_config(getattr(args, "plugstack", None))
+    backend = select_backend(None if args.backend == "auto" else args.backend)
+    report = sweep(config, backend)
+    if getattr(args, "json", False):
+        print(json.dumps(report.as_dict(), sort_keys=True), file=out)  # type: ignore[arg-type]
+    else:
+        for o in report.outcomes:
+            print(f"job {o.job_id}: {o.result} ({o.image}){': ' + o.detail if o.detail else ''}", file=out)  # type: ignore[arg-type]
+        if not report.outcomes:
+            print(f"nothing to sweep ({len(report.skipped)} open session(s) left alone)", file=out)  # type: ignore[arg-type]
+    return 1 if report.failed else 0
+
+
+def recover_slurm(args: argparse.Namespace, *, recover: Any, io: Any, out: Any = None) -> int:
+    """`sifoverlay recover --slurm [IMAGE...] [--journal-dir DIR] [--json]`: sweep this node's
+    finished Slurm jobs, then recover interrupted operations as plain `recover` does."""
+    out = sys.stdout if out is None else out
+    config = load_config(getattr(args, "plugstack", None))
+    if getattr(args, "journal_dir", None):
+        config = replace(config, journal_dir=args.journal_dir)
+    backend = select_backend(None if getattr(args, "backend", "auto") == "auto" else args.backend)
+    report = sweep(config, backend)
+    outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
+    if getattr(args, "json", False):
+        json.dump({"slurm": report.as_dict(), "outcomes": [o.as_dict() for o in outcomes]}, out, indent=2)
+        out.write("\n")
+    else:
+        for o in report.outcomes:
+            out.write(f"job {o.job_id}: {o.result} ({o.image})" + (f": {o.detail}" if o.detail else "") + "\n")
+        if not report.outcomes:
+            out.write(f"no finished Slurm job to sweep ({len(report.skipped)} open session(s) left alone)\n")
+        for r in outcomes:
+            out.write(f"{r.image}: {r.outcome}" + (f" ({r.op})" if r.op else "") + f": {r.detail}\n")
+    failed = bool(report.failed) or any(r.outcome == "failed" for r in outcomes)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logsetup
+
+    parser = argparse.ArgumentParser(prog="sifoverlay-slurm-sweeper", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logsetup.setup("sweeper", verbose=args.verbose)
+    try:
+        return run_from_args(args)
+    except SifOverlayError as exc:
+        log.error("%s", exc.message())
+        print(f"sifoverlay: {exc.message()}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+/*
+ * Plugstack arguments, parsed strictly: only known keys, fixed words for enums,
+ * absolute paths that fit. An unknown key fails the plugin with a message naming it:
+ * a loud failure when slurmd starts beats a silent default on every job.
+ *
+ *   journal_dir=/var/lib/sifoverlay/journal   runtime_dir=/run/sifoverlay
+ *   image_roots=/shared/images:/scratch       default_mode=rw|ro
+ *   sifoverlay=/opt/sifoverlay/bin/python     mount=fuse|kernel
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sifoverlay.h"
+
+struct sifo_config sifo_config;
+
+static int copy_abs_path(const char *key, const char *value, char *dst, size_t dstlen)
+{
+	if (value[0] != '/') {
+		sifo_error("plugstack: %s=%s: not an absolute path", key, value);
+		return -1;
+	}
+	if (strlen(value) >= dstlen) {
+		sifo_error("plugstack: %s: path too long (max %zu)", key, dstlen - 1);
+		return -1;
+	}
+	if (strstr(value, "/../") || (strlen(value) >= 3 && !strcmp(value + strlen(value) - 3, "/.."))) {
+		sifo_error("plugstack: %s=%s: '..' is not allowed", key, value);
+		return -1;
+	}
+	strcpy(dst, value);
+	return 0;
+}
+
+static int parse_roots(const char *value)
+{
+	char buf[SIFO_MAX_ROOTS * PATH_MAX];
+	char *save = NULL, *tok;
+
+	if (strlen(value) >= sizeof(buf)) {
+		sifo_error("plugstack: image_roots: value too long");
+		return -1;
+	}
+	strcpy(buf, value);
+	sifo_config.n_image_roots = 0;
+	for (tok = strtok_r(buf, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
+		if (sifo_config.n_image_roots == SIFO_MAX_ROOTS) {
+			sifo_error("plugstack: image_roots: more than %d roots", SIFO_MAX_ROOTS);
+			return -1;
+		}
+		if (copy_abs_path("image_roots", tok, sifo_config.image_roots[sifo_config.n_image_roots],
+				  PATH_MAX) < 0)
+			return -1;
+		sifo_config.n_image_roots++;
+	}
+	if (sifo_config.n_image_roots == 0) {
+		sifo_error("plugstack: image_roots: empty list");
+		return -1;
+	}
+	return 0;
+}
+
+static int parse_one(const char *arg)
+{
+	const char *eq = strchr(arg, '=');
+	char key[64];
+	const char *value;
+
+	if (!eq || eq == arg || (size_t)(eq - arg) >= sizeof(key)) {
+		sifo_error("plugstack: argument '%s' is not key=value", arg);
+		return -1;
+	}
+	memcpy(key, arg, (size_t)(eq - arg));
+	key[eq - arg] = '\0';
+	value = eq + 1;
+	if (!*value) {
+		sifo_error("plugstack: %s: empty value", key);
+		return -1;
+	}
+
+	if (!strcmp(key, "journal_dir"))
+		return copy_abs_path(key, value, sifo_config.journal_dir, sizeof(sifo_config.journal_dir));
+	if (!strcmp(key, "runtime_dir"))
+		return copy_abs_path(key, value, sifo_config.runtime_dir, sizeof(sifo_config.runtime_dir));
+	if (!strcmp(key, "sifoverlay"))
+		return copy_abs_path(key, value, sifo_config.sifoverlay, sizeof(sifo_config.sifoverlay));
+	if (!strcmp(key, "image_roots"))
+		return parse_roots(value);
+	if (!strcmp(key, "default_mode")) {
+		if (!strcmp(value, "rw"))
+			sifo_config.default_mode = SIFO_MODE_RW;
+		else if (!strcmp(value, "ro"))
+			sifo_config.default_mode = SIFO_MODE_RO;
+		else {
+			sifo_error("plugstack: default_mode=%s: expected rw or ro", value);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "mount")) {
+		if (!strcmp(value, "fuse"))
+			sifo_config.mount = SIFO_MOUNT_FUSE;
+		else if (!strcmp(value, "kernel"))
+			sifo_config.mount = SIFO_MOUNT_KERNEL;
+		else {
+			sifo_error("plugstack: mount=%s: expected fuse or kernel", value);
+			return -1;
+		}
+		return 0;
+	}
+	sifo_error("plugstack: unknown key '%s'", key);
+	return -1;
+}
+
+int sifo_config_parse(int ac, char **av)
+{
+	memset(&sifo_config, 0, sizeof(sifo_config));
+	strcpy(sifo_config.journal_dir, "/var/lib/sifoverlay/journal");
+	strcpy(sifo_config.runtime_dir, "/run/sifoverlay");
+	sifo_config.default_mode = SIFO_MODE_RW;
+	sifo_config.mount = SIFO_MOUNT_FUSE;
+
+	for (int i = 0; i < ac; i++)
+		if (parse_one(av[i]) < 0)
+			return -1;
+	return 0;
+}

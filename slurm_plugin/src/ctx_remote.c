@@ -1,0 +1,112 @@
+/*
+ * Remote context (slurmstepd, one call per task, still root): start the task inside
+ * the rootfs the Prolog assembled for the job, or fail it with the Prolog's refusal
+ * on the job's stderr. A refused Prolog exits 0 (a failing Prolog drains the node),
+ * so this is where a refusal becomes a failed job.
+ */
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <slurm/slurm.h>
+
+#include "sifoverlay.h"
+
+static char batch_script_path[64];
+
+static int fail_task(unsigned job_id, const char *fmt, ...)
+{
+	char msg[SIFO_MSG_MAX + 256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	/* In a task, slurm_error reaches both the job's stderr and the slurmd log. */
+	sifo_error("job %u: %s", job_id, msg);
+	return -1;
+}
+
+int sifo_remote_init(spank_t sp, int ac, char **av)
+{
+	if (sifo_config_parse(ac, av) < 0)
+		return -1;
+	return sifo_args_register(sp);
+}
+
+/* The batch script lives in slurmd's spool, outside the image: keep an fd to it
+ * across the chroot and let the kernel execute it through /proc/self/fd. */
+static int keep_batch_script(spank_t sp, unsigned job_id)
+{
+	int argc = 0, fd;
+	char **argv = NULL;
+
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 ||
+	    !argv || !argv[0] || argv[0][0] != '/')
+		return 0;
+	fd = open(argv[0], O_RDONLY | O_NOCTTY);
+	if (fd < 0)
+		return fail_task(job_id, "cannot open the batch script %s", argv[0]);
+	snprintf(batch_script_path, sizeof(batch_script_path), "/proc/self/fd/%d", fd);
+	argv[0] = batch_script_path;
+	return 0;
+}
+
+static void task_cwd(spank_t sp, char *buf, size_t len)
+{
+	if (spank_getenv(sp, "PWD", buf, (int)len) == ESPANK_SUCCESS && buf[0] == '/')
+		return;
+	if (!getcwd(buf, len))
+		snprintf(buf, len, "/");
+}
+
+int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	struct sifo_job_record rec;
+	char err[SIFO_MSG_MAX], cwd[PATH_MAX];
+	uint32_t job_id = 0, step_id = 0;
+	(void)ac;
+	(void)av;
+
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS)
+		return fail_task(job_id, "cannot read the job and step ids");
+	if (step_id == SLURM_EXTERN_CONT)
+		return 0;
+	if (!sifo_request.given) {
+		/* the environment twin, exported into the job by sbatch/srun */
+		char value[PATH_MAX + 8];
+		if (spank_getenv(sp, SIFO_ENV_TWIN, value, sizeof(value)) == ESPANK_SUCCESS && value[0]) {
+			if (sifo_args_parse(value, &sifo_request, err, sizeof(err)) < 0)
+				return fail_task(job_id, "%s (from %s)", err, SIFO_ENV_TWIN);
+		}
+	}
+	if (sifo_job_record_load(sifo_config.runtime_dir, job_id, &rec) < 0)
+		return fail_task(job_id, "runtime_dir %s: path too long", sifo_config.runtime_dir);
+
+	switch (rec.kind) {
+	case SIFO_RECORD_NONE:
+		if (!sifo_request.given)
+			return 0; /* a job without an image */
+		return fail_task(job_id, "%s: no rootfs was prepared for this job "
+				 "(is sifoverlay's Prolog set in slurm.conf?)", sifo_request.path);
+	case SIFO_RECORD_REFUSED:
+	case SIFO_RECORD_BAD:
+		return fail_task(job_id, "%s", rec.message);
+	case SIFO_RECORD_READY:
+		break;
+	}
+	if (sifo_request.given && strcmp(sifo_request.path, rec.image) != 0)
+		return fail_task(job_id, "this step asks for %s but the job runs %s: one image per job",
+				 sifo_request.path, rec.image);
+	task_cwd(sp, cwd, sizeof(cwd));
+	if (step_id == SLURM_BATCH_SCRIPT && keep_batch_script(sp, job_id) < 0)
+		return -1;
+	if (sifo_enter_rootfs(rec.rootfs, cwd, err, sizeof(err)) < 0)
+		return fail_task(job_id, "%s: %s", rec.image, err);
+	sifo_debug("job %u step %u: task runs in %s (%s)", job_id, step_id, rec.image, rec.rootfs);
+	return 0;
+}

@@ -1,0 +1,224 @@
+"""A stand-alone Kubernetes API server for the tests: kmock's KubernetesEmulator over HTTP.
+
+No kube-apiserver can run on the test machines (see docs/kubernetes.md), so this process
+IS the API server the real operator and the official `kubernetes` client talk to.
+kmock (pinned: kmock==0.8; this file reaches into kmock._internal) stores objects,
+serves discovery, list, watch, get, create, merge/JSON patch and delete with finalizers.
+This subclass adds what a real API server does and kmock 0.8 does not:
+
+- GET /api/v1/namespaces[/NAME] (kmock's path parser fails on it);
+- server-set metadata on create: namespace, uid, creationTimestamp, generation,
+  resourceVersion (a counter: never checked, so no 409 on a stale write);
+- 201 Created (the kubernetes client maps only 201 for custom-object creates);
+- CRD registration (from files at start, or a POSTed CustomResourceDefinition);
+- validation of custom resources against the CRD's openAPIV3Schema (422 Invalid),
+  on create and on the patched result;
+- the status subresource isolated from the main resource, both ways;
+- labelSelector on list and watch; ?dryRun answered without storing;
+- kind/apiVersion on lists;
+- an audit log (env KMOCK_AUDIT_LOG): one JSON line per API request, for the RBAC test.
+
+Not emulated: authn/authz, admission, defaulting and pruning, optimistic concurrency,
+controllers (Jobs never get Pods: tests play the Job controller), ownerReference GC,
+PUT, protobuf, watch bookmarks (every new watch replays existing objects).
+
+Usage: python kmock_server.py PORT [FILE.yaml ...]   (prints one "listening" line)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import re
+import signal
+import sys
+import uuid
+from typing import Any
+
+import aiohttp.web
+import jsonschema
+import kmock
+import yaml
+from kmock._internal import dicts, enums, parsing
+
+_original_parse_path = parsing.parse_path
+
+
+def _parse_path(path: str) -> parsing.ParsedPath:
+    parts = path.strip("/").split("/")
+    is_namespaces = parts[:3] == ["api", "v1", "namespaces"]
+    if is_namespaces and (len(parts) in (3, 4) or (len(parts) == 5 and parts[4] in ("status", "finalize"))):
+        name = parts[3] if len(parts) > 3 else None
+        sub = parts[4] if len(parts) > 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, sub)
+    return _original_parse_path(path)
+
+
+parsing.parse_path = _parse_path
+
+_resource_versions = itertools.count(1)
+_schemas: dict[tuple[str, str, str], dict[str, Any]] = {}
+_SELECTOR_TERM = re.compile(r",(?![^()]*\))")
+_SET_TERM = re.compile(r"(\S+)\s+(in|notin)\s+\((.*)\)")
+
+
+def register_crd(emulator: kmock.KubernetesEmulator, crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    crd_names = spec["names"]
+    for version in spec["versions"]:
+        if not version.get("served", True):
+            continue
+        key = f"{spec['group']}/{version['name']}/{crd_names['plural']}"
+        emulator.resources[key] = kmock.ResourceInfo(
+            kind=crd_names["kind"],
+            singular=crd_names.get("singular"),
+            namespaced=spec.get("scope") == "Namespaced",
+            shortnames=set(crd_names.get("shortNames", [])),
+            verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            subresources=set((version.get("subresources") or {}).keys()),
+        )
+        schema = (version.get("schema") or {}).get("openAPIV3Schema")
+        if schema:
+            _schemas[spec["group"], version["name"], crd_names["plural"]] = schema
+
+
+def _validate(resource: Any, obj: dict[str, Any]) -> None:
+    schema = _schemas.get((resource.group, resource.version, resource.plural))
+    if schema is None:
+        return
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        first = errors[0]
+        where = ".".join(map(str, first.absolute_path)) or "<root>"
+        raise kmock.KubernetesError(status=422, reason="Invalid", message=f"{where}: {first.message}")
+
+
+def selector_matches(obj: dict[str, Any], selector: str | None) -> bool:
+    """Equality and set-based label selectors: a=b, a==b, a!=b, a, !a, a in (x,y), a notin (x)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in (t.strip() for t in _SELECTOR_TERM.split(selector or "")):
+        if not term:
+            continue
+        if m := _SET_TERM.fullmatch(term):
+            values = {v.strip() for v in m[3].split(",")}
+            if (labels.get(m[1]) in values) != (m[2] == "in"):
+                return False
+        elif "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def _audit(request: Any) -> None:
+    path = os.environ.get("KMOCK_AUDIT_LOG")
+    if not path or request.resource is None:
+        return
+    record = {
+        "agent": request.headers.get("User-Agent", ""),
+        "verb": request.action.value if request.action else None,
+        "group": request.resource.group,
+        "plural": request.resource.plural,
+        "subresource": request.subresource,
+        "namespace": request.namespace,
+    }
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+class RealisticEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus the server-side behaviour listed in the module docstring."""
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        _audit(request)
+        if request.resource is not None and request.params.get("dryRun"):
+            status = 201 if request.action == enums.action.CREATE else 200
+            return aiohttp.web.json_response(request.data, status=status)
+        if request.resource is not None and isinstance(request.data, dict):
+            self._prepare_write(request)
+        response = await super()._handle(request)
+        if request.action == enums.action.CREATE and response.status == 200:
+            response.set_status(201)
+        return response
+
+    def _prepare_write(self, request: Any) -> None:
+        data: dict[str, Any] = request.data
+        meta = data.setdefault("metadata", {})
+        info = self.resources[request.resource] if request.resource in self.resources else None
+        has_status = bool(info and "status" in info.subresources)
+        if request.action == enums.action.CREATE:
+            if request.resource.plural == "customresourcedefinitions":
+                register_crd(self, data)
+            _validate(request.resource, data)
+            if request.namespace:
+                meta.setdefault("namespace", request.namespace)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            meta["generation"] = 1
+            meta["resourceVersion"] = str(next(_resource_versions))
+            if has_status:
+                data.pop("status", None)
+        elif request.action == enums.action.UPDATE:
+            if has_status and request.subresource == "status":
+                for key in [k for k in data if k != "status"]:
+                    data.pop(key)
+                meta = data.setdefault("metadata", {})
+            elif has_status:
+                data.pop("status", None)
+            key = (request.resource, request.namespace, request.name)
+            if request.name and key in self.objects and not self.objects[key].deleted:
+                current = self.objects[key].raw
+                _validate(request.resource, dict(dicts.patch_dict(current, data)))
+                if "spec" in data:
+                    meta["generation"] = int((current.get("metadata") or {}).get("generation", 1)) + 1
+            meta["resourceVersion"] = str(next(_resource_versions))
+
+    async def _serve_list(self, request: Any) -> Any:
+        result = await super()._serve_list(request)
+        if selector := request.params.get("labelSelector"):
+            result["items"] = [o for o in result["items"] if selector_matches(o, selector)]
+        result["metadata"]["resourceVersion"] = str(next(_resource_versions))
+        info = self.resources[request.resource] if request.resource in self.resources else None
+        if info and info.kind:
+            api_version = f"{request.resource.group}/{request.resource.version}".lstrip("/")
+            result = {"apiVersion": api_version, "kind": f"{info.kind}List", **result}
+        return result
+
+    async def _serve_watch(self, request: Any) -> Any:
+        selector = request.params.get("labelSelector")
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict) and selector and not selector_matches(event.get("object", {}), selector):
+                continue
+            yield event
+
+
+async def serve(port: int, files: list[str]) -> None:
+    async with RealisticEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1", port=port) as server:
+        emulator.resources.load_bundled()
+        for path in files:
+            with open(path, encoding="utf-8") as fh:
+                for doc in yaml.safe_load_all(fh):
+                    if doc and doc.get("kind") == "CustomResourceDefinition":
+                        register_crd(emulator, doc)
+        print(f"kmock listening on {server.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1]), sys.argv[2:]))

@@ -1,0 +1,124 @@
+"""Test images for the runtime: the busybox vector as an OCI-SIF with an ext3 overlay,
+plus crafted variants (corrupt superblock, huge inode count, symlink loops)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from sifoverlay import engine
+from sifoverlay.ocisif import jsonedit, open_image
+from sifoverlay.ocisif.build import write_ocisif
+from sifoverlay.ocisif.importer import import_image
+from sifoverlay.ocisif.mediatypes import SQUASHFS_LAYER
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def run(*argv: str) -> None:
+    subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+
+
+def imported_vector(vectors: Path, out: Path, journal: Path) -> Path:
+    """`import` of the busybox vector + `overlay create` (the product path)."""
+    import_image(vectors / "singularity" / "busybox_amd64.sif", out)
+    engine.create_overlay(out, size_mib=64, sparse=True, journal_dir=journal)
+    return out
+
+
+def busybox_rootfs(vectors: Path, work: Path) -> Path:
+    """The vector's rootfs unpacked, without xattrs (its files carry trusted.selinux,
+    which an unprivileged fuse-overlayfs cannot copy up: see runtime.assemble)."""
+    imported = work / "vector.oci.sif"
+    import_image(vectors / "singularity" / "busybox_amd64.sif", imported)
+    with open_image(imported) as img:
+        offset = img.layers[0].offset
+    root = work / "rootfs"
+    run("unsquashfs", "-q", "-no-xattrs", "-n", "-o", str(offset), "-d", str(root), str(imported))
+    imported.unlink()
+    return root
+
+
+def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int] | None = None) -> Path:
+    """OCI-SIF with one squashfs layer made from `rootfs` and a 64 MiB sparse overlay."""
+    layer = out.with_suffix(".sqfs")
+    run("mksquashfs", str(rootfs), str(layer), "-noappend", "-no-xattrs", "-quiet", "-no-progress")
+    data = layer.read_bytes()
+    layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    config = jsonedit.canonical({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    })
+    config_ref = {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)}
+    manifest = jsonedit.canonical({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_ref,
+        "layers": [{"mediaType": SQUASHFS_LAYER, "digest": layer_digest, "size": len(data)}],
+    })
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest)}]}
+    write_ocisif(out, [layer, config, manifest], index)
+    layer.unlink()
+    engine.create_overlay(out, size_mib=64, sparse=True, journal_dir=journal)
+    if owner:
+        os.chown(out, *owner)
+    return out
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    run("cp", "--sparse=always", "--preserve=mode,ownership", str(src), str(dst))
+    return dst
+
+
+def overlay_region(image: Path) -> tuple[int, int]:
+    with open_image(image) as img:
+        assert img.overlay is not None
+        return img.overlay.offset, img.overlay.size
+
+
+def poke(image: Path, offset: int, data: bytes) -> None:
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def corrupt_superblock(image: Path) -> None:
+    """Zero the ext3 magic (offset 56 of the superblock at region + 1024)."""
+    offset, _ = overlay_region(image)
+    poke(image, offset + 1024 + 56, b"\0\0")
+
+
+def huge_inode_count(image: Path) -> None:
+    """s_inodes_count = 0xFFFFFF00: still self-consistent for a superblock parser
+    (free inodes <= count), impossible for the group layout."""
+    offset, _ = overlay_region(image)
+    poke(image, offset + 1024, struct.pack("<I", 0xFFFFFF00))
+
+
+def add_symlink_loops(rootfs: Path) -> None:
+    loop = rootfs / "loop"
+    loop.mkdir()
+    os.symlink("b", loop / "a")
+    os.symlink("a", loop / "b")
+    os.symlink("selfloop", rootfs / "selfloop")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clone_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

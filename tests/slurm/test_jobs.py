@@ -1,0 +1,349 @@
+"""Real jobs through --oci-sif-overlay on the local cluster: the job runs inside the image,
+writes land in the ext3 overlay, and however the job ends the image is reconciled
+(digest recorded == sha256 of the ext3 bytes), the lease released and the session closed.
+Refusals fail the job, never the node."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sifoverlay.engine import lease, sessions
+from sifoverlay.ocisif import open_image
+from tests.slurm.conftest import DEV_CLUSTER, Cluster, User, sh
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
+
+WRITER = 'i=0; while :; do echo "$i" >> /progress.log; dd if=/dev/urandom of=/blob bs=64k count=4 2>/dev/null; i=$((i+1)); done'
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def ext3_sha256(image: Path) -> tuple[str, str]:
+    """(recorded digest, sha256 of the overlay's bytes as they are in the file)."""
+    with open_image(str(image)) as img:
+        overlay = img.overlay
+        assert overlay is not None
+        offset, size, recorded = overlay.offset, overlay.size, overlay.recorded_digest
+    digest = hashlib.sha256()
+    with open(image, "rb") as fh:
+        fh.seek(offset)
+        left = size
+        while left:
+            chunk = fh.read(min(left, 4 << 20))
+            assert chunk, "overlay runs past the end of the file"
+            digest.update(chunk)
+            left -= len(chunk)
+    return recorded, "sha256:" + digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_reconciled(cluster: Cluster, image: Path, job: int) -> str:
+    """The end of `job` was handled: consistent image, no lease, no session, no mounts."""
+    recorded, actual = ext3_sha256(image)
+    assert recorded == actual, f"image not reconciled: recorded {recorded}, ext3 bytes {actual}"
+    from sifoverlay.ext3 import Superblock
+
+    with open_image(str(image)) as img:
+        assert img.overlay is not None
+        sb = Superblock.read(img.sif.fd, img.overlay.offset, size=img.overlay.size)
+        assert not sb.is_dirty, "ext3 left dirty"
+    assert lease.inspect(str(image)) is None
+    assert lease.readers(str(image)) == []
+    assert not cluster.session_path(job).exists()
+    assert not (cluster.runtime_dir / "mounts" / str(job)).exists()
+    assert not (cluster.runtime_dir / "slurm" / str(job)).exists()
+    return recorded
+
+
+def rootfs_of(cluster: Cluster, job: int) -> Path:
+    return cluster.runtime_dir / "mounts" / str(job) / "rootfs"
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def progress_lines(cluster: Cluster, job: int) -> int:
+    try:
+        return len((rootfs_of(cluster, job) / "progress.log").read_text().split())
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def outdir(image_dir: Path) -> Path:
+    path = image_dir / "out"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+def srun_in(cluster: Cluster, user: User, image: Path | str, *command: str, timeout: float = 120):  # type: ignore[no-untyped-def]
+    """srun inside the image; returns once the job's Epilog is done too (srun itself
+    returns before it)."""
+    done = cluster.as_user(user, "srun", f"--oci-sif-overlay={image}", *command, cwd="/", timeout=timeout)
+    cluster.settle(cancel=False)
+    return done
+
+
+# -- a job writes, the next job sees it ----------------------------------------------------------
+def test_job_runs_inside_the_image(cluster: Cluster, slurm_users: tuple[User, User], make_image) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    assert Path("/etc/debian_version").exists() and not Path("/bin/busybox").exists()  # the host
+    done = srun_in(cluster, alice, image, "sh", "-c",
+                   "test -x /bin/busybox && test ! -e /etc/debian_version && id -u && pwd")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(alice.uid), "/"]
+
+
+def test_write_then_next_job_sees_it_and_digest_matches(cluster: Cluster, slurm_users: tuple[User, User],
+                                                        make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    before, _ = ext3_sha256(image)
+    job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                         "--wrap", "echo written-by-$SLURM_JOB_ID > /hello.txt; mkdir -p /data; "
+                                   "seq 1 1000 > /data/numbers")
+    assert cluster.wait_finished(job) == "COMPLETED"
+    after = assert_reconciled(cluster, image, job)
+    assert after != before
+    done = srun_in(cluster, alice, image, "sh", "-c", "cat /hello.txt; wc -l < /data/numbers")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"written-by-{job}", "1000"]
+
+
+def test_environment_twin_runs_the_job_in_the_image(cluster: Cluster, slurm_users: tuple[User, User],
+                                                    make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    job = cluster.sbatch(alice, "-o", f"{outdir}/%j.out", "-D", "/", "--wrap", "echo twin > /twin.txt",
+                         env={"OCI_SIF_OVERLAY": str(image)})
+    assert cluster.wait_finished(job) == "COMPLETED"
+    assert_reconciled(cluster, image, job)
+    assert srun_in(cluster, alice, image, "cat", "/twin.txt").stdout == "twin\n"
+
+
+# -- every kind of job end is reconciled by the Epilog --------------------------------------------
+def _end_by_scancel(cluster: Cluster, job: int) -> None:
+    sh("scancel", str(job))
+
+
+def _end_by_scancel_kill(cluster: Cluster, job: int) -> None:
+    sh("scancel", "-s", "KILL", str(job))
+
+
+def _end_by_time_limit(cluster: Cluster, job: int) -> None:
+    sh("scontrol", "update", f"JobId={job}", "TimeLimit=0")
+
+
+@pytest.mark.parametrize("end,final", [
+    (_end_by_scancel, "CANCELLED"),
+    (_end_by_scancel_kill, "CANCELLED"),
+    (_end_by_time_limit, "TIMEOUT"),
+], ids=["scancel", "scancel-KILL", "TimeLimit=0"])
+def test_killed_mid_write_is_reconciled_by_epilog(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                                  outdir: Path, end, final: str) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap", WRITER)
+    cluster.wait_state(job, {"RUNNING"})
+    wait_for(lambda: progress_lines(cluster, job) >= 5, what="the job to write")
+    assert cluster.session_path(job).exists()
+    assert lease.inspect(str(image)).job_id == str(job)  # type: ignore[union-attr]
+    end(cluster, job)
+    assert cluster.wait_finished(job, timeout=120) == final
+    assert_reconciled(cluster, image, job)
+    done = srun_in(cluster, alice, image, "sh", "-c", "wc -l < /progress.log")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 5
+
+
+def test_slurmd_killed_mid_job_then_restarted(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                              outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 slurmd while the job runs; the job ends while slurmd is down (COMPLETING);
+    slurmd comes back, runs the Epilog, and the image is reconciled."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap",
+                         "echo started > /started.txt; sleep 5; echo after > /after.txt")
+    cluster.wait_state(job, {"RUNNING"})
+    wait_for(lambda: (rootfs_of(cluster, job) / "started.txt").exists(), what="the job to start")
+    pid = int(Path("/run/sifoverlay-dev-cluster/slurmd.pid").read_text())
+    os.kill(pid, 9)
+    try:
+        wait_for(lambda: (rootfs_of(cluster, job) / "after.txt").exists(), timeout=30, what="the job to finish")
+        time.sleep(2)  # the job ends while slurmd is down
+        assert cluster.session_path(job).exists()  # no Epilog yet
+    finally:
+        done = sh(str(DEV_CLUSTER), "up", check=False, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert cluster.wait_finished(job, timeout=120) == "COMPLETED"
+    assert_reconciled(cluster, image, job)
+    assert srun_in(cluster, alice, image, "cat", "/after.txt").stdout == "after\n"
+
+
+# -- the sweeper: job ends that no Epilog handled --------------------------------------------------
+def _recover_slurm() -> subprocess.CompletedProcess[str]:
+    return sh("/work/main/.venv/bin/python", "-m", "sifoverlay", "recover", "--slurm", "--json", check=False)
+
+
+def test_sweeper_reconciles_job_whose_epilog_never_ran(cluster: Cluster, slurm_users: tuple[User, User],
+                                                       make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    alice = slurm_users[0]
+    image = make_image(alice)
+    epilog = Path("/etc/slurm/sifoverlay/epilog")
+    saved = epilog.read_bytes()
+    noop = epilog.with_name("epilog.noop")
+    noop.write_text("#!/bin/sh\nexit 0\n")
+    noop.chmod(0o755)
+    os.rename(noop, epilog)  # the Epilog "never runs" for this job
+    try:
+        job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                             "--wrap", "echo swept > /swept.txt")
+        assert cluster.wait_finished(job) == "COMPLETED"
+    finally:
+        restore = epilog.with_name("epilog.restore")
+        restore.write_bytes(saved)
+        restore.chmod(0o755)
+        os.rename(restore, epilog)
+    # left behind: session, lease, mounts, an unreconciled image
+    assert cluster.session_path(job).exists()
+    assert lease.inspect(str(image)).job_id == str(job)  # type: ignore[union-attr]
+    assert rootfs_of(cluster, job).is_dir()
+    done = _recover_slurm()
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)["slurm"]
+    mine = [o for o in report["outcomes"] if o["job_id"] == str(job)]
+    assert [(o["result"], o["image"]) for o in mine] == [("reconciled", str(image))]
+    assert_reconciled(cluster, image, job)
+    assert srun_in(cluster, alice, image, "cat", "/swept.txt").stdout == "swept\n"
+
+
+def test_sweeper_finishes_journal_session_of_dead_job_and_spares_live_ones(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import socket
+
+    alice = slurm_users[0]
+    dead_image, live_image = make_image(alice, "dead.oci.sif"), make_image(alice, "live.oci.sif")
+    dead_job = "999999001"  # never existed: slurmctld answers "invalid job id"
+    sessions.start(cluster.journal_dir, dead_job, dead_image, mode="rw", host=socket.gethostname(),
+                   uid=alice.uid, source="slurm")
+    holder = lease.Holder(socket.gethostname(), os.getpid(), dead_job, "slurm", uid=alice.uid)
+    held = lease.acquire(str(dead_image), holder, ttl=3600)
+    os.close(held.lock_fd)  # as after the Prolog exited: only the lease file remains
+    live = cluster.sbatch(alice, f"--oci-sif-overlay={live_image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                          "--wrap", "sleep 60")
+    cluster.wait_state(live, {"RUNNING"})
+    wait_for(lambda: cluster.session_path(live).exists(), what="the live session")
+    done = _recover_slurm()
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)["slurm"]
+    assert report["backend"] == "cli"
+    assert [(o["job_id"], o["result"]) for o in report["outcomes"]] == [(dead_job, "noop")]
+    assert {"job_id": str(live), "why": "job still alive"} in report["skipped"]
+    assert not cluster.session_path(int(dead_job)).exists()
+    assert lease.inspect(str(dead_image)) is None
+    assert cluster.session_path(live).exists()  # untouched
+    assert lease.inspect(str(live_image)).job_id == str(live)  # type: ignore[union-attr]
+    sh("scancel", str(live))
+    cluster.wait_finished(live)
+    assert_reconciled(cluster, live_image, live)
+
+
+# -- refusals: the job fails with the reason, the node stays idle ----------------------------------
+def test_second_rw_job_refused_naming_the_holder(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                                 outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    first = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                           "--wrap", "sleep 60")
+    cluster.wait_state(first, {"RUNNING"})
+    wait_for(lambda: rootfs_of(cluster, first).is_dir(), what="the first job's rootfs")
+    started = time.monotonic()
+    for mode in ("", ":ro"):
+        done = srun_in(cluster, alice, f"{image}{mode}", "true")
+        assert done.returncode != 0
+        assert f"refused: {image}: held by job {first} (slurm) on host {os.uname().nodename}" in done.stderr
+    assert time.monotonic() - started < 30  # refused at once, not queued behind the holder
+    assert lease.inspect(str(image)).job_id == str(first)  # type: ignore[union-attr]
+    sh("scancel", str(first))
+    cluster.wait_finished(first)
+    assert_reconciled(cluster, image, first)
+
+
+def test_many_read_only_jobs_at_once(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                     outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = slurm_users
+    image = make_image(alice)
+    assert srun_in(cluster, alice, image, "sh", "-c", "echo shared > /shared.txt").returncode == 0
+    recorded, _ = ext3_sha256(image)
+    whole = file_sha256(image)
+    jobs = [cluster.sbatch(user, f"--oci-sif-overlay={image}:ro", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap",
+                           "cat /shared.txt; echo scratch > /scratch-$SLURM_JOB_ID; sleep 4")
+            for user in (alice, bob, alice, bob)]
+    wait_for(lambda: all(cluster.job_state(j) == "RUNNING" for j in jobs) or
+             all(cluster.job_state(j) in {"COMPLETED"} for j in jobs), what="the :ro jobs to run together")
+    assert len(lease.readers(str(image))) in (0, 4)
+    for job in jobs:
+        assert cluster.wait_finished(job) == "COMPLETED", (outdir / f"{job}.out").read_text()
+        assert (outdir / f"{job}.out").read_text() == "shared\n"
+    assert file_sha256(image) == whole  # read-only jobs never write the image
+    assert ext3_sha256(image) == (recorded, recorded)
+    assert lease.readers(str(image)) == []
+    done = srun_in(cluster, alice, image, "sh", "-c", "ls / | grep -c scratch- || true")
+    assert done.stdout.strip() == "0"  # their writes were discarded
+
+
+def test_user_who_cannot_write_is_refused_before_anything_is_mounted(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = slurm_users
+    image = make_image(alice, mode=0o644)  # bob may read, not write
+    whole, mtime = file_sha256(image), image.stat().st_mtime_ns
+    job = cluster.sbatch(bob, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                         "--wrap", "echo should-not-run")
+    assert cluster.wait_finished(job) == "FAILED"
+    out = (outdir / f"{job}.out").read_text()
+    assert f"sifoverlay: job {job}: refused: {image}: user {bob.name} (uid {bob.uid}) may not write this image" in out
+    assert "should-not-run" not in out
+    assert (file_sha256(image), image.stat().st_mtime_ns) == (whole, mtime)
+    assert lease.inspect(str(image)) is None
+    assert not (cluster.runtime_dir / "mounts" / str(job)).exists()
+    assert not cluster.session_path(job).exists()
+    log = Path("/var/log/sifoverlay/slurm.log").read_text()
+    assert f"job {job} refused: {image}: user {bob.name}" in log
+    assert f"assembled {image} for job {job}" not in log
+    # ... and the same user may still run it read-only
+    assert srun_in(cluster, bob, f"{image}:ro", "true").returncode == 0
+
+
+def test_image_outside_roots_is_refused(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                        outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    outside = Path("/var/tmp") / f"sifo-outside-{os.getpid()}"
+    outside.mkdir(mode=0o755, exist_ok=True)
+    try:
+        image = make_image(alice, where=outside)
+        done = srun_in(cluster, alice, image, "true")
+        assert done.returncode != 0
+        assert f"refused: {image}: outside the allowed image roots ({cluster.image_root})" in done.stderr
+    finally:
+        for p in outside.iterdir():
+            p.unlink()
+        outside.rmdir()
