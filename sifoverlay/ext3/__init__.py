@@ -17,7 +17,7 @@ from .superblock import (
     free_bytes,
     usage,
 )
-from .tools import attach_loop, detach_loop, loop_device, run_tool
+from .tools import LoopBinding, attach_loop, detach_loop, loop_binding, loop_device, run_tool, serves
 
 __all__ = [
     "DEFAULT_BUF",
@@ -26,6 +26,7 @@ __all__ = [
     "MIN_OVERLAY_MIB",
     "Ext3Usage",
     "FsckResult",
+    "LoopBinding",
     "Superblock",
     "attach_loop",
     "check_header",
@@ -33,9 +34,11 @@ __all__ = [
     "detach_loop",
     "free_bytes",
     "hash_range",
+    "loop_binding",
     "loop_device",
     "make_overlay_fs",
     "replay_and_fsck",
     "run_tool",
+    "serves",
     "usage",
 ]

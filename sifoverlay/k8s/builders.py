@@ -218,7 +218,7 @@ def reconcile_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     meta, spec = body["metadata"], body["spec"]
     ref = image_ref(spec, meta["namespace"], name=meta["name"])
     job_id = names.session_job_id(meta["namespace"], meta["name"], meta["uid"])
-    journal = posixpath.join(wk.IMAGE_MOUNT_PATH, posixpath.dirname(ref.path), ".sifoverlay-journal")
+    journal = posixpath.join(wk.IMAGE_MOUNT_PATH, ".sifoverlay-journal")  # = config.JOURNAL_ON_VOLUME
     script = 'sifoverlay recover "$1" >/dev/null && sifoverlay overlay sync "$1" --job "$2" --json >/dev/termination-log'
     labels = _labels(body, ref, wk.ROLE_RECONCILE)
     container: Obj = {

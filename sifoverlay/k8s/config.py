@@ -4,7 +4,7 @@
 |---|---|---|
 | SIFOVERLAY_LEASE_NAMESPACE | namespace of the per-image Leases (one writer cluster-wide) | POD_NAMESPACE or "default" |
 | SIFOVERLAY_VOLUME_ROOTS | `KEY=DIR,...`: image volumes mounted into the operator, KEY is `hostPath:/dir` or `pvc:ns/claim` | none |
-| SIFOVERLAY_JOURNAL_DIR | the operator's journal (sessions, commit records): a persistent volume | engine default |
+| SIFOVERLAY_JOURNAL_DIR | the operator's journal (sessions, commit records) | `.sifoverlay-journal` on each image volume |
 | SIFOVERLAY_LEASE_RETRY_SECONDS | how often a waiting resource retries the Lease | 10 |
 | SIFOVERLAY_RECHECK_SECONDS | level-based re-check of running/reconciling resources | 30 |
 | SIFOVERLAY_DRIFT_SECONDS | drift check (engine.status) of finished resources | 300 |
@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sifoverlay.errors import UsageError
-from sifoverlay.k8s.builders import FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED, PodPolicy
+from sifoverlay.k8s.builders import FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED, ImageRef, PodPolicy
+
+JOURNAL_ON_VOLUME = ".sifoverlay-journal"  # also what builders.reconcile_job uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,16 @@ class OperatorConfig:
     drift_seconds: float = 300.0
     metrics_port: int = 9108
     pod_policy: PodPolicy = field(default_factory=PodPolicy)
+
+    def journal_for(self, ref: ImageRef) -> str | None:
+        """Where the journal of `ref`'s commits and sessions lives: SIFOVERLAY_JOURNAL_DIR,
+        else a directory on the image's own volume, so that it survives the operator pod
+        moving to another node and is the same one reconcile Jobs use."""
+        if self.journal_dir:
+            return self.journal_dir
+        local = ref.local_path(self.volume_roots)
+        root = None if local is None else local[: len(local) - len(ref.path)].rstrip("/")
+        return None if root is None else os.path.join(root, JOURNAL_ON_VOLUME)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -115,8 +115,9 @@ class Controller:
             local = ref.local_path(self.config.volume_roots)
             before = manifest = None
             if local is not None:
-                before, manifest = reconcile.current_digests(local, self.config.journal_dir)
-                reconcile.start_session(self.config.journal_dir, self._job_id(body), local,
+                journal = self.config.journal_for(ref)
+                before, manifest = reconcile.current_digests(local, journal)
+                reconcile.start_session(journal, self._job_id(body), local,
                                         writable=spec.get("mode", "rw") == "rw")
             if not self.api.create_job(job):
                 self._check_owned(job, meta["uid"])
@@ -220,7 +221,8 @@ class Controller:
         seal = bool((spec.get("policy") or {}).get("sealOnSuccess")) and status.get("jobResult") == wk.RESULT_SUCCEEDED
         started = time.monotonic()
         try:
-            outcome = reconcile.run(local, job_id=self._job_id(body), journal_dir=self.config.journal_dir, seal=seal)
+            outcome = reconcile.run(local, job_id=self._job_id(body), journal_dir=self.config.journal_for(ref),
+                                    seal=seal)
         except Exception as exc:
             metrics.RECONCILES.labels("error").inc()
             self._patch(body, st.reconcile_error(status, message=str(exc), generation=gen, now=self._clock()))
@@ -233,7 +235,7 @@ class Controller:
                 outcome: reconcile.ReconcileOutcome) -> None:
         meta = body["metadata"]
         if ref.local_path(self.config.volume_roots) is not None:
-            reconcile.finish_session(self.config.journal_dir, self._job_id(body), outcome.action)
+            reconcile.finish_session(self.config.journal_for(ref), self._job_id(body), outcome.action)
         self.leases.release(ref, meta["uid"])
         label = "replayed" if outcome.replayed else outcome.action
         metrics.RECONCILES.labels(label).inc()
@@ -331,7 +333,7 @@ class Controller:
         local = ref.local_path(self.config.volume_roots)
         if local is None:
             return
-        report = reconcile.drift(local, self.config.journal_dir)
+        report = reconcile.drift(local, self.config.journal_for(ref))
         if report.state == "in-use":
             return  # a writer holds it now: its own reconcile will follow
         metrics.set_drift(meta["namespace"], meta["name"], report.state in ("modified", "drift"))

@@ -235,6 +235,7 @@ class _Emitter:
         self.done: set[str] = set()
         self.entries = 0
         self._groups: dict[int, list[str]] | None = None  # built on the first lower hard link
+        self._copied: dict[int, str] = {}  # lower inode -> its copy in this layer
 
     def dirs_down_to(self, path: str, *, inclusive: bool) -> None:
         parts = path.split("/") if path else []
@@ -263,8 +264,13 @@ class _Emitter:
         if self._groups is None:
             self._groups = self.lower.link_groups()
         node = self.lower.nodes[target]
+        if node.inode in self._copied:  # an earlier link of this layer already copied it
+            info.linkname = self._copied[node.inode]
+            self.write(link, info)
+            return
         group = [p for p in self._groups[node.inode] if p not in self.scan.defined and not self._hidden(p)]
         holder = group[0] if group else link
+        self._copied[node.inode] = holder
         for path in group or [link]:
             if path in self.done:
                 continue

@@ -256,6 +256,11 @@ def test_operator_config_from_env() -> None:
                        "POD_NAMESPACE": "sifoverlay-system", "SIFOVERLAY_FUSE_ACCESS": "hostPath",
                        "SIFOVERLAY_USER_NAMESPACES": "true", "SIFOVERLAY_RECHECK_SECONDS": "2.5"})
     assert config.volume_roots == {"hostPath:/data": "/mnt/data", "pvc:ns/c": "/mnt/c"}
+    in_data = builders.image_ref({"image": {"hostPath": {"path": "/data"}, "path": "x/a.sif"}}, "ns")
+    elsewhere = builders.image_ref({"image": {"hostPath": {"path": "/other"}, "path": "a.sif"}}, "ns")
+    assert config.journal_for(in_data) == "/mnt/data/.sifoverlay-journal"  # travels with the images
+    assert config.journal_for(elsewhere) is None
+    assert from_env({"SIFOVERLAY_JOURNAL_DIR": "/j"}).journal_for(elsewhere) == "/j"
     assert config.lease_namespace == "sifoverlay-system" and config.recheck_seconds == 2.5
     assert config.pod_policy.fuse_access == "hostPath" and config.pod_policy.user_namespaces is True
     assert from_env({}).pod_policy == PodPolicy()

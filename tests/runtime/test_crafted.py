@@ -3,6 +3,7 @@ error line, image bytes unchanged, nothing mounted, no loop device, no daemon le
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,10 @@ def test_huge_inode_count(env: Env, mode: str, writable: bool) -> None:
         assert "The ext2 superblock is corrupt" in lines[0]
     else:  # the userspace e2fsck gate refuses it before the kernel driver sees it
         assert res.returncode == 2
-        assert lines[0] == (f"sifoverlay: {env.image}: ext3 overlay at offset {offset}: primary superblock "
-                            "unusable: dumpe2fs: The ext2 superblock is corrupt while trying to open /dev/loop"
-                            + lines[0].rsplit("/dev/loop", 1)[1])
-        assert lines[0].rsplit("/dev/loop", 1)[1].isdigit()
+        assert re.fullmatch(
+            re.escape(f"sifoverlay: {env.image}: ext3 overlay at offset {offset}: primary superblock unusable: "
+                      "dumpe2fs: The ext2 superblock is corrupt while trying to open /dev/loop")
+            + r"\d+ \| Couldn't find valid filesystem superblock\.", lines[0]), lines[0]
     assert images.file_digest(env.image) == digest
     assert_clean(env)
 
@@ -54,7 +55,7 @@ def test_huge_inode_count(env: Env, mode: str, writable: bool) -> None:
 def test_symlink_loop_in_squashfs_layer(env: Env, loop_image: Path, mode: str) -> None:
     image = images.copy_image(loop_image, env.dir / "loop.oci.sif")
     res = env.exec("--mount", mode, str(image), "--", "cat", "/loop/a")
-    assert res.returncode == 1 and "Symbolic link loop" in res.stderr, res.stderr
+    assert (res.returncode, res.stderr) == (1, "cat: can't open '/loop/a': Too many levels of symbolic links\n")
     res = env.exec("--mount", mode, str(image), "--", "/selfloop")
     assert res.returncode == 125
     assert "/selfloop: cannot execute: Too many levels of symbolic links" in res.stderr

@@ -296,11 +296,12 @@ def test_many_read_only_jobs_at_once(cluster: Cluster, slurm_users: tuple[User, 
     recorded, _ = ext3_sha256(image)
     whole = file_sha256(image)
     jobs = [cluster.sbatch(user, f"--oci-sif-overlay={image}:ro", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap",
-                           "cat /shared.txt; echo scratch > /scratch-$SLURM_JOB_ID; sleep 4")
+                           "cat /shared.txt; echo scratch > /scratch-$SLURM_JOB_ID; sleep 12")
             for user in (alice, bob, alice, bob)]
-    wait_for(lambda: all(cluster.job_state(j) == "RUNNING" for j in jobs) or
-             all(cluster.job_state(j) in {"COMPLETED"} for j in jobs), what="the :ro jobs to run together")
-    assert len(lease.readers(str(image))) in (0, 4)
+    wait_for(lambda: all(cluster.job_state(j) == "RUNNING" for j in jobs) and len(lease.readers(str(image))) == 4,
+             what="the four :ro jobs to run at the same time")
+    assert sorted(r.job_id for r in lease.readers(str(image))) == sorted(str(j) for j in jobs)
+    assert lease.inspect(str(image)) is None  # readers only, no writer
     for job in jobs:
         assert cluster.wait_finished(job) == "COMPLETED", (outdir / f"{job}.out").read_text()
         assert (outdir / f"{job}.out").read_text() == "shared\n"

@@ -97,13 +97,17 @@ def _verify_layers(tmp_path: Path, lower_sqfs: Path, lower_tar: Path, tar_path: 
     assert same_inode(rootfs, "newdir/hl", "newdir/x") and same_inode(rootfs, "c/link-src.txt", "c/link-dst.txt")
 
 
-def test_kernel_overlayfs_upper(tmp_path: Path) -> None:
+@pytest.mark.parametrize("namespace", ["trusted", "user"])
+def test_kernel_overlayfs_upper(tmp_path: Path, namespace: str) -> None:
+    """namespace "user": the mount uses -o userxattr (as inside a user namespace)."""
     lower_sqfs, lower_tar = _lower(tmp_path)
     img = tmp_path / "overlay.img"
     ext3.make_overlay_fs(img, 64, sparse=True)
     with mounted("mount", "-t", "squashfs", "-o", "ro,loop", str(lower_sqfs), target=tmp_path / "lower") as lm, \
          kernel_mount(img, tmp_path / "ext3") as em:
         opts = f"lowerdir={lm},upperdir={em}/upper,workdir={em}/work"
+        if namespace == "user":
+            opts += ",userxattr"
         with mounted("mount", "-t", "overlay", "overlay", "-o", opts, target=tmp_path / "merged") as merged:
             apply_changes(merged)
             expected = manifest(merged)
@@ -112,8 +116,10 @@ def test_kernel_overlayfs_upper(tmp_path: Path) -> None:
         # The kernel convention really is what we convert from.
         whiteout = os.lstat(upper / "a" / "del.txt")
         assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
-        assert os.getxattr(upper / "b", "trusted.overlay.opaque") == b"y"
-        assert "trusted.overlay.origin" in os.listxattr(upper / "c" / "mod.txt")
+        assert os.getxattr(upper / "b", f"{namespace}.overlay.opaque") == b"y"
+        assert not any(n.startswith("trusted.overlay.") for n in os.listxattr(upper / "b")) or namespace == "trusted"
+        if namespace == "trusted":
+            assert "trusted.overlay.origin" in os.listxattr(upper / "c" / "mod.txt")
         tar_path, sqfs = _convert(upper, tmp_path)
     assert "gone-dir" not in expected and "b/old0.txt" not in expected and "b/new.txt" in expected
     _check_tar_conventions(tar_path)
