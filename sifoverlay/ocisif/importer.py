@@ -39,7 +39,7 @@ from . import mediatypes as mt
 from .build import write_ocisif
 from .layout_dir import BlobRef, OciLayout, Platform, SourceImage, check_digest, split_source
 from .squashfs import SquashfsFile, build_from_tar, hash_file, looks_like_squashfs, squashfs_to_tar
-from .whiteout import TreeState, convert_layer, scan_layer, write_flattened
+from .whiteout import TreeState, convert_layer, member_for, scan_layer
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,25 @@ def _platform_name(image: SourceImage) -> str | None:
     config = image.config
     named = Platform(str(config.get("os") or ""), str(config.get("architecture") or ""), str(config.get("variant") or ""))
     return str(named) if named.os and named.architecture else None
+
+
+def write_flattened(state: TreeState, readers: dict[int, tarfile.TarFile], out: tarfile.TarFile) -> int:
+    """The merged tree as one tar: no whiteouts, hard-link groups kept, sorted paths."""
+    holders: dict[int, str] = {}
+    count = 0
+    for path in sorted(state.nodes, key=lambda p: p.split("/") if p else []):
+        node = state.nodes[path]
+        info = member_for(path, node)
+        holder = holders.get(node.inode) if node.kind != "dir" else None
+        if holder is not None:
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, holder, 0
+            out.addfile(info)
+        else:
+            holders[node.inode] = path
+            data = readers[node.data.layer].extractfile(node.data.member) if node.data is not None else None
+            out.addfile(info, data)
+        count += 1
+    return count
 
 
 def _rewrite_config(config: dict[str, Any], digests: list[str], *, squash: bool, squashed_from: str) -> dict[str, Any]:

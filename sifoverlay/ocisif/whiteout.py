@@ -13,14 +13,19 @@ layer's tar stream for tar2sqfs and uses the state below it to:
   layer's directory attributes);
 * materialise hard links whose target lives in a lower layer: a squashfs image cannot
   link into another image, so the target's whole link group is copied into this layer
-  and linked there, which is what applying the tar to the merged tree gives.
-`write_flattened` writes a merged state as one tar without whiteouts (`--squash`).
+  and linked there, which is what applying the tar to the merged tree gives;
+* keep the layer valid for overlayfs: a whited-out directory the layer fills again
+  becomes an opaque directory (not a 0:0 device with entries below it); whiteouts and
+  markers that hide nothing (absent below, or under a deleted / opaque directory) are
+  dropped, because overlayfs lists stray 0:0 entries in directories it does not merge;
+  a path given twice keeps its last entry (tar2sqfs refuses duplicates).
+Image-spec semantics: a layer's whiteouts hit only lower content, then its entries land
+in stream order (tests/importer checks this against an independent reference applier).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import posixpath
 import tarfile
 from collections.abc import Iterable
@@ -28,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import OciFormatError
-
-log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX: Final = ".wh."
 OPAQUE_MARKER: Final = ".wh..wh..opq"
@@ -343,7 +346,7 @@ def convert_layer(scan: LayerScan, source: tarfile.TarFile, lower: TreeState,
         if last[path] != position:
             continue
         emit.dirs_down_to(path, inclusive=False)
-        info = _rewritten(member, path, opaque=path in emit.opaque)
+        info = _rewritten(member, path, opaque=path in emit.opaque, where=where)
         if member.type == tarfile.LNKTYPE:
             target = normalize(member.linkname, where)
             if target == path:
@@ -380,7 +383,9 @@ def _recreated_dirs(scan: LayerScan, where: str) -> frozenset[str]:
     return frozenset(t for t in scan.whiteouts if t in parents or t in dirs)
 
 
-def _rewritten(member: tarfile.TarInfo, path: str, *, opaque: bool) -> tarfile.TarInfo:
+def _rewritten(member: tarfile.TarInfo, path: str, *, opaque: bool, where: str) -> tarfile.TarInfo:
+    if member.type not in _KINDS:
+        raise OciFormatError(where or None, f"unsupported tar entry type {member.type!r} for {member.name!r}")
     info = tarfile.TarInfo(path + "/" if member.isdir() and path else (path or "./"))
     info.type = tarfile.REGTYPE if member.type in (tarfile.AREGTYPE, tarfile.CONTTYPE) else member.type
     info.mode, info.uid, info.gid, info.mtime = member.mode & 0o7777, member.uid, member.gid, int(member.mtime)
@@ -393,22 +398,3 @@ def _rewritten(member: tarfile.TarInfo, path: str, *, opaque: bool) -> tarfile.T
         headers[OPAQUE_XATTR] = "y"
     info.pax_headers = headers
     return info
-
-
-def write_flattened(state: TreeState, readers: dict[int, tarfile.TarFile], out: tarfile.TarFile) -> int:
-    """The merged tree as one tar: no whiteouts, hard-link groups kept, sorted paths."""
-    holders: dict[int, str] = {}
-    count = 0
-    for path in sorted(state.nodes, key=lambda p: p.split("/") if p else []):
-        node = state.nodes[path]
-        info = member_for(path, node)
-        holder = holders.get(node.inode) if node.kind != "dir" else None
-        if holder is not None:
-            info.type, info.linkname, info.size = tarfile.LNKTYPE, holder, 0
-            out.addfile(info)
-        else:
-            holders[node.inode] = path
-            data = readers[node.data.layer].extractfile(node.data.member) if node.data is not None else None
-            out.addfile(info, data)
-        count += 1
-    return count

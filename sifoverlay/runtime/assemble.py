@@ -300,6 +300,10 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
         prepare_upper(upper, lowers, io=io)
     target = _mountpoint(directory, "rootfs", owner, io)
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},allow_other"
+    if not current.writable and current.uid != 0:
+        # The tmpfs upper is a real filesystem: an unprivileged daemon cannot chown copied-up
+        # root-owned directories there; keep the ownership in xattrs instead (tmpfs has user.*).
+        opts += ",xattr_permissions=2"
     _fuse_step(current, base_dir, Step("fuse", "rootfs", target), ["fuse-overlayfs", "-f", "-o", opts, target],
                fds=(), io=io, umask=0)
 
@@ -359,6 +363,13 @@ def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: 
     for sub in (upper, work):
         io.mkdir(sub, 0o755)
         os.chown(sub, current.uid, current.gid)
+    if current.mode == "fuse" and current.uid != 0:
+        # The user must own the upper to write it; show the image's own root instead
+        # (fuse-overlayfs xattr_permissions=2 reads ownership and mode from this xattr).
+        top = os.stat(lowers[0])
+        value = f"{top.st_uid}:{top.st_gid}:{stat.S_IMODE(top.st_mode):o}".encode()
+        for key in ("user.fuseoverlayfs.override_stat", "user.containers.override_stat"):
+            os.setxattr(upper, key, value)
     return upper, work
 
 

@@ -234,12 +234,15 @@ def _checked(checker: Checker, *, nested: bool = False) -> str:
     return state
 
 
-def in_process(scenario: Scenario, checker: Checker, total: int, *, nested: bool = True) -> dict[str, int]:
+def in_process(
+    scenario: Scenario, checker: Checker, total: int, *, nested: bool = True, log_ops: list[str] | None = None
+) -> dict[str, int]:
     """(a): crash before every op 1..total; recovery nested-crashed at each of its ops."""
     from sifoverlay import engine
     from sifoverlay.engine.journal import Journal
 
     states = {"old": 0, "new": 0}
+    nested_done: set[object] = set()
     for n in range(1, total + 1):
         scenario.restore()
         fds = open_fds()
@@ -251,8 +254,12 @@ def in_process(scenario: Scenario, checker: Checker, total: int, *, nested: bool
             raise AssertionError(f"{scenario.name}: op {n} of {total} did not crash")
         close_leaked_fds(fds, scenario.work)
         kill_writer(scenario.image)
-        pending = bool(Journal(scenario.journal).pending())
-        if nested and pending:
+        entries = Journal(scenario.journal).pending()
+        # Nested: recovery cut at each of its own write points, once per distinct kind
+        # of interrupted state (journal state x the kind of op that was cut).
+        kind = (entries[0].state if entries else None, log_ops[n - 1] if log_ops else n)
+        if nested and entries and kind not in nested_done:
+            nested_done.add(kind)
             crashed_state = scenario.work.parent / f"{scenario.work.name}.crashed"
             copy_tree(scenario.work, crashed_state)
             rec = RecordingIO()
@@ -353,9 +360,12 @@ def power_loss(scenario: Scenario, checker: Checker, log: list[tuple[str, dict[s
         durable = _durable(ops)
         unsynced_writes = [i for i, (op, _) in enumerate(ops) if op == "pwrite" and not durable[i]]
         tear = unsynced_writes[-1] if unsynced_writes else None
+        root = str(scenario.work)
         for i, (op, info) in enumerate(ops):
             if mode == "drop" and not durable[i]:
                 continue
+            if not str(info.get("dst") or info.get("path") or "").startswith(root):
+                continue  # scratch outside the image's tree (mkfs staging dir)
             _apply(op, info, torn=(mode == "torn" and i == tear))
         kill_writer(scenario.image)
         states[_checked(checker)] += 1

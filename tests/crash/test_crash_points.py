@@ -15,7 +15,7 @@ from tests.conftest import require_tool
 from tests.crash import harness
 from tests.engine.conftest import GOLDEN, modify_overlay
 
-pytestmark = pytest.mark.crash
+pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
 SUBPROCESS_SAMPLES = 8  # real-process kills per scenario (each costs an interpreter start)
 
@@ -68,7 +68,7 @@ def _seal_new_state(image: Path, checker: harness.Checker) -> bool:
 def _run_all(scenario: harness.Scenario, checker: harness.Checker, repo: Path, *, nested: bool = True) -> None:
     total, log = harness.count_ops(scenario)
     assert total > 10
-    a = harness.in_process(scenario, checker, total, nested=nested)
+    a = harness.in_process(scenario, checker, total, nested=nested, log_ops=[op for op, _ in log])
     assert a["old"] >= 1 and a["new"] >= 1, a  # both outcomes are reached
     step = max(1, total // SUBPROCESS_SAMPLES)
     points = sorted(set(range(1, total + 1, step)) | {total})

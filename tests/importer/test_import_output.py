@@ -216,3 +216,17 @@ def test_interrupted_import_never_leaves_a_partial_output(layouts: Path, tmp_pat
             complete += 1
         assert not [p for p in work.iterdir() if p.name.startswith(".sifoverlay-import-")]  # scratch removed
     assert complete <= 1  # only a stop after the final rename (at the directory fsync) leaves OUT
+
+
+def test_identical_layers_are_stored_once(tmp_path: Path) -> None:
+    """Two layers that convert to the same squashfs share one SIF object (lookups are by
+    digest: two objects with one digest would make the image unreadable)."""
+    same = make_tar([(entry("d", "dir"), None), (entry("d/f"), b"same\n")])
+    source = write_layout(tmp_path / "layout", [{"layers": [(mt.OCI_LAYER_TAR, same), (mt.OCI_LAYER_TAR, same)]}])
+    out = tmp_path / "out.oci.sif"
+    result = import_image(source, out)
+    assert result.layers[0].digest == result.layers[1].digest
+    with open_image(out) as image:
+        assert [l.digest for l in image.layers] == [result.layers[0].digest] * 2
+        assert len(image.sif.used()) == 4  # one layer object, config, manifest, root index
+        image.verify_layers()

@@ -14,11 +14,13 @@ This subclass adds what a real API server does and kmock 0.8 does not:
 - validation of custom resources against the CRD's openAPIV3Schema (422 Invalid),
   on create and on the patched result;
 - the status subresource isolated from the main resource, both ways;
+- JSON patches: a failed "test" op is 422 (kopf relies on it), resourceVersion bumped;
 - labelSelector on list and watch; ?dryRun answered without storing;
 - kind/apiVersion on lists;
 - an audit log (env KMOCK_AUDIT_LOG): one JSON line per API request, for the RBAC test.
 
-Not emulated: authn/authz, admission, defaulting and pruning, optimistic concurrency,
+Not emulated: authn/authz, admission, defaulting and pruning, optimistic concurrency on
+merge patches and updates (resourceVersion is a counter and only JSON-patch tests see it),
 controllers (Jobs never get Pods: tests play the Job controller), ownerReference GC,
 PUT, protobuf, watch bookmarks (every new watch replays existing objects).
 
@@ -39,6 +41,8 @@ import uuid
 from typing import Any
 
 import aiohttp.web
+import jsonpatch
+import jsonpointer
 import jsonschema
 import kmock
 import yaml
@@ -148,6 +152,8 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(request.data, status=status)
         if request.resource is not None and isinstance(request.data, dict):
             self._prepare_write(request)
+        elif request.resource is not None and request.action == enums.action.UPDATE and isinstance(request.data, list):
+            self._prepare_json_patch(request)
         response = await super()._handle(request)
         if request.action == enums.action.CREATE and response.status == 200:
             response.set_status(201)
@@ -184,6 +190,20 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 if "spec" in data:
                     meta["generation"] = int((current.get("metadata") or {}).get("generation", 1)) + 1
             meta["resourceVersion"] = str(next(_resource_versions))
+
+    def _prepare_json_patch(self, request: Any) -> None:
+        """A JSON patch: its "test" ops must hold (kopf tests resourceVersion to patch
+        finalizers optimistically; a failed test is 422, which kopf retries with a fresh
+        read), the result must fit the schema, and it bumps resourceVersion."""
+        key = (request.resource, request.namespace, request.name)
+        if not request.name or key not in self.objects or self.objects[key].deleted:
+            return
+        try:
+            result = jsonpatch.apply_patch(dict(self.objects[key].raw), list(request.data), in_place=False)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"json patch: {exc}") from None
+        _validate(request.resource, result)
+        request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(next(_resource_versions))})
 
     async def _serve_list(self, request: Any) -> Any:
         result = await super()._serve_list(request)

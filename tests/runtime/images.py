@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -120,5 +119,5 @@ def file_digest(path: Path) -> str:
 
 
 def clone_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
+    run("cp", "-a", str(src), str(dst))  # keeps busybox's hard links (copytree would not)
     return dst

@@ -302,6 +302,9 @@ def test_many_read_only_jobs_at_once(cluster: Cluster, slurm_users: tuple[User, 
              what="the four :ro jobs to run at the same time")
     assert sorted(r.job_id for r in lease.readers(str(image))) == sorted(str(j) for j in jobs)
     assert lease.inspect(str(image)) is None  # readers only, no writer
+    writer = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}", "true", cwd="/")
+    assert writer.returncode != 0
+    assert f"refused: {image}: held read-only by job " in writer.stderr
     for job in jobs:
         assert cluster.wait_finished(job) == "COMPLETED", (outdir / f"{job}.out").read_text()
         assert (outdir / f"{job}.out").read_text() == "shared\n"
@@ -348,3 +351,17 @@ def test_image_outside_roots_is_refused(cluster: Cluster, slurm_users: tuple[Use
         for p in outside.iterdir():
             p.unlink()
         outside.rmdir()
+
+
+def test_salloc_steps_run_in_the_image(cluster: Cluster, slurm_users: tuple[User, User], make_image) -> None:  # type: ignore[no-untyped-def]
+    """salloc's shell stays on the host; its srun steps inherit the option and run inside."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    done = cluster.as_user(alice, "salloc", f"--oci-sif-overlay={image}", "sh", "-c",
+                           "test -e /etc/debian_version && echo host-shell; "
+                           "srun sh -c 'echo step1 > /steps.txt'; srun cat /steps.txt", cwd="/")
+    cluster.settle(cancel=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["host-shell", "step1"]
+    job = int(done.stderr.split("Granted job allocation ")[1].split()[0])
+    assert_reconciled(cluster, image, job)

@@ -1,0 +1,93 @@
+"""quiesce: FUSE mounts, loop devices and byte-range locks over the overlay are seen."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sifoverlay import engine
+from sifoverlay.engine import quiesce
+from sifoverlay.errors import ImageBusy
+from tests.conftest import require_root, require_tool
+from tests.engine.conftest import assert_consistent, debugfs_cat, modify_overlay, region, sh
+
+
+def test_mountinfo_sources_are_matched_by_inode(tmp_path: Path) -> None:
+    image = tmp_path / "my image.sif"
+    image.write_bytes(b"x")
+    other = tmp_path / "other.sif"
+    other.write_bytes(b"y")
+    escaped = str(image).replace(" ", "\\040")
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        f"36 35 0:50 / /mnt/a rw,nosuid,nodev,relatime shared:1 - fuse.fuse2fs {escaped} rw,user_id=0\n"
+        f"37 35 0:51 / /mnt/b ro,relatime - fuse.fuse2fs {escaped} ro\n"
+        f"38 35 0:52 / /mnt/c ro,relatime - fuse.squashfuse {escaped} ro\n"
+        f"39 35 0:53 / /mnt/d rw,relatime - fuse.fuse2fs {other} rw\n"
+        "40 35 0:54 / /proc rw - proc proc rw\n"
+    )
+    found = quiesce.fuse_mounts(os.stat(image), str(info))
+    assert [(a.kind, a.writer) for a in found] == [("fuse", True), ("fuse", False), ("fuse-layer", False)]
+    assert found[0].detail == "fuse2fs mount at /mnt/a (rw)"
+
+
+def test_posix_lock_of_another_process_blocks_sync(overlay_image: Path, tmp_path: Path) -> None:
+    """SingularityCE native mode takes F_SETLK over the ext3 range; we must see it."""
+    modify_overlay(overlay_image, tmp_path)
+    offset, size = region(overlay_image)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX|fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2])); "
+         "print('locked', flush=True); sys.stdin.readline()", str(overlay_image), str(offset), str(size)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        [activity] = quiesce.find_activity(str(overlay_image), offset, size)
+        assert (activity.kind, activity.writer) == ("lock", True)
+        assert f"pid {child.pid}" in activity.detail
+        with pytest.raises(ImageBusy, match=f"pid {child.pid}"):
+            engine.sync(overlay_image)
+        assert engine.status(overlay_image).state == "in-use"
+    finally:
+        child.communicate("\n", timeout=30)
+    assert quiesce.find_activity(str(overlay_image), offset, size) == []
+    assert engine.sync(overlay_image).action == "reconciled"
+
+
+@pytest.mark.root
+def test_fuse2fs_rw_mount_is_in_use_then_reconciled(overlay_image: Path, tmp_path: Path) -> None:
+    require_root()
+    require_tool("fuse2fs", "fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing")
+    offset, _ = region(overlay_image)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(["fuse2fs", "-f", "-o", f"fakeroot,offset={offset}", str(overlay_image), str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+        assert os.path.ismount(mnt)
+        (mnt / "upper" / "fuse.txt").write_text("via fuse2fs\n")
+        st = engine.status(overlay_image)
+        assert st.state == "in-use" and "fuse2fs mount at" in st.holder["detail"]  # type: ignore[index]
+        with pytest.raises(ImageBusy, match="fuse2fs mount"):
+            engine.sync(overlay_image)
+    finally:
+        sh("fusermount3", "-u", str(mnt), check=False)
+        proc.wait(timeout=30)
+    assert engine.status(overlay_image).state == "modified"
+    result = engine.sync(overlay_image)
+    assert result.action in ("reconciled", "replayed-and-reconciled")
+    assert_consistent(overlay_image)
+    assert debugfs_cat(overlay_image, "upper/fuse.txt") == b"via fuse2fs\n"
