@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 _FLOCK = "hhqqi4x"
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-FUSE_WRITERS = ("fuse2fs",)
+# fuse2fs mounts show up as fuse.<fs type from the superblock>, e.g. fuse.ext4.
+FUSE_WRITERS = ("fuse2fs", "ext2", "ext3", "ext4")
 FUSE_READERS = ("squashfuse", "squashfuse_ll")
 
 
@@ -77,11 +78,42 @@ def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> 
         if program not in FUSE_WRITERS + FUSE_READERS and fstype != "fuse":
             continue
         if not _same_file(source, st):
-            continue
+            continue  # (a /proc/self/fd/N source is the mounter's fd: see fuse_processes)
         options = fields[5].split(",")
-        kind = "fuse" if program in FUSE_WRITERS or fstype == "fuse" else "fuse-layer"
+        kind = "fuse-layer" if program in FUSE_READERS else "fuse"
         writable = kind == "fuse" and "ro" not in options
         found.append(Activity(kind, f"{program} mount at {_unescape(fields[4])} ({'rw' if writable else 'ro'})", writable))
+    return found
+
+
+def fuse_processes(st: os.stat_result, proc: str = "/proc") -> list[Activity]:
+    """FUSE daemons (fuse2fs, squashfuse) holding the image open: catches mounts whose
+    source was given as /proc/self/fd/N, which mountinfo cannot resolve for us."""
+    found = []
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        comm = _read(os.path.join(proc, pid, "comm"))
+        if comm not in ("fuse2fs", "squashfuse", "squashfuse_ll"):
+            continue
+        fd_dir = os.path.join(proc, pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            if not _same_file(os.path.join(fd_dir, fd), st):
+                continue
+            flags = 0
+            for line in _read(os.path.join(proc, pid, "fdinfo", fd)).splitlines():
+                if line.startswith("flags:"):
+                    flags = int(line.split()[1], 8)
+            writable = comm == "fuse2fs" and flags & os.O_ACCMODE != os.O_RDONLY
+            kind = "fuse" if comm == "fuse2fs" else "fuse-layer"
+            found.append(Activity(kind, f"{comm} pid {pid} has the image open ({'rw' if writable else 'ro'})", writable))
+            break
     return found
 
 
@@ -158,7 +190,7 @@ def find_activity(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
 ) -> list[Activity]:
     st = os.stat(path)
-    found = fuse_mounts(st) + loop_devices(st, offset, size)
+    found = fuse_mounts(st) + fuse_processes(st) + loop_devices(st, offset, size)
     if locks:
         found += byte_range_lock(path, offset, size, writers_only=writers_only)
     found += lease_holder(path, job=job)

@@ -136,10 +136,12 @@ def _file_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def mounted_files(mountinfo: str = "/proc/self/mountinfo", sys_block: str = "/sys/block") -> set[tuple[int, int]]:
+def mounted_files(mountinfo: str = "/proc/self/mountinfo", sys_block: str = "/sys/block") -> set[tuple[int, int] | str]:
     """(dev, ino) of every file that backs a FUSE mount or a loop device right now: the
-    images that need a full `engine.status` look (quiesce decides what the use means)."""
-    ids: set[tuple[int, int]] = set()
+    images that need a full `engine.status` look (quiesce decides what the use means).
+    A FUSE source that does not resolve from here (fuse2fs records the path as typed,
+    e.g. relative to the mounter's cwd) adds its base name instead."""
+    ids: set[tuple[int, int] | str] = set()
     try:
         with open(mountinfo, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
@@ -149,9 +151,8 @@ def mounted_files(mountinfo: str = "/proc/self/mountinfo", sys_block: str = "/sy
         _, sep, right = line.partition(" - ")
         tail = right.split()
         if sep and len(tail) >= 2 and tail[0].startswith("fuse"):
-            found = _file_id(_unescape(tail[1]))
-            if found:
-                ids.add(found)
+            source = _unescape(tail[1])
+            ids.add(_file_id(source) or os.path.basename(source))
     try:
         names = [n for n in os.listdir(sys_block) if n.startswith("loop")]
     except OSError:
@@ -207,7 +208,7 @@ class Scanner:
         log.debug("scanned %d images in %.3f s", len(reports), snapshot.seconds)
         return snapshot
 
-    def _scan_one(self, path: str, candidates: set[tuple[int, int]]) -> tuple[ImageReport | None, str | None]:
+    def _scan_one(self, path: str, candidates: set[tuple[int, int] | str]) -> tuple[ImageReport | None, str | None]:
         from sifoverlay.engine import lease
         from sifoverlay.engine.quiesce import byte_range_lock
         from sifoverlay.ext3 import Superblock
@@ -226,7 +227,7 @@ class Scanner:
             known.fp_now = sb.fingerprint()
             info = lease.inspect(path)
             lease_state = None if info is None else ("held" if info.is_alive() else "stale")
-            busy = ((st.st_dev, st.st_ino) in candidates or lease_state == "held"
+            busy = ((st.st_dev, st.st_ino) in candidates or os.path.basename(path) in candidates or lease_state == "held"
                     or byte_range_lock(path, known.offset, known.size, writers_only=True))
             if busy:
                 known.state = self._engine_state(path)

@@ -103,7 +103,7 @@ def import_image(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     except ExternalToolError as exc:  # name the source, not our scratch file
         raise ExternalToolError(src, exc.problem, **exc.data) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # io-seam: exempt (this import's private scratch dir, never an image)
 
 
 class _Staged:

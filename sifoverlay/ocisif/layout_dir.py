@@ -36,7 +36,7 @@ _DIGEST_RE: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MACHINE_TO_GOARCH: Final = {
     "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
     "i686": "386", "armv7l": "arm", "armv6l": "arm", "ppc64le": "ppc64le", "s390x": "s390x",
-    "riscv64": "riscv64", "mips64": "mips64le", "loongarch64": "loong64",
+    "riscv64": "riscv64", "loongarch64": "loong64",
 }
 
 

@@ -87,10 +87,10 @@ def mounts_under(directory: str) -> list[str]:
     return list(reversed(found))
 
 
-def user_allow_other(conf: str = FUSE_CONF) -> bool:
+def user_allow_other(conf: str | None = None) -> bool:
     """True when /etc/fuse.conf lets ordinary users mount with allow_other."""
     try:
-        with open(conf, encoding="utf-8", errors="replace") as fh:
+        with open(conf or FUSE_CONF, encoding="utf-8", errors="replace") as fh:
             return any(line.strip() == "user_allow_other" for line in fh)
     except FileNotFoundError:
         return False

@@ -41,7 +41,7 @@ def setup(entry: str, *, verbose: bool = False, **fields: str) -> logging.Logger
     path = os.environ.get(ENV_LOG_FILE, DEFAULT_LOG_FILE)
     if path:
         try:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)  # io-seam: exempt (log directory)
             handlers.append(logging.FileHandler(path, encoding="utf-8"))
         except OSError as exc:  # logging must never stop a Prolog
             print(f"sifoverlay: cannot log to {path}: {exc}", file=sys.stderr)

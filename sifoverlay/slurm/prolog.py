@@ -29,7 +29,7 @@ import socket
 import sys
 from typing import Any, Final
 
-from sifoverlay.errors import ImageBusy, OverlayStateError, SifOverlayError
+from sifoverlay.errors import Ext3FormatError, ImageBusy, OverlayStateError, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from . import records
@@ -83,7 +83,10 @@ def _reconcile_if_dirty(image: str, job: JobEnv, config: SlurmConfig) -> None:
         overlay = img.overlay
         if overlay is None:
             return
-        dirty = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size).is_dirty
+        try:
+            dirty = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size).is_dirty
+        except Ext3FormatError as exc:  # name the image, not the fd
+            raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
     if dirty:
         log.warning("%s: overlay left dirty by an earlier job: reconciling before job %s", image, job.job_id)
         result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir)

@@ -103,7 +103,7 @@ def remove(records_dir: str, job_id: str, *, io: FileIO = REAL_IO) -> None:
         except FileNotFoundError:
             pass
     try:
-        os.rmdir(directory)
+        os.rmdir(directory)  # io-seam: exempt (per-job record dir in runtime_dir; FileIO has no rmdir)
     except FileNotFoundError:
         pass
 

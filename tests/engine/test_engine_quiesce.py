@@ -26,7 +26,7 @@ def test_mountinfo_sources_are_matched_by_inode(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text(
         f"36 35 0:50 / /mnt/a rw,nosuid,nodev,relatime shared:1 - fuse.fuse2fs {escaped} rw,user_id=0\n"
-        f"37 35 0:51 / /mnt/b ro,relatime - fuse.fuse2fs {escaped} ro\n"
+        f"37 35 0:51 / /mnt/b ro,relatime - fuse.ext4 {escaped} ro\n"
         f"38 35 0:52 / /mnt/c ro,relatime - fuse.squashfuse {escaped} ro\n"
         f"39 35 0:53 / /mnt/d rw,relatime - fuse.fuse2fs {other} rw\n"
         "40 35 0:54 / /proc rw - proc proc rw\n"
@@ -80,8 +80,11 @@ def test_fuse2fs_rw_mount_is_in_use_then_reconciled(overlay_image: Path, tmp_pat
         assert os.path.ismount(mnt)
         (mnt / "upper" / "fuse.txt").write_text("via fuse2fs\n")
         st = engine.status(overlay_image)
-        assert st.state == "in-use" and "fuse2fs mount at" in st.holder["detail"]  # type: ignore[index]
-        with pytest.raises(ImageBusy, match="fuse2fs mount"):
+        st = engine.status(overlay_image)
+        assert st.state == "in-use" and "ext4 mount at" in st.holder["detail"]  # type: ignore[index]
+        kinds = {a.detail.split(" ")[0] for a in quiesce.find_activity(str(overlay_image), offset, 64 << 20)}
+        assert kinds == {"ext4", "fuse2fs"}  # seen in mountinfo and as the daemon holding the file
+        with pytest.raises(ImageBusy, match="ext4 mount"):
             engine.sync(overlay_image)
     finally:
         sh("fusermount3", "-u", str(mnt), check=False)

@@ -60,10 +60,10 @@ def test_exit_code_cwd_binds(env: Env, mode: str, tmp_path: Path) -> None:
     share.mkdir()
     (share / "data").write_text("from host\n")
     os.chown(share, env.user.uid, env.user.gid)
-    res = env.exec("--mount", mode, "--bind", f"{share}:/mnt", img, "--", "sh", "-c", "cat /mnt/data; echo w > /mnt/w")
+    res = env.exec("--mount", mode, "--bind", f"{share}:/home", img, "--", "sh", "-c", "cat /home/data; echo w > /home/w")
     assert (res.returncode, res.stdout) == (0, "from host\n"), res.stderr
     assert (share / "w").read_text() == "w\n"
-    ro = env.exec("--mount", mode, "--bind", f"{share}:/mnt:ro", img, "--", "sh", "-c", "echo x > /mnt/x")
+    ro = env.exec("--mount", mode, "--bind", f"{share}:/home:ro", img, "--", "sh", "-c", "echo x > /home/x")
     assert ro.returncode != 0 and not (share / "x").exists()
     missing = env.exec("--mount", mode, img, "--", "/no/such/cmd")
     assert missing.returncode == 127
