@@ -20,6 +20,11 @@ def register(sub: Any) -> None:
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to recover (default: all with pending entries)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     parser.add_argument("--journal-dir", metavar="DIR", default=None, help="journal directory (default: see `overlay sync --help`)")
+    # HOOK (metrics) -- added by the metrics integration (sifoverlay/metrics/record.py):
+    parser.add_argument("--textfile-dir", metavar="DIR", default=None,
+                        help="count the outcomes in DIR/sifoverlay_events.prom for node_exporter's textfile "
+                        "collector (default: $SIFOVERLAY_TEXTFILE_DIR, else none; see docs/metrics.md)")
+    # end HOOK
     # HOOK (Slurm sweeper) -- added by the Slurm integration (sifoverlay/slurm/sweeper.py):
     parser.add_argument("--slurm", action="store_true",
                         help="also finish the Slurm jobs that are over but whose Epilog never ran "
@@ -41,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
         return recover_slurm(args, recover=recover, io=io_from_env())
     # end HOOK
 
-    outcomes = recover(args.images or None, journal_dir=args.journal_dir, io=io_from_env())
+    from sifoverlay.metrics.record import recording  # HOOK (metrics)
+
+    with recording(args.textfile_dir, "recover") as rec:  # HOOK (metrics)
+        outcomes = rec.outcome = recover(args.images or None, journal_dir=args.journal_dir, io=io_from_env())
     # HOOK (Slurm sweeper): `if getattr(args, "slurm", False):` run sifoverlay.slurm.sweeper here
     # and merge its report into `outcomes`.
     if args.json:

@@ -31,6 +31,13 @@ can win that rename); the breaker then checks that the tomb is the very inode it
 (a heartbeat in between replaces the inode) and puts it back otherwise; then it acquires
 normally, through link().
 
+For integrations whose acquiring process exits before the job ends (Slurm: the Prolog
+acquires, the Epilog releases through `resume(image, job_id)`): record as holder pid a
+process that lives as long as the job, or a ttl covering the job's time limit, or keep
+heartbeating - otherwise the lease turns breakable once expired. The byte-range lock
+lives as long as its open file description: hand `Lease.lock_fd` to a long-lived process
+(runtime.assemble(hold_fds=...) gives it to the ext3 FUSE daemon).
+
 Every refusal raises `ImageBusy` whose message names the holder, e.g.
 ``held by job 1234 (slurm) on host node1 pid 5678 since 2026-11-28T09:00:00Z``.
 """

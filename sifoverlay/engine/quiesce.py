@@ -12,6 +12,7 @@ Looks at what this host can see, without changing anything:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -79,11 +80,23 @@ def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> 
             continue
         if not _same_file(source, st):
             continue  # (a /proc/self/fd/N source is the mounter's fd: see fuse_processes)
+        mountpoint = _unescape(fields[4])
+        if _dead_mount(mountpoint):
+            continue  # its daemon is gone: nothing can write through it
         options = fields[5].split(",")
         kind = "fuse-layer" if program in FUSE_READERS else "fuse"
         writable = kind == "fuse" and "ro" not in options
-        found.append(Activity(kind, f"{program} mount at {_unescape(fields[4])} ({'rw' if writable else 'ro'})", writable))
+        found.append(Activity(kind, f"{program} mount at {mountpoint} ({'rw' if writable else 'ro'})", writable))
     return found
+
+
+def _dead_mount(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon died answers ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def fuse_processes(st: os.stat_result, proc: str = "/proc") -> list[Activity]:
@@ -190,7 +203,14 @@ def find_activity(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
 ) -> list[Activity]:
     st = os.stat(path)
-    found = fuse_mounts(st) + fuse_processes(st) + loop_devices(st, offset, size)
+    daemons = fuse_processes(st)
+    mounts = fuse_mounts(st)
+    if any(a.kind == "fuse" for a in daemons):
+        # The daemons' own open modes are exact (a fuse2fs ro mount still shows "rw" in
+        # mountinfo); mount entries matter only when no daemon is visible to us (another
+        # pid namespace), and then count as writers.
+        mounts = [a for a in mounts if a.kind != "fuse"]
+    found = mounts + daemons + loop_devices(st, offset, size)
     if locks:
         found += byte_range_lock(path, offset, size, writers_only=writers_only)
     found += lease_holder(path, job=job)

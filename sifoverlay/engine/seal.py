@@ -11,10 +11,13 @@ A dirty ext3 is replayed + fsck'd first, as for sync.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 
 from sifoverlay.errors import ExternalToolError, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -26,28 +29,107 @@ from .recover import exclusive, temp_path
 log = logging.getLogger(__name__)
 
 
-def _mount_ro(image: str, offset: int, mountpoint: str) -> None:
-    from sifoverlay.ext3 import run_tool
+MOUNT_PREFIX = ".sifoverlay-seal-"
+MOUNT_TIMEOUT = 30.0
 
-    run_tool(["fuse2fs", "-o", f"ro,offset={offset}", image, mountpoint], path=image, timeout=120)
+
+def _die_with_parent() -> None:
+    """preexec: fuse2fs gets SIGTERM when the sealing process dies (even by SIGKILL),
+    so a killed seal leaves at worst a dead mount entry, never a live daemon."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def mounted_ro(image: str, offset: int) -> Iterator[str]:
+    """fuse2fs read-only mount of the ext3 at `offset` on a private temp directory."""
+    mountpoint = tempfile.mkdtemp(prefix=f"{MOUNT_PREFIX}{os.getpid()}-")
+    proc = subprocess.Popen(
+        ["fuse2fs", "-f", "-o", f"ro,offset={offset}", image, mountpoint],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - a single prctl, no locks involved
+    )
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+                raise ExternalToolError(image, f"fuse2fs could not mount the overlay read-only: {err.strip() or 'timeout'}",
+                                        tool="fuse2fs", returncode=proc.returncode, output_tail=err[-600:])
+            time.sleep(0.02)
+        yield mountpoint
+    finally:
+        _unmount(mountpoint)
+        try:
+            proc.wait(timeout=MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.rmdir(mountpoint)  # io-seam: exempt (our empty scratch mountpoint, not image data)
 
 
 def _unmount(mountpoint: str) -> None:
-    from sifoverlay.ext3 import run_tool
-
     for argv in (["fusermount3", "-u", mountpoint], ["fusermount", "-u", mountpoint], ["umount", mountpoint]):
-        try:
-            run_tool(argv, path=mountpoint, timeout=120)
+        if not os.path.ismount(mountpoint):
             return
-        except ExternalToolError as exc:
-            last = exc
-    raise last
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
 
 
-def _to_squashfs(upper: str, out: str) -> None:
+def sweep_dead_mounts() -> list[str]:
+    """Lazily unmount seal mountpoints whose fuse2fs died with a killed seal."""
+    from .quiesce import _dead_mount, _unescape
+
+    swept = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return swept
+    for line in lines:
+        fields = line.split(" - ", 1)[0].split()
+        if len(fields) < 5:
+            continue
+        mountpoint = _unescape(fields[4])
+        if os.path.basename(mountpoint).startswith(MOUNT_PREFIX) and _dead_mount(mountpoint):
+            for argv in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+                if subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode == 0:
+                    break
+            try:
+                os.rmdir(mountpoint)  # io-seam: exempt (empty scratch mountpoint of a dead seal)
+            except OSError:
+                pass
+            swept.append(mountpoint)
+    # Empty mountpoints of killed seals (fuse2fs unmounted itself on SIGTERM).
+    scratch = tempfile.gettempdir()
+    for name in os.listdir(scratch):
+        pid = name[len(MOUNT_PREFIX) :].split("-", 1)[0]
+        path = os.path.join(scratch, name)
+        if name.startswith(MOUNT_PREFIX) and pid.isdigit() and not _alive(int(pid)) and not os.path.ismount(path):
+            try:
+                os.rmdir(path)  # io-seam: exempt (empty scratch mountpoint of a dead seal)
+                swept.append(path)
+            except OSError:
+                pass
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _to_squashfs(upper: str, out: str, io: FileIO) -> None:
     from sifoverlay.upper import upper_to_squashfs
 
-    upper_to_squashfs(upper, out)
+    upper_to_squashfs(upper, out, io=io)
 
 
 def seal(
@@ -70,6 +152,7 @@ def seal(
         if img.overlay is None:
             raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
         region = (img.overlay.offset, img.overlay.size)
+    sweep_dead_mounts()
     quiesce.ensure_quiet(image, *region, writers_only=False)
     with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region):
         with SifFile.open(image, writable=True, io=io) as sif:
@@ -81,15 +164,11 @@ def seal(
                 replay_and_fsck(image, overlay.offset, overlay.size, io=io)
             scratch = temp_path(image, "sqfs")
             try:
-                with tempfile.TemporaryDirectory(prefix=".sifoverlay-seal-") as mountpoint:
-                    _mount_ro(image, overlay.offset, mountpoint)
-                    try:
-                        upper = os.path.join(mountpoint, "upper")
-                        if not os.path.isdir(upper):
-                            raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
-                        _to_squashfs(upper, scratch)
-                    finally:
-                        _unmount(mountpoint)
+                with mounted_ro(image, overlay.offset) as mountpoint:
+                    upper = os.path.join(mountpoint, "upper")
+                    if not os.path.isdir(upper):
+                        raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
+                    _to_squashfs(upper, scratch, io)
                 size = os.stat(scratch).st_size
                 digest = hash_range(scratch, 0, size)
                 planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now)

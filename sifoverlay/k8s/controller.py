@@ -61,10 +61,19 @@ def pod_is_active(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") not in _TERMINAL_POD_PHASES
 
 
+Notify = Callable[[Mapping[str, Any], str, str, str], None]  # (body, "Normal"|"Warning", reason, message)
+
+
+def _no_events(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    """Default event sink (tests of the controller alone); the operator posts k8s Events."""
+
+
 class Controller:
-    def __init__(self, api: KubeApi, config: OperatorConfig, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+    def __init__(self, api: KubeApi, config: OperatorConfig, *, clock: Callable[[], dt.datetime] = _utcnow,
+                 notify: Notify = _no_events) -> None:
         self.api = api
         self.config = config
+        self._notify = notify
         self.leases = ImageLeases(api, config.lease_namespace)
         self._clock = clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
@@ -110,6 +119,7 @@ class Controller:
             if status.get("phase") != wk.PHASE_WAITING or status.get("leaseHolder") != holder:
                 self._patch(body, st.waiting(status, identity=ref.identity, holder=holder, generation=gen, now=now))
                 metrics.LEASE_WAITS.inc()
+                self._notify(body, "Normal", wk.REASON_HELD_BY_OTHER, f"waiting for OverlayJob {holder} to release the image")
             raise ImageBusy(ref.identity, f"image is held by OverlayJob {holder}", holder=holder)
         try:
             local = ref.local_path(self.config.volume_roots)
@@ -132,6 +142,7 @@ class Controller:
                                      job_name=job["metadata"]["name"], digest_before=before,
                                      manifest_digest=manifest, generation=gen, now=now))
         log.info("%s: started Job %s on %s", holder_name, job["metadata"]["name"], ref.identity)
+        self._notify(body, "Normal", wk.REASON_JOB_CREATED, f"created Job {job['metadata']['name']} on image {ref.identity}")
 
     def _job_exists(self, job: Mapping[str, Any]) -> bool:
         return self.api.get_job(job["metadata"]["namespace"], job["metadata"]["name"]) is not None
@@ -149,6 +160,7 @@ class Controller:
         status = dict(body.get("status") or {})
         self._patch(body, st.failed(status, reason=reason, message=message,
                                     generation=self._generation(body), now=self._clock()))
+        self._notify(body, "Warning", reason, message)
         try:
             ref = builders.image_ref(body["spec"], meta["namespace"], name=meta["name"])
         except UsageError:
@@ -187,6 +199,7 @@ class Controller:
             status = self._patch(body, st.job_ended(status, result=result, message=message,
                                                     generation=self._generation(body), now=self._clock()))
             metrics.WORKLOADS_ENDED.labels(result).inc()
+            self._notify(body, "Normal" if result == wk.RESULT_SUCCEEDED else "Warning", result, message)
             log.info("%s/%s: workload ended (%s): %s", body["metadata"]["namespace"], body["metadata"]["name"],
                      result, message)
         if status.get("phase") == wk.PHASE_RECONCILING:
@@ -247,6 +260,7 @@ class Controller:
         self._patch(body, patch)
         log.info("%s/%s: reconciled (%s) overlay %s", meta["namespace"], meta["name"], outcome.action,
                  outcome.digest_after)
+        self._notify(body, "Normal", wk.COND_RECONCILED, f"reconciled ({outcome.action}): overlay {outcome.digest_after}")
 
     # --- images the operator cannot see: a reconcile Job does it --------------------------------------
     def _reconcile_by_job(self, body: Mapping[str, Any], status: Obj) -> None:
@@ -344,6 +358,8 @@ class Controller:
         if old is None or new is None or (old.get("status"), old.get("reason"), old.get("message")) != \
                 (new.get("status"), new.get("reason"), new.get("message")):
             self._patch(body, patch)
+            if new and new["status"] == "True" and (old or {}).get("status") != "True":
+                self._notify(body, "Warning", wk.REASON_DRIFT, new["message"])
 
     # --- deletion (the finalizer) ---------------------------------------------------------------------
     def delete(self, body: Mapping[str, Any]) -> None:

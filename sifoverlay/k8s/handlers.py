@@ -44,6 +44,11 @@ def _owner_of(body: Mapping[str, Any]) -> tuple[str, str, str] | None:
     return meta["namespace"], name, role
 
 
+def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the OverlayJob (kubectl describe), posted by kopf's poster."""
+    kopf.event(dict(body), type=kind, reason=reason, message=message)
+
+
 class Operator:
     """The handlers of one `kopf run`: holds the settings and, after startup, the Controller."""
 
@@ -93,9 +98,9 @@ class Operator:
         settings.watching.client_timeout = 330
         settings.watching.connect_timeout = 10
         settings.networking.request_timeout = 60
-        settings.posting.level = logging.INFO
         settings.execution.max_workers = 8
-        self.controller = Controller(KubeApi(load_client()), self.config)
+        settings.posting.level = logging.INFO  # our explicit events below; not every log line
+        self.controller = Controller(KubeApi(load_client()), self.config, notify=_post_event)
         metrics.serve(self.config.metrics_port)
 
     # --- the OverlayJob ----------------------------------------------------------------------------

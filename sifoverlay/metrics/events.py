@@ -32,7 +32,7 @@ from .collector import build_info
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME: Final = "sifoverlay_events.prom"
-ENV_TEXTFILE_DIR: Final = "SIFOVERLAY_TEXTFILE_DIR"
+from .record import ENV_TEXTFILE_DIR  # noqa: E402 - one name for the env variable
 LOCK_WAIT: Final = 10.0  # seconds; a stuck writer must not hang an Epilog
 _BOUNDS: Final = tuple(floatToGoString(b) for b in names.DURATION_BUCKETS) + ("+Inf",)
 

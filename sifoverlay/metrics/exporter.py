@@ -13,16 +13,19 @@ the listening socket, exit 0. The exporter only reads images; it never takes a l
 
 from __future__ import annotations
 
+import gzip
 import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from types import FrameType
+from typing import Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
 from sifoverlay.errors import UsageError
@@ -33,6 +36,9 @@ from .scan import Scanner, run_verify_pass
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "0.0.0.0:9851"
+# The classic text format every Prometheus and node_exporter parses (prometheus_client
+# 0.26 labels its output 1.0.0, identical for names like ours that need no escaping).
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,44 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise UsageError(None, f"--listen {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9851")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+class CachedExposition:
+    """The WSGI app: renders the registry once per scan snapshot (10 000 images make a
+    10 MB exposition that takes seconds to format) and serves those bytes, gzipped when
+    asked, to every scrape until the next scan. Always text format 0.0.4."""
+
+    def __init__(self, registry: CollectorRegistry, collector: OverlayCollector) -> None:
+        self.registry = registry
+        self.collector = collector
+        self._lock = threading.Lock()
+        self._key: tuple[int, float, int] | None = None
+        self._plain = b""
+        self._gzipped: bytes | None = None
+
+    def render(self, *, gzipped: bool = False) -> bytes:
+        with self._lock:
+            snap = self.collector.snapshot()
+            key = (id(snap), snap.finished, self.collector.scanner.verified_bytes)
+            if key != self._key:
+                self._plain, self._gzipped, self._key = generate_latest(self.registry), None, key
+            if not gzipped:
+                return self._plain
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(self._plain, compresslevel=5)
+            return self._gzipped
+
+    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        if environ.get("PATH_INFO") == "/favicon.ico":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        zipped = gzip_accepted(str(environ.get("HTTP_ACCEPT_ENCODING", "")))
+        body = self.render(gzipped=zipped)
+        headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))]
+        if zipped:
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -76,7 +120,9 @@ class Exporter:
         self.scanner = Scanner(config.scan_paths, journal_dir=config.journal_dir)
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         # max_age: a scrape rescans itself only if the scan loop fell far behind.
-        self.registry.register(OverlayCollector(self.scanner, max_age=max(3 * config.interval, 60.0)))
+        self.collector = OverlayCollector(self.scanner, max_age=max(3 * config.interval, 60.0))
+        self.registry.register(self.collector)
+        self.app = CachedExposition(self.registry, self.collector)
         self.stop = threading.Event()
         self._wake_scan = threading.Event()
         self._wake_verify = threading.Event()
@@ -91,7 +137,7 @@ class Exporter:
     def start(self) -> None:
         """Bind the port (UsageError if taken) and start the HTTP and verify threads."""
         try:
-            self._server = make_server(self.config.host, self.config.port, make_wsgi_app(self.registry),
+            self._server = make_server(self.config.host, self.config.port, self.app,  # type: ignore[arg-type]
                                        server_class=_server_class(self.config.host), handler_class=_QuietHandler)
         except OSError as exc:
             raise UsageError(None, f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from exc

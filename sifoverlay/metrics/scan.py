@@ -6,7 +6,8 @@ lease-file lookup (`engine.lease.inspect`) and one byte-range lock probe
 (`engine.quiesce.byte_range_lock`). The SIF metadata (overlay offset and size, recorded
 digest and fingerprint, via `ocisif.open_image`) is parsed again only when the file's
 (st_dev, st_ino, st_size, st_mtime_ns) changed: every write to an image moves its mtime.
-FUSE mounts and loop devices are listed once per scan; an image that shows any sign of
+FUSE mounts, FUSE daemons' open files and loop devices are listed once per scan
+(`mounted_files`); an image that shows any sign of
 use is handed to `engine.status`, which alone decides `in-use`. Without such a sign the
 state follows engine.status's rules for an unhashed, quiet overlay (no fingerprint ->
 unknown, fingerprint equal -> clean, else modified); tests/metrics check the two agree.
@@ -31,6 +32,7 @@ from sifoverlay.errors import SifOverlayError
 log = logging.getLogger(__name__)
 
 SIF_SUFFIX: Final = ".sif"
+FUSE_DAEMONS: Final = ("fuse2fs", "squashfuse", "squashfuse_ll", "fuse-overlayfs")
 _OCTAL = re.compile(r"\\([0-7]{3})")
 FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
@@ -153,6 +155,7 @@ def mounted_files(mountinfo: str = "/proc/self/mountinfo", sys_block: str = "/sy
         if sep and len(tail) >= 2 and tail[0].startswith("fuse"):
             source = _unescape(tail[1])
             ids.add(_file_id(source) or os.path.basename(source))
+    ids.update(_fuse_daemon_files())
     try:
         names = [n for n in os.listdir(sys_block) if n.startswith("loop")]
     except OSError:
@@ -166,6 +169,30 @@ def mounted_files(mountinfo: str = "/proc/self/mountinfo", sys_block: str = "/sy
         found = _file_id(backing)
         if found:
             ids.add(found)
+    return ids
+
+
+def _fuse_daemon_files(proc: str = "/proc") -> set[tuple[int, int]]:
+    """Files held open by FUSE daemons: a mount given /proc/self/fd/N as its source names
+    the mounter's fd, which only the daemon's fd table resolves."""
+    ids: set[tuple[int, int]] = set()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return ids
+    for pid in pids:
+        try:
+            with open(os.path.join(proc, pid, "comm"), encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+            if comm not in FUSE_DAEMONS:
+                continue
+            fds = os.listdir(os.path.join(proc, pid, "fd"))
+        except OSError:
+            continue
+        for fd in fds:
+            found = _file_id(os.path.join(proc, pid, "fd", fd))
+            if found:
+                ids.add(found)
     return ids
 
 
@@ -222,13 +249,13 @@ class Scanner:
         try:
             known = self._known.get(path)
             if known is None or known.key != key:
-                known = self._refresh(path, key, known, st.st_mtime)
+                known = self._known[path] = self._refresh(path, key, known)
             sb = Superblock.read(path, known.offset, size=known.size)
             known.fp_now = sb.fingerprint()
             info = lease.inspect(path)
             lease_state = None if info is None else ("held" if info.is_alive() else "stale")
-            busy = ((st.st_dev, st.st_ino) in candidates or os.path.basename(path) in candidates or lease_state == "held"
-                    or byte_range_lock(path, known.offset, known.size, writers_only=True))
+            busy = ((st.st_dev, st.st_ino) in candidates or os.path.basename(path) in candidates
+                    or lease_state == "held" or byte_range_lock(path, known.offset, known.size, writers_only=True))
             if busy:
                 known.state = self._engine_state(path)
             elif known.recorded_fp is None:
@@ -247,7 +274,7 @@ class Scanner:
             return ImageReport(path, "unknown", error=type(exc).__name__), None
         return ImageReport(path, known.state, known.size, sb.free_bytes, known.last_reconcile), lease_state
 
-    def _refresh(self, path: str, key: FileKey, old: _Known | None, mtime: float) -> _Known:
+    def _refresh(self, path: str, key: FileKey, old: _Known | None) -> _Known:
         """Re-read the overlay's metadata after the file changed."""
         from sifoverlay.errors import OverlayStateError
         from sifoverlay.ocisif import open_image

@@ -45,15 +45,19 @@ def upload_range(client: RegistryClient, fd: int, offset: int, size: int, digest
         return PushedBlob(digest, size, False)
     upload = client.start_upload()
     done = 0
-    while done < size:
-        data = os.pread(fd, min(chunk, size - done), offset + done)
-        if not data:
-            raise client.fail(f"the image ended early while reading blob {digest} (file truncated?)")
-        upload.write(data)
-        done += len(data)
-        if tally is not None:
-            tally.add(len(data))
-    upload.finish(digest)
+    try:
+        while done < size:
+            data = os.pread(fd, min(chunk, size - done), offset + done)
+            if not data:
+                raise client.fail(f"the image ended early while reading blob {digest} (file truncated?)")
+            upload.write(data)
+            done += len(data)
+            if tally is not None:
+                tally.add(len(data))
+        upload.finish(digest)
+    except Exception:
+        upload.cancel()
+        raise
     return PushedBlob(digest, size, True)
 
 
@@ -87,6 +91,9 @@ class StreamingBlob:
 
     def flush(self) -> None:  # file-like API: data goes out in whole chunks only
         pass
+
+    def cancel(self) -> None:
+        self._upload.cancel()
 
     def close(self) -> PushedBlob:
         self._flush_buffer()

@@ -79,7 +79,7 @@ class RegistryClient:
             return self.session.request(method, url, headers=headers, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
                                         allow_redirects=method in ("GET", "HEAD"), **kw)
         except requests.exceptions.SSLError as exc:
-            raise self.fail(f"TLS error talking to {self.ref.api_host} ({_short(exc)}); "
+            raise self.fail(f"TLS error talking to {self.ref.api_host}: {_short(exc)}; "
                             "use --plain-http for a plain-HTTP registry") from None
         except requests.exceptions.ConnectionError as exc:
             raise self.fail(f"cannot reach registry {self.ref.api_host}: {_short(exc)}") from None
@@ -194,12 +194,20 @@ class BlobUpload:
         if not data:
             return
         end = self.offset + len(data) - 1
-        response = self.client.request("PATCH", self.location, ok=(202,), data=bytes(data) if isinstance(data, memoryview) else data,
+        body = bytes(data) if isinstance(data, memoryview) else data
+        response = self.client.request("PATCH", self.location, ok=(202,), data=body,
                                        headers={"Content-Type": "application/octet-stream",
                                                 "Content-Range": f"{self.offset}-{end}",
                                                 "Content-Length": str(len(data))})
         self.location = self.client._absolute(response.headers.get("Location", self.location))
         self.offset = end + 1
+
+    def cancel(self) -> None:
+        """Best effort DELETE of the session (the registry would expire it anyway)."""
+        try:
+            self.client._send("DELETE", self.location)
+        except RegistryError:
+            pass
 
     def finish(self, digest: str) -> None:
         sep = "&" if "?" in self.location else "?"
@@ -208,8 +216,8 @@ class BlobUpload:
             self.client.request("PUT", url, ok=(201,), headers={"Content-Length": "0"})
         except RegistryError as exc:
             if "DIGEST_INVALID" in exc.problem:
-                raise self.client.fail(f"blob {digest} changed while it was uploaded (the registry computed "
-                                       "another digest); run the push again") from None
+                raise self.client.fail(f"blob {digest} does not match the bytes sent (the registry computed "
+                                       "another digest): the image changed during the push, or is corrupt") from None
             raise
 
 

@@ -71,7 +71,7 @@ def pull_image(ref: Reference, out: str, *, plain_http: bool = False, platform: 
             import_image(layout, out, io=io)
             imported = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # io-seam: exempt (private scratch layout of this pull)
     with open_image(out) as img:
         digests = tuple(layer.digest for layer in img.layers)
         manifest_digest = img.manifest.digest
@@ -104,7 +104,8 @@ def _pick_platform(index: dict[str, Any], platform: str | None, client: Registry
     from sifoverlay.ocisif.layout_dir import Platform
 
     wanted = Platform.parse(platform) if platform else Platform.host()
-    entries = [e for e in index.get("manifests") or [] if isinstance(e, dict) and mt.is_image_manifest(e.get("mediaType"))]
+    entries = [e for e in index.get("manifests") or []
+               if isinstance(e, dict) and mt.is_image_manifest(e.get("mediaType"))]
     for entry in entries:
         found = Platform.from_json(entry.get("platform"))
         if found is None or found.matches(wanted):
@@ -163,7 +164,8 @@ def _write_direct(out: str, manifest_raw: bytes, paths: dict[str, str], manifest
     config_raw = _read_small(paths[manifest["config"]["digest"]])
     layer_paths = list(dict.fromkeys(paths[l["digest"]] for l in manifest["layers"]))
     media_type = manifest.get("mediaType") or mt.OCI_MANIFEST
-    index = jsonedit.new_index([jsonedit.make_descriptor(media_type, len(manifest_raw), jsonedit.digest_of(manifest_raw))])
+    entry = jsonedit.make_descriptor(media_type, len(manifest_raw), jsonedit.digest_of(manifest_raw))
+    index = jsonedit.new_index([entry])
     write_ocisif(out, [*layer_paths, config_raw, manifest_raw], index, io=io)
 
 

@@ -60,8 +60,8 @@ class OrasRegistry(oras.provider.Registry):
         if response.status_code in (401, 403):
             raise self.fail(f"authentication failed at {self.ref.api_host} ({response.status_code})")
         if response.status_code == 400 and "DIGEST_INVALID" in response.text:
-            raise self.fail("the file changed while it was uploaded (the registry computed another digest); "
-                            "run the push again")
+            raise self.fail("the file does not match its digest (the registry computed another one): "
+                            "it changed during the push; run the push again")
         return response
 
     def chunked_upload(self, blob: str, container: Any, layer: dict[str, Any],

@@ -13,6 +13,7 @@ import tempfile
 import time
 
 from sifoverlay.errors import RegistryError, UsageError
+from sifoverlay.fsio import REAL_IO, FileIO
 from sifoverlay.ocisif import mediatypes as mt
 
 from .client import CHUNK_SIZE, Progress
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 SIF_CONFIG_BODY = b"{}"
 
 
-def push_file(image: str, ref: Reference, *, plain_http: bool = False, progress: Progress | None = None) -> PushResult:
+def push_file(image: str, ref: Reference, *, plain_http: bool = False, progress: Progress | None = None,
+              io: FileIO = REAL_IO) -> PushResult:
     start = time.monotonic()
     name = os.path.basename(image)
     if ":" in name:
@@ -33,8 +35,7 @@ def push_file(image: str, ref: Reference, *, plain_http: bool = False, progress:
     registry = OrasRegistry(ref, plain_http=plain_http, progress=progress)
     with tempfile.TemporaryDirectory(prefix="sifoverlay-oras-") as work:
         config = os.path.join(work, "config.json")
-        with open(config, "wb") as handle:  # scratch file of our own, not an image
-            handle.write(SIF_CONFIG_BODY)
+        io.write_file_atomic(config, SIF_CONFIG_BODY, durable=False)  # scratch: the `{}` config for oras
         response = registry.push(
             target=registry.target, files=[f"{os.path.abspath(image)}:{mt.SIF_LAYER}"],
             manifest_config=f"{config}:{mt.SIF_CONFIG}", disable_path_validation=True,

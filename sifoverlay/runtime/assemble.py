@@ -28,23 +28,20 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sifoverlay.errors import Ext3FormatError, ExternalToolError, NotAuthorized, OverlayStateError, UsageError
+from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
 from sifoverlay.fsio import REAL_IO, FileIO
 
-from . import mounts, state
+from . import mounts, state, validate
 from .state import JobState, Step
+from .validate import Region
 
 log = logging.getLogger(__name__)
 
 MODES = ("fuse", "kernel")
-FUSE_TOOLS = ("squashfuse", "fuse2fs", "fuse-overlayfs")
-SQUASHFS_MAGIC = b"hsqs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +66,6 @@ class TeardownReport:
     removed: bool  # the job directory is gone
 
 
-@dataclass(frozen=True, slots=True)
-class _Region:
-    offset: int
-    size: int
-
-
 def assemble(
     image: str | os.PathLike[str], job_id: str, *, writable: bool, mode: str = "fuse", uid: int, gid: int,
     base_dir: str | os.PathLike[str], image_fd: int | None = None, hold_fds: Sequence[int] = (),
@@ -91,11 +82,11 @@ def assemble(
     if mode not in MODES:
         raise UsageError(None, f"mount mode must be one of {', '.join(MODES)}, not {mode!r}")
     job = state.check_job_id(job_id)
-    _preflight(mode, uid)
-    fd = _open_image(path, image_fd, rw=writable and mode == "kernel")
+    validate.preflight(mode, uid)
+    fd = validate.open_image(path, image_fd, rw=writable and mode == "kernel")
     try:
-        layers, overlay = _validate(path, fd, writable)
-        _check_user_access(path, fd, uid, gid, writable)
+        layers, overlay = validate.validate(path, fd, writable)
+        validate.check_user_access(path, fd, uid, gid, writable)
         directory = state.job_dir(base_dir, job)
         _make_job_dir(base_dir, directory, io)
         st = os.fstat(fd)
@@ -103,7 +94,7 @@ def assemble(
         state.save(base_dir, current, io=io)
         try:
             if overlay is not None:
-                _prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"))
+                validate.prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"))
             build = _assemble_fuse if mode == "fuse" else _assemble_kernel
             build(current, base_dir, directory, fd, layers, overlay, hold_fds, io)
         except BaseException:
@@ -156,88 +147,6 @@ def find_leftovers(base_dir: str | os.PathLike[str]) -> list[str]:
     return state.job_ids(base_dir)
 
 
-# --- validation ----------------------------------------------------------------------------------
-def _preflight(mode: str, uid: int) -> None:
-    needed = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "e2fsck")
-    missing = [t for t in needed if shutil.which(t) is None]
-    if missing:
-        raise ExternalToolError(None, f"{mode} mode needs {', '.join(missing)} (not installed)", tool=missing[0],
-                                returncode=127, output_tail="")
-    if mode == "fuse" and uid != 0:
-        if not mounts.user_allow_other():
-            raise UsageError(mounts.FUSE_CONF, "user_allow_other is not set: add that line so root can enter the job "
-                                               "user's FUSE mounts (allow_other)")
-        st = os.stat("/dev/fuse")
-        if not st.st_mode & stat.S_IROTH or not st.st_mode & stat.S_IWOTH:
-            raise UsageError("/dev/fuse", f"not usable by uid {uid} (mode {stat.S_IMODE(st.st_mode):04o}; "
-                                          "FUSE for ordinary users needs 0666)")
-
-
-def _open_image(path: str, image_fd: int | None, *, rw: bool) -> int:
-    flags = (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC
-    if image_fd is not None:  # same inode as the caller's fd, with the access we need
-        return os.open(f"/proc/self/fd/{image_fd}", flags)
-    return os.open(path, flags | os.O_NOFOLLOW)
-
-
-def _validate(path: str, fd: int, writable: bool) -> tuple[list[_Region], _Region | None]:
-    from sifoverlay.ext3 import Superblock, check_region_header
-    from sifoverlay.ocisif import open_image
-    from sifoverlay.ocisif.mediatypes import SQUASHFS_LAYER
-    from sifoverlay.sif.load import SifFile
-
-    sif = SifFile.from_fd(os.dup(fd), path)
-    try:
-        img = open_image(sif)
-        layers = [lay for lay in img.layers if img.overlay is None or lay.descriptor != img.overlay.descriptor]
-        for number, layer in enumerate(layers):
-            if layer.media_type != SQUASHFS_LAYER:
-                raise OverlayStateError(path, f"layer {number} is {layer.media_type}: only squashfs layers can be mounted")
-            if os.pread(fd, 4, layer.offset) != SQUASHFS_MAGIC:
-                raise OverlayStateError(path, f"layer {number} at offset {layer.offset} is not a squashfs filesystem")
-        overlay = _Region(img.overlay.offset, img.overlay.size) if img.overlay is not None else None
-    finally:
-        sif.close()
-    if not layers:
-        raise OverlayStateError(path, "image has no squashfs layer to run")
-    if overlay is None and writable:
-        raise OverlayStateError(path, "--writable needs an ext3 overlay and this image has none "
-                                      "(add one with: sifoverlay overlay create)")
-    if overlay is not None:
-        try:
-            Superblock.read(fd, overlay.offset, size=overlay.size)
-            check_region_header(fd, overlay.offset)
-        except Ext3FormatError as exc:
-            raise Ext3FormatError(path, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
-    return [_Region(lay.offset, lay.size) for lay in layers], overlay
-
-
-def _check_user_access(path: str, fd: int, uid: int, gid: int, writable: bool) -> None:
-    """The job user (not root) must be able to read - and for rw, write - the image."""
-    if uid == 0:
-        return
-    test = shutil.which("test") or "/usr/bin/test"
-    proc = subprocess.run([test, "-w" if writable else "-r", f"/proc/self/fd/{fd}"], user=uid, group=gid,
-                          extra_groups=[], pass_fds=(fd,), cwd="/", check=False)
-    if proc.returncode != 0:
-        raise NotAuthorized(path, f"uid {uid} may not {'write' if writable else 'read'} the image")
-
-
-def _prepare_ext3(path: str, fd: int, overlay: _Region, *, writable: bool, kernel: bool) -> None:
-    """Replay/repair a dirty ext3 before a rw mount; in kernel mode also refuse an ext3
-    that a read-only userspace e2fsck finds broken, before the kernel driver sees it."""
-    from sifoverlay.ext3 import Superblock
-
-    from .fsck import fsck_region
-
-    sb = Superblock.read(fd, overlay.offset, size=overlay.size)
-    if writable and sb.is_dirty:
-        log.info("%s: ext3 overlay is dirty (needs_recovery=%s): e2fsck -p first", path, sb.needs_recovery)
-        fsck_region(path, fd, overlay.offset, overlay.size, repair=True)
-    if kernel:
-        fsck_region(path, fd, overlay.offset, overlay.size, repair=False)
-
-
 # --- building -------------------------------------------------------------------------------------
 def _make_job_dir(base_dir: str | os.PathLike[str], directory: str, io: FileIO) -> None:
     io.makedirs(os.fspath(base_dir), 0o755)
@@ -263,12 +172,16 @@ def _record(base_dir: str | os.PathLike[str], current: JobState, step: Step, io:
     return updated
 
 
+_WHAT = {"ext3": "the ext3 overlay", "rootfs": "the overlay rootfs"}
+
+
 def _fuse_step(current: JobState, base_dir: str | os.PathLike[str], step: Step, argv: list[str], *,
                fds: Sequence[int], io: FileIO, umask: int = 0o022) -> JobState:
     current = _record(base_dir, current, step, io)
     log_path = os.path.join(os.path.dirname(step.target), "log", f"{step.name}.log")
+    what = _WHAT.get(step.name, f"squashfs {step.name.replace('.', ' ')}")
     proc = mounts.spawn_fuse(argv, step.target, uid=current.uid, gid=current.gid, pass_fds=fds,
-                             log_path=log_path, umask=umask)
+                             log_path=log_path, umask=umask, image=current.image, what=what)
     return _record(base_dir, current, replace(step, status="mounted", pid=proc.pid,
                                               pid_start=mounts.process_start(proc.pid)), io)
 
@@ -278,7 +191,7 @@ def _opt_escape(value: str) -> str:
 
 
 def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
-                   layers: list[_Region], overlay: _Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+                   layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
     lowers = []
@@ -293,7 +206,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
         opts = f"offset={overlay.offset},fakeroot,allow_other" + ("" if current.writable else ",ro")
         current = _fuse_step(current, base_dir, Step("fuse", "ext3", target),
                              ["fuse2fs", "-f", source, target, "-o", opts], fds=(fd, *hold_fds), io=io, umask=0)
-    upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
+    current, upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
     if current.writable:
         from .copyup import prepare_upper
 
@@ -309,7 +222,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
 
 def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
-                     layers: list[_Region], overlay: _Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+                     layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
     lowers = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", None, io)
@@ -321,7 +234,7 @@ def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], direct
         options = "rw,nosuid,nodev" if current.writable else "ro,noload,nosuid,nodev"
         current = _kernel_step(current, base_dir, "ext3", target, fd, overlay, readonly=not current.writable,
                                fstype="ext3", options=options, io=io)
-    upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
+    current, upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
     target = _mountpoint(directory, "rootfs", None, io)
     current = _record(base_dir, current, Step("kernel", "rootfs", target), io)
     mounts.kernel_mount("overlay", target, "overlay",
@@ -330,7 +243,7 @@ def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], direct
 
 
 def _kernel_step(current: JobState, base_dir: str | os.PathLike[str], name: str, target: str, fd: int,
-                 region: _Region, *, readonly: bool, fstype: str, options: str, io: FileIO) -> JobState:
+                 region: Region, *, readonly: bool, fstype: str, options: str, io: FileIO) -> JobState:
     current = _record(base_dir, current, Step("kernel", name, target), io)
     with mounts.loop_from_fd(fd, region.offset, region.size, readonly=readonly, label=f"sifoverlay:{name}") as dev:
         current = _record(base_dir, current, Step("kernel", name, target, loop=f"{dev}@{region.offset}"), io)
@@ -342,8 +255,8 @@ def _step_offset(step: Step) -> int:
     return int(step.loop.rsplit("@", 1)[1]) if step.loop and "@" in step.loop else -1
 
 
-def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: str, overlay: _Region | None,
-                lowers: list[str], io: FileIO) -> tuple[str, str]:
+def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: str, overlay: Region | None,
+                lowers: list[str], io: FileIO) -> tuple[JobState, str, str]:
     """rw: the ext3's upper/ and work/; ro: a private tmpfs (changes discarded), with the
     ext3's upper/ (if any) as the topmost lower layer."""
     ext3 = os.path.join(directory, "ext3")
@@ -351,14 +264,14 @@ def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: 
         upper, work = os.path.join(ext3, "upper"), os.path.join(ext3, "work")
         for sub, mode in ((upper, 0o755), (work, 0o700)):
             _ensure_real_dir(current, sub, mode, io)
-        return upper, work
+        return current, upper, work
     if overlay is not None:
         _ensure_real_dir(current, os.path.join(ext3, "upper"), 0o755, io, create=False)
         lowers.insert(0, os.path.join(ext3, "upper"))
     scratch = _mountpoint(directory, "scratch", None, io)
     current = _record(base_dir, current, Step("tmpfs", "scratch", scratch), io)
     mounts.kernel_mount("tmpfs", scratch, "tmpfs", f"mode=0700,uid={current.uid},gid={current.gid},nosuid,nodev")
-    _record(base_dir, current, Step("tmpfs", "scratch", scratch, status="mounted"), io)
+    current = _record(base_dir, current, Step("tmpfs", "scratch", scratch, status="mounted"), io)
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     for sub in (upper, work):
         io.mkdir(sub, 0o755)
@@ -370,7 +283,7 @@ def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: 
         value = f"{top.st_uid}:{top.st_gid}:{stat.S_IMODE(top.st_mode):o}".encode()
         for key in ("user.fuseoverlayfs.override_stat", "user.containers.override_stat"):
             os.setxattr(upper, key, value)
-    return upper, work
+    return current, upper, work
 
 
 def _ensure_real_dir(current: JobState, path: str, mode: int, io: FileIO, *, create: bool = True) -> None:

@@ -22,11 +22,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sifoverlay.errors import SifOverlayError
+from sifoverlay.errors import BadInput, NotAuthorized, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .assemble import assemble, teardown
-from .execute import Bind, exec_in
+from .execute import Bind, StartError, exec_in
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +78,46 @@ def run_embedded(
         try:
             sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
                            source="cli", details={"lease_token": held.token, "base_dir": base}, io=io)
-            with _Heartbeat(held, lease_ttl / 3):
-                rootfs = assemble(path, job, writable=writable, mode=mode, uid=user.uid, gid=user.gid,
-                                  base_dir=base, image_fd=fd, io=io)
-                try:
-                    returncode = exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups,
-                                         binds=binds, cwd=cwd, env=env)
-                finally:
-                    teardown(job, base_dir=base, io=io)
+            returncode, failure = _assemble_and_run(path, job, argv, user=user, writable=writable, mode=mode,
+                                                    binds=binds, cwd=cwd, env=env, base=base, fd=fd, held=held,
+                                                    lease_ttl=lease_ttl, io=io)
             action, error = (None, None)
-            if writable and sync:
+            # Also after a failed start (a rw mount may have touched the ext3), unless the
+            # image was refused before anything was mounted.
+            if writable and sync and not isinstance(failure, (BadInput, NotAuthorized)):
                 held.unlock_range()
                 action, error = _reconcile(path, job, journal, io)
             if error is None:
-                sessions.finish(journal, job, f"exit {returncode}" + (f", sync {action}" if action else ""), io=io)
+                result = f"exit {returncode}" if failure is None else f"not started: {failure.message()}"
+                sessions.finish(journal, job, result + (f", sync {action}" if action else ""), io=io)
+            if failure is not None:
+                raise failure
         finally:
             held.release()
     finally:
         os.close(fd)
     return ExecOutcome(returncode, job, action, error)
+
+
+def _assemble_and_run(
+    path: str, job: str, argv: Sequence[str], *, user: User, writable: bool, mode: str, binds: Sequence[Bind],
+    cwd: str | None, env: Mapping[str, str] | None, base: str, fd: int, held: object, lease_ttl: float,
+    io: FileIO,
+) -> tuple[int, SifOverlayError | None]:
+    """(exit code, None) or (exit code, the error that kept the command from starting)."""
+    with _Heartbeat(held, lease_ttl / 3):
+        try:
+            rootfs = assemble(path, job, writable=writable, mode=mode, uid=user.uid, gid=user.gid, base_dir=base,
+                              image_fd=fd, io=io)
+        except SifOverlayError as exc:  # assemble tore down what it had set up
+            return exc.exit_code, exc
+        try:
+            return exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups, binds=binds, cwd=cwd,
+                           env=env), None
+        except StartError as exc:
+            return exc.exit_code, exc
+        finally:
+            teardown(job, base_dir=base, io=io)
 
 
 def _reconcile(image: str, job: str, journal: str, io: FileIO) -> tuple[str | None, str | None]:

@@ -118,7 +118,8 @@ def same_process_alive(pid: int | None, start: int | None) -> bool:
 # --- FUSE ------------------------------------------------------------------------------------------
 def spawn_fuse(
     argv: Sequence[str], target: str, *, uid: int | None, gid: int | None, pass_fds: Sequence[int] = (),
-    log_path: str, umask: int = 0o022, timeout: float = MOUNT_TIMEOUT,
+    log_path: str, umask: int = 0o022, timeout: float = MOUNT_TIMEOUT, image: str | None = None,
+    what: str = "the filesystem",
 ) -> subprocess.Popen[bytes]:
     """Start a FUSE daemon in the foreground as uid/gid (None = as we are) and wait until
     `target` shows up in mountinfo. On failure the daemon is killed and reaped and
@@ -137,7 +138,7 @@ def spawn_fuse(
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc.pid, None, proc=proc, grace=2.0)
             raise ExternalToolError(
-                target, f"{tool} did not mount: {read_tail(log_path) or 'no output'}",
+                image or target, f"{tool} could not mount {what}: {read_tail(log_path) or 'no output'}",
                 tool=tool, returncode=proc.returncode if proc.returncode is not None else -1,
                 output_tail=read_tail(log_path),
             )

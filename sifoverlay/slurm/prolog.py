@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 LEASE_TTL: Final = 365 * 24 * 3600.0
 
 
-def _take_lease(identity: ImageIdentity, job: JobEnv) -> Any:
+def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> Any:
     from sifoverlay.engine import lease
 
     holder = lease.Holder(socket.gethostname(), os.getpid(), job.job_id, "slurm", uid=job.uid)
@@ -57,10 +57,37 @@ def _take_lease(identity: ImageIdentity, job: JobEnv) -> Any:
     except ImageBusy:
         # A requeued job (same id) whose previous run was not cleaned up yet: its lease.
         again = lease.resume(identity.path, job.job_id)
-        if again is None:
+        if again is not None:
+            log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
+            return again
+        if not _finish_dead_holders(identity.path, config):
             raise
-        log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
-        return again
+    return take(identity.path, holder, ttl=LEASE_TTL, image_fd=identity.fd)
+
+
+def _finish_dead_holders(image: str, config: SlurmConfig) -> bool:
+    """The image is held by Slurm jobs of THIS node that slurmctld says are over (their
+    Epilog never ran, no sweep since): do their job end now, as the sweeper would.
+    True when every such holder was finished (worth retrying the lease)."""
+    from sifoverlay.engine import lease
+
+    from .jobend import finish_job
+    from .jobstate import select_backend
+
+    host = socket.gethostname()
+    holders = [h for h in [lease.inspect(image), *lease.readers(image)] if h is not None]
+    if not holders or any(h.source != "slurm" or h.host != host for h in holders):
+        return False
+    backend = select_backend()
+    for held in holders:
+        if backend.is_alive(held.job_id) is not False:
+            return False
+    for held in holders:
+        log.warning("%s: held by job %s, which is over but was never cleaned up: finishing it first",
+                    image, held.job_id)
+        if not finish_job(held.job_id, config, reason="prolog").ok:
+            return False
+    return True
 
 
 def _check_image(identity: ImageIdentity, writable: bool) -> None:
@@ -74,12 +101,14 @@ def _check_image(identity: ImageIdentity, writable: bool) -> None:
                                     "'sifoverlay overlay create' or run the job with :ro")
 
 
-def _reconcile_if_dirty(image: str, job: JobEnv, config: SlurmConfig) -> None:
+def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> None:
     from sifoverlay import engine
     from sifoverlay.ext3 import Superblock
     from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
 
-    with open_image(image) as img:
+    image = identity.path
+    with open_image(SifFile.from_fd(os.dup(identity.fd), image)) as img:
         overlay = img.overlay
         if overlay is None:
             return
@@ -91,14 +120,6 @@ def _reconcile_if_dirty(image: str, job: JobEnv, config: SlurmConfig) -> None:
         log.warning("%s: overlay left dirty by an earlier job: reconciling before job %s", image, job.job_id)
         result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir)
         log.info("%s: %s (%s)", image, result.action, result.new_digest)
-
-
-def _rootfs_path(rootfs: Any) -> str:
-    for name in ("path", "root", "rootfs"):
-        value = getattr(rootfs, name, None)
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-    return os.fspath(rootfs)
 
 
 def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
@@ -113,7 +134,7 @@ def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
                          image_roots=config.image_roots)
     image = identity.path
     try:
-        held = _take_lease(identity, job)
+        held = _take_lease(identity, job, config)
         started = assembled = False
         try:
             verify_unchanged(image, identity.dev, identity.ino)
@@ -124,17 +145,17 @@ def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
                                     "user": job.user, "mount": config.mount})
             started = True
             if writable:
-                _reconcile_if_dirty(image, job, config)
+                _reconcile_if_dirty(identity, job, config)
             # The runtime mounts through our authorized fd (no path lookup after the check)
             # and hands the lease's byte-range lock fd to the ext3 FUSE daemon, so the lock
             # lives exactly as long as the ext3 mount, long after this Prolog exits.
-            lock_fd = getattr(held, "lock_fd", None)
+            lock_fd = held.lock_fd  # None for a lease resumed after a requeue
             rootfs = runtime.assemble(image, job.job_id, writable=writable, mode=config.mount,
                                       uid=job.uid, gid=job.gid, base_dir=config.mounts_dir,
                                       image_fd=identity.fd, hold_fds=() if lock_fd is None else (lock_fd,))
             assembled = True
             verify_unchanged(image, identity.dev, identity.ino)
-            path = _rootfs_path(rootfs)
+            path = rootfs.path
             records.write_ready(config.records_dir, job.job_id, image, job.mode, path, io=io)
         except BaseException:
             if assembled:

@@ -91,8 +91,9 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 	case SIFO_RECORD_NONE:
 		if (!sifo_request.given)
 			return 0; /* a job without an image */
-		return fail_task(job_id, "%s: no rootfs was prepared for this job "
-				 "(is sifoverlay's Prolog set in slurm.conf?)", sifo_request.path);
+		return fail_task(job_id, "%s: no rootfs was prepared for this job: give --%s when "
+				 "the job is submitted (sbatch/salloc/srun), not only to a step "
+				 "(or sifoverlay's Prolog is not set in slurm.conf)", sifo_request.path, SIFO_OPTION);
 	case SIFO_RECORD_REFUSED:
 	case SIFO_RECORD_BAD:
 		return fail_task(job_id, "%s", rec.message);

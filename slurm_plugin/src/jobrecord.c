@@ -39,15 +39,33 @@ static void bad(struct sifo_job_record *rec, const char *fmt, ...)
 
 int sifo_job_record_load(const char *runtime_dir, unsigned job_id, struct sifo_job_record *rec)
 {
-	char dir[PATH_MAX], buf[RECORD_MAX + 1], status[16] = "";
+	char dir[PATH_MAX], name[16], buf[RECORD_MAX + 1], status[16] = "";
 	struct stat st;
 	ssize_t n;
-	int dfd, fd;
+	int pfd, dfd, fd;
 
 	memset(rec, 0, sizeof(*rec));
 	if (snprintf(dir, sizeof(dir), "%s/slurm/%u", runtime_dir, job_id) >= (int)sizeof(dir))
 		return -1;
-	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	/* <runtime_dir>/slurm itself must be root's: else a user could move another job's
+	 * (root-owned) record directory into place. */
+	snprintf(dir, sizeof(dir), "%s/slurm", runtime_dir);
+	pfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (pfd < 0) {
+		if (errno == ENOENT)
+			return 0; /* no job on this node ever had an image */
+		bad(rec, "cannot open %s", dir);
+		return 0;
+	}
+	if (fstat(pfd, &st) < 0 || !trusted(&st)) {
+		close(pfd);
+		bad(rec, "%s is not a root-owned directory: refusing it", dir);
+		return 0;
+	}
+	snprintf(name, sizeof(name), "%u", job_id);
+	dfd = openat(pfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	close(pfd);
+	snprintf(dir + strlen(dir), sizeof(dir) - strlen(dir), "/%s", name);
 	if (dfd < 0) {
 		if (errno == ENOENT)
 			return 0; /* job without an image, or Prolog not configured */

@@ -80,11 +80,10 @@ def test_fuse2fs_rw_mount_is_in_use_then_reconciled(overlay_image: Path, tmp_pat
         assert os.path.ismount(mnt)
         (mnt / "upper" / "fuse.txt").write_text("via fuse2fs\n")
         st = engine.status(overlay_image)
-        st = engine.status(overlay_image)
-        assert st.state == "in-use" and "ext4 mount at" in st.holder["detail"]  # type: ignore[index]
-        kinds = {a.detail.split(" ")[0] for a in quiesce.find_activity(str(overlay_image), offset, 64 << 20)}
-        assert kinds == {"ext4", "fuse2fs"}  # seen in mountinfo and as the daemon holding the file
-        with pytest.raises(ImageBusy, match="ext4 mount"):
+        assert st.state == "in-use" and f"fuse2fs pid {proc.pid} has the image open (rw)" == st.holder["detail"]  # type: ignore[index]
+        mounts = quiesce.fuse_mounts(os.stat(overlay_image))
+        assert [(a.kind, a.detail) for a in mounts] == [("fuse", f"ext4 mount at {mnt} (rw)")]
+        with pytest.raises(ImageBusy, match="fuse2fs pid"):
             engine.sync(overlay_image)
     finally:
         sh("fusermount3", "-u", str(mnt), check=False)

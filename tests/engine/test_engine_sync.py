@@ -219,3 +219,29 @@ def test_crash_copy_of_a_mounted_overlay_is_replayed_before_hashing(overlay_imag
     assert engine.status(copy).state == "clean"
     assert engine.sync(copy).action == "noop"
     sh("e2fsck", "-fn", f"{copy}?offset={offset}")
+
+
+def test_go_siftool_reads_and_extends_a_synced_image(overlay_image: Path, tmp_path: Path, siftool: str) -> None:
+    """Interop with the Go reference library: it lists our objects at their offsets, dumps
+    the root index we wrote, and its own add (which places by header DataSize in older
+    versions) lands after our furthest object without overlapping anything."""
+    modify_overlay(overlay_image, tmp_path)
+    engine.sync(overlay_image)
+    with open_image(overlay_image) as img:
+        ext3_desc = img.overlay.descriptor  # type: ignore[union-attr]
+        root = img.root_index
+        end = max(d.end for d in img.sif.used())
+    listing = sh(siftool, "list", str(overlay_image)).stdout
+    assert f"{ext3_desc.id}    |1       |NONE    |{ext3_desc.offset}-{ext3_desc.end}" in listing
+    dumped = subprocess.run([siftool, "dump", str(root.descriptor.id), str(overlay_image)], capture_output=True, check=True).stdout
+    assert dumped == root.raw
+    extra = tmp_path / "notes.txt"
+    extra.write_bytes(b"generic object added by Go\n")
+    sh(siftool, "add", "--datatype", "7", str(overlay_image), str(extra))
+    from sifoverlay.sif.load import SifFile
+
+    with SifFile.open(overlay_image) as sif:
+        added = [d for d in sif.used() if d.datatype == 0x4007]
+        assert len(added) == 1 and added[0].offset == end
+    assert_consistent(overlay_image)
+    assert engine.status(overlay_image).state == "clean"

@@ -7,7 +7,7 @@ serves discovery, list, watch, get, create, merge/JSON patch and delete with fin
 This subclass adds what a real API server does and kmock 0.8 does not:
 
 - GET /api/v1/namespaces[/NAME] (kmock's path parser fails on it);
-- server-set metadata on create: namespace, uid, creationTimestamp, generation,
+- server-set metadata on create: name from generateName, namespace, uid, creationTimestamp, generation,
   resourceVersion (a counter: never checked, so no 409 on a stale write);
 - 201 Created (the kubernetes client maps only 201 for custom-object creates);
 - CRD registration (from files at start, or a POSTed CustomResourceDefinition);
@@ -16,13 +16,14 @@ This subclass adds what a real API server does and kmock 0.8 does not:
 - the status subresource isolated from the main resource, both ways;
 - JSON patches: a failed "test" op is 422 (kopf relies on it), resourceVersion bumped;
 - labelSelector on list and watch; ?dryRun answered without storing;
+- watches that continue their list (?resourceVersion) without replaying or losing events;
 - kind/apiVersion on lists;
 - an audit log (env KMOCK_AUDIT_LOG): one JSON line per API request, for the RBAC test.
 
 Not emulated: authn/authz, admission, defaulting and pruning, optimistic concurrency on
 merge patches and updates (resourceVersion is a counter and only JSON-patch tests see it),
 controllers (Jobs never get Pods: tests play the Job controller), ownerReference GC,
-PUT, protobuf, watch bookmarks (every new watch replays existing objects).
+PUT, protobuf, watch bookmarks, 410 Gone, deletions between a list and its watch.
 
 Usage: python kmock_server.py PORT [FILE.yaml ...]   (prints one "listening" line)
 """
@@ -170,6 +171,8 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             _validate(request.resource, data)
             if request.namespace:
                 meta.setdefault("namespace", request.namespace)
+            if not meta.get("name") and meta.get("generateName"):  # kopf's Events use it
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.setdefault("uid", str(uuid.uuid4()))
             meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             meta["generation"] = 1
@@ -217,11 +220,35 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         return result
 
     async def _serve_watch(self, request: Any) -> Any:
+        """Like kmock's watch, but continuous with a preceding list, as on a real server:
+        the bus position is marked under the same lock as the snapshot (kmock 0.8 marks it
+        after streaming the snapshot, so changes made in between are lost), and with
+        ?resourceVersion=N only objects changed after that list are replayed."""
+        yield b""
         selector = request.params.get("labelSelector")
-        async for event in super()._serve_watch(request):
-            if isinstance(event, dict) and selector and not selector_matches(event.get("object", {}), selector):
-                continue
-            yield event
+        since = request.params.get("resourceVersion") or ""
+        since_rv = int(since) if since.isdigit() else 0
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            snapshot = [obj.raw for obj in self._KubernetesEmulator__get_objs(request, strict=False) if not obj.deleted]
+        try:
+            for raw in snapshot:
+                version = str((raw.get("metadata") or {}).get("resourceVersion") or "0")
+                if since_rv and version.isdigit() and int(version) <= since_rv:
+                    continue  # the client's list already had this state
+                if selector_matches(raw, selector):
+                    yield {"type": "MODIFIED" if since_rv else "ADDED", "object": raw}
+            async for event in bus.stream(since=marker):
+                obj = event.get("object", {})
+                meta = obj.get("metadata", {})
+                if not self._KubernetesEmulator__check(request, request.resource, meta.get("namespace"),
+                                                       meta.get("name"), strict=False):
+                    continue
+                if selector_matches(obj, selector):
+                    yield event
+        finally:
+            await bus.unmark(marker)
 
 
 async def serve(port: int, files: list[str]) -> None:

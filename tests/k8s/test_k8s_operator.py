@@ -66,6 +66,9 @@ def test_success_reconciles_the_overlay_the_workload_changed(site: Site, cluster
     status = assert_reconciled(cluster, site, "train", image, before, phase="Succeeded")
     assert status["jobResult"] == "Succeeded"
     assert "Failed" not in {c["type"] for c in status["conditions"]}
+    events = wait_for("events", lambda: (e := [(ev.type, ev.reason) for ev in cluster.kube.core.list_namespaced_event(cluster.ns).items
+                                               if ev.involved_object.name == "train"]) and len(e) >= 3 and e)
+    assert {("Normal", "JobCreated"), ("Normal", "Succeeded"), ("Normal", "Reconciled")} <= set(events)
 
 
 def test_job_failure_still_reconciles_and_marks_failed(site: Site, cluster: Cluster, vectors: Path, operator: object) -> None:

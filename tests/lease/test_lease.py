@@ -308,3 +308,24 @@ def test_image_fd_locks_the_opened_inode_not_the_path(image: Path, tmp_path: Pat
         held.release()
     finally:
         os.close(fd)
+
+
+def test_region_is_looked_up_from_the_image(vectors: Path, tmp_path: Path) -> None:
+    """Without region=, the lock covers the ext3 overlay of a real OCI-SIF (whole file
+    when the image has no overlay)."""
+    from sifoverlay import engine
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.ocisif.importer import import_image
+    from tests.conftest import require_tool
+
+    require_tool("mkfs.ext3", "mksquashfs")
+    image = tmp_path / "bb.oci.sif"
+    import_image(vectors / "singularity" / "busybox_amd64.sif", image)
+    with lease.acquire(image, holder(), ttl=60) as held:
+        assert held.info.region == (0, 0)
+    engine.create_overlay(image, size_mib=64, sparse=True, journal_dir=tmp_path / "journal")
+    with open_image(image) as img:
+        expected = (img.overlay.offset, img.overlay.size)
+    with lease.acquire(image, holder(), ttl=60) as held:
+        assert held.info.region == expected
+        assert json.loads(Path(held.file_path).read_text())["region"] == list(expected)

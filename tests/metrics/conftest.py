@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,13 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody listens on the port: a server (SO_REUSEADDR, as every server sets, so the
+    TIME_WAIT of Prometheus's last scrape does not count) can bind and listen."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen(1)
         except OSError:
             return False
     return True
@@ -120,8 +125,10 @@ def write_with_debugfs(path: Path, tmp: Path, name: str = "upper/hello", content
     sh("debugfs", "-w", "-R", f"write {src} {name}", f"{path}?offset={offset}")
 
 
-def write_with_fuse2fs(path: Path, mountpoint: Path, name: str = "hello", content: bytes = b"hello\n") -> None:
-    """A real rw FUSE mount of the overlay at its offset, one file written, unmounted."""
+@contextmanager
+def fuse2fs_mounted(path: Path, mountpoint: Path, *, source: str | None = None) -> Iterator[Path]:
+    """A real rw FUSE mount of the overlay at its offset (`source`: the path as given to
+    fuse2fs, e.g. relative), unmounted on exit."""
     require_tool("fuse2fs", "fusermount3")
     if not os.path.exists("/dev/fuse"):
         if IN_CI:
@@ -129,11 +136,22 @@ def write_with_fuse2fs(path: Path, mountpoint: Path, name: str = "hello", conten
         pytest.skip("no /dev/fuse")
     offset, _ = overlay_region(path)
     mountpoint.mkdir(exist_ok=True)
-    sh("fuse2fs", str(path), str(mountpoint), "-o", f"offset={offset}")
+    sh("fuse2fs", source or str(path), str(mountpoint), "-o", f"offset={offset}", cwd=str(path.parent))
     try:
-        (mountpoint / "upper" / name).write_bytes(content)
+        yield mountpoint
     finally:
         sh("fusermount3", "-u", str(mountpoint))
+        # fusermount3 returns before the fuse2fs daemon has flushed and exited.
+        from sifoverlay.engine.quiesce import fuse_processes
+
+        st = os.stat(path)
+        wait_until("fuse2fs exited", lambda: not fuse_processes(st), timeout=30, step=0.05)
+
+
+def write_with_fuse2fs(path: Path, mountpoint: Path, name: str = "hello", content: bytes = b"hello\n") -> None:
+    """A real rw FUSE mount of the overlay at its offset, one file written, unmounted."""
+    with fuse2fs_mounted(path, mountpoint) as mnt:
+        (mnt / "upper" / name).write_bytes(content)
 
 
 # --- the real Prometheus stack ----------------------------------------------------------

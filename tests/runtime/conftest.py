@@ -4,9 +4,11 @@ restores what it changed; `clean` checks that nothing is left mounted or attache
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sifoverlay.engine import sessions
 from sifoverlay.runtime import mounts
 from tests.conftest import require_root, require_tool
 
@@ -65,11 +68,18 @@ def user(fuse_for_users: None) -> Iterator[TestUser]:
         entry = pwd.getpwnam(name)
         yield TestUser(name, entry.pw_uid, entry.pw_gid)
     finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+        # FUSE daemons of a failed test may outlive it: stop them (by pid) so userdel works
+        found = subprocess.run(["pgrep", "-u", name], capture_output=True, text=True).stdout.split()
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        gone = subprocess.run(["userdel", name], check=False, capture_output=True, text=True)
+        assert gone.returncode == 0, f"userdel {name}: {gone.stderr.strip()}"
+        assert not found, f"test user processes were left running: {found}"
 
 
 @pytest.fixture(scope="session")
-def scratch() -> Iterator[Path]:
+def scratch(user: TestUser) -> Iterator[Path]:
     """A world-traversable directory (pytest's tmp dirs are 0700 root: the test user's
     fusermount could not reach mount points there)."""
     path = Path(tempfile.mkdtemp(prefix="sifoverlay-rt-", dir="/tmp"))
@@ -133,6 +143,9 @@ def env(scratch: Path, golden_image: Path, user: TestUser) -> Iterator[Env]:
     e = Env(directory, directory / "run", directory / "journal", image, user)
     try:
         yield e
+        # every run closed its session and released its lease (reader or writer)
+        assert sessions.open_sessions(e.journal) == []
+        assert [n for n in os.listdir(directory) if "sifoverlay-lease" in n] == []
     finally:
         assert_clean(e)
         shutil.rmtree(directory, ignore_errors=True)

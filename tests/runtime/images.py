@@ -44,7 +44,8 @@ def busybox_rootfs(vectors: Path, work: Path) -> Path:
     return root
 
 
-def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int] | None = None) -> Path:
+def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int] | None = None,
+                overlay: bool = True) -> Path:
     """OCI-SIF with one squashfs layer made from `rootfs` and a 64 MiB sparse overlay."""
     layer = out.with_suffix(".sqfs")
     run("mksquashfs", str(rootfs), str(layer), "-noappend", "-no-xattrs", "-quiet", "-no-progress")
@@ -64,7 +65,8 @@ def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int
         {"mediaType": OCI_MANIFEST, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest)}]}
     write_ocisif(out, [layer, config, manifest], index)
     layer.unlink()
-    engine.create_overlay(out, size_mib=64, sparse=True, journal_dir=journal)
+    if overlay:
+        engine.create_overlay(out, size_mib=64, sparse=True, journal_dir=journal)
     if owner:
         os.chown(out, *owner)
     return out

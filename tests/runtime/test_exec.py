@@ -19,6 +19,7 @@ from sifoverlay.runtime import find_leftovers, mounts, teardown
 from . import images
 from .conftest import Env, assert_clean
 
+pytestmark = pytest.mark.root
 MODES = ["fuse", "kernel"]
 
 
@@ -70,11 +71,10 @@ def test_exit_code_cwd_binds(env: Env, mode: str, tmp_path: Path) -> None:
     assert "sifoverlay: " in missing.stderr and "/no/such/cmd: command not found in the image" in missing.stderr
 
 
-def test_imported_vector_as_root(env: Env) -> None:
+def test_imported_vector_as_root(env: Env, vectors: Path) -> None:
     """The product path (import + overlay create) on the vector itself; as root, whose
     fuse-overlayfs can copy up the vector's trusted.* xattrs."""
-    image = images.imported_vector(Path(os.environ.get("SIFOVERLAY_VECTORS", "/work/shared/vectors")),
-                                   env.dir / "vector.oci.sif", env.dir / "build-journal")
+    image = images.imported_vector(vectors, env.dir / "vector.oci.sif", env.dir / "build-journal")
     res = env.exec("-w", str(image), "--", "sh", "-c", "echo root-was-here > /root/mark; cat /etc/hostname 2>/dev/null; id -u",
                    user="0")
     assert res.returncode == 0 and res.stdout.splitlines()[-1] == "0", res.stderr
@@ -160,6 +160,34 @@ def test_user_allow_other_is_required(env: Env, monkeypatch: pytest.MonkeyPatch)
     assert not env.base.exists()
 
 
-def test_no_command_and_not_root_messages(env: Env) -> None:
+def test_no_command_is_a_usage_error(env: Env) -> None:
     res = env.exec(str(env.image))
-    assert res.returncode == 2 and "no command given" in res.stderr
+    assert (res.returncode, res.stderr) == (2, "sifoverlay: no command given: sifoverlay exec IMAGE -- CMD [ARGS...]\n")
+
+
+def test_not_root_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sifoverlay.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["exec", str(env.image), "--", "true"]) == 77
+    assert capsys.readouterr().err == (f"sifoverlay: {env.image}: sifoverlay exec needs root (mount namespace, "
+                                       "chroot): run it with sudo\n")
+
+
+def test_lease_is_heartbeaten_while_the_command_runs(env: Env) -> None:
+    proc = subprocess.Popen(env.argv("--job-id", "hb-1", "--lease-ttl", "1.5", "-w", str(env.image), "--", "sleep", "4"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while lease.inspect(env.image) is None or not mounts.is_mounted(str(env.base / "hb-1" / "rootfs")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        first = lease.inspect(env.image)
+        time.sleep(1.6)  # longer than the ttl: only heartbeats keep it unexpired
+        second = lease.inspect(env.image)
+        assert first is not None and second is not None and second.token == first.token
+        assert second.heartbeat > first.heartbeat and second.expires > time.time()
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert lease.inspect(env.image) is None

@@ -76,7 +76,7 @@ def test_private_image_not_even_readable(root_dir: Path, slurm_users: tuple[User
 
 
 def test_group_membership_is_used(root_dir: Path, slurm_users: tuple[User, User]) -> None:
-    """Supplementary groups of the user count (getgrouplist), as they would in the job."""
+    """The check runs with the user's groups (primary and getgrouplist), as the job would."""
     alice, bob = slurm_users
     img = _file(root_dir / "g.sif", alice, 0o664)
     os.chown(img, alice.uid, bob.gid)  # bob's primary group may write

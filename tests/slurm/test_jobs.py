@@ -202,27 +202,33 @@ def _recover_slurm() -> subprocess.CompletedProcess[str]:
     return sh("/work/main/.venv/bin/python", "-m", "sifoverlay", "recover", "--slurm", "--json", check=False)
 
 
-def test_sweeper_reconciles_job_whose_epilog_never_ran(cluster: Cluster, slurm_users: tuple[User, User],
-                                                       make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
-    import json
-
-    alice = slurm_users[0]
-    image = make_image(alice)
+def _job_without_epilog(cluster: Cluster, user: User, image: Path, outdir: Path, command: str) -> int:
+    """Run a job to completion while the Epilog is a no-op: its end is never handled."""
     epilog = Path("/etc/slurm/sifoverlay/epilog")
     saved = epilog.read_bytes()
     noop = epilog.with_name("epilog.noop")
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
-    os.rename(noop, epilog)  # the Epilog "never runs" for this job
+    os.rename(noop, epilog)
     try:
-        job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
-                             "--wrap", "echo swept > /swept.txt")
+        job = cluster.sbatch(user, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                             "--wrap", command)
         assert cluster.wait_finished(job) == "COMPLETED"
     finally:
         restore = epilog.with_name("epilog.restore")
         restore.write_bytes(saved)
         restore.chmod(0o755)
         os.rename(restore, epilog)
+    return job
+
+
+def test_sweeper_reconciles_job_whose_epilog_never_ran(cluster: Cluster, slurm_users: tuple[User, User],
+                                                       make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    alice = slurm_users[0]
+    image = make_image(alice)
+    job = _job_without_epilog(cluster, alice, image, outdir, "echo swept > /swept.txt")
     # left behind: session, lease, mounts, an unreconciled image
     assert cluster.session_path(job).exists()
     assert lease.inspect(str(image)).job_id == str(job)  # type: ignore[union-attr]
@@ -418,3 +424,41 @@ def test_kernel_mount_mode_opt_in(cluster: Cluster, slurm_users: tuple[User, Use
     recorded, actual = ext3_sha256(image)
     assert recorded == actual
     assert lease.inspect(str(image)) is None
+
+
+def test_step_cannot_switch_or_add_an_image(cluster: Cluster, slurm_users: tuple[User, User], make_image) -> None:  # type: ignore[no-untyped-def]
+    """The image belongs to the job (the Prolog prepares it): a step may not ask for
+    another one, nor for one when the job was submitted without."""
+    alice = slurm_users[0]
+    first, second = make_image(alice, "a.oci.sif"), make_image(alice, "b.oci.sif")
+    done = cluster.as_user(alice, "salloc", f"--oci-sif-overlay={first}", "srun",
+                           f"--oci-sif-overlay={second}", "true", cwd="/")
+    cluster.settle(cancel=False)
+    assert done.returncode != 0
+    assert f"this step asks for {second} but the job runs {first}: one image per job" in done.stderr
+    done = cluster.as_user(alice, "salloc", "srun", f"--oci-sif-overlay={second}", "true", cwd="/")
+    cluster.settle(cancel=False)
+    assert done.returncode != 0
+    assert (f"{second}: no rootfs was prepared for this job: give --oci-sif-overlay when the job is "
+            "submitted (sbatch/salloc/srun), not only to a step") in done.stderr
+    assert lease.inspect(str(first)) is None and lease.inspect(str(second)) is None
+
+
+def test_next_job_finishes_a_dead_holder_before_the_sweeper(cluster: Cluster, slurm_users: tuple[User, User],
+                                                            make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Epilog of job A never ran and no sweep happened yet: job B on the same image and
+    node is not refused because of A; its Prolog asks slurmctld, finds A over, does A's job
+    end first (reconcile + release), then runs B."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    dead = _job_without_epilog(cluster, alice, image, outdir, "echo from-dead > /dead.txt")
+    assert lease.inspect(str(image)).job_id == str(dead)  # type: ignore[union-attr]
+    done = srun_in(cluster, alice, image, "cat", "/dead.txt")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from-dead\n"
+    assert not cluster.session_path(dead).exists()
+    assert not rootfs_of(cluster, dead).exists()
+    recorded, actual = ext3_sha256(image)
+    assert recorded == actual and lease.inspect(str(image)) is None
+    log = Path("/var/log/sifoverlay/slurm.log").read_text()
+    assert f"held by job {dead}, which is over but was never cleaned up: finishing it first" in log

@@ -151,3 +151,23 @@ def test_plugstack_all_keys_accepted(cluster: Cluster, slurm_users: tuple[User, 
     done = cluster.as_user(slurm_users[0], "sbatch", "--test-only", "--wrap", "true", cwd="/tmp",
                            env=_private_conf(image_dir, args))
     assert done.returncode == 0, done.stderr
+
+
+def test_slurmd_refuses_to_start_with_a_bad_plugstack_key(cluster: Cluster, image_dir: Path) -> None:
+    """The loud failure happens where the admin sees it: slurmd start-up. A second slurmd
+    with private pid file, spool and port (the running one is untouched)."""
+    env = _private_conf(image_dir, "journal_dir=/var/tmp/j colour=blue")
+    conf_path = Path(env["SLURM_CONF"])
+    spool = image_dir / "spool"
+    spool.mkdir()
+    conf = conf_path.read_text()
+    for key, value in (("SlurmdPidFile", image_dir / "slurmd.pid"), ("SlurmdSpoolDir", spool),
+                       ("SlurmdLogFile", image_dir / "slurmd.log"), ("SlurmdPort", "1")):
+        conf = re.sub(rf"(?m)^{key}=.*$", f"{key}={value}", conf)
+    conf_path.write_text(conf)
+    done = sh("/usr/sbin/slurmd", "-D", "-f", str(conf_path), "-N", cluster.host, check=False, timeout=60)
+    assert done.returncode != 0
+    log = (image_dir / "slurmd.log").read_text() + done.stderr
+    assert "sifoverlay: plugstack: unknown key 'colour'" in log
+    assert "slurmd initialization failed" in log
+    assert cluster.node_state() == "idle"
