@@ -9,7 +9,8 @@ the cluster is shared). Every job writes a file named after itself into its imag
 overlay through `sbatch --oci-sif-overlay=IMAGE`; a chosen fraction is disturbed:
 `scancel`, `scancel -s KILL`, a time-limit hit (`scontrol update JobId=J TimeLimit=0`),
 `kill -9` of slurmd while the job runs (slurmd restarted), and bursts of concurrent
-submissions on the same image (all but one are refused by the lease, by design).
+submissions on the same image (a job that finds the image held by another writer is
+refused by the lease and FAILS, by design; the file of such a job is not expected).
 
 At the end the sweeper runs (`sifoverlay recover --slurm`), then every image is checked
 WITHOUT our library: the SIF header and descriptor table are parsed here with `struct`,
@@ -55,7 +56,6 @@ DESCRIPTOR = struct.Struct("<iBIIIqqqqqqq128s384s")
 DESCRIPTOR_SIZE = 585
 OCI_ROOT_INDEX, OCI_BLOB = 0x400A, 0x400B
 EXT3 = "application/vnd.sylabs.image.layer.v1.ext3"
-SQUASHFS = "application/vnd.sylabs.image.layer.v1.squashfs"
 
 
 def sha256_range(fd: int, offset: int, size: int) -> str:
@@ -200,8 +200,13 @@ def cluster_ready(wait: float) -> None:
         time.sleep(60)
 
 
-def oci_option_available() -> bool:
-    return "--oci-sif-overlay" in run(["sbatch", "--help"], check=False).stdout
+def oci_option_available(tries: int = 20) -> bool:
+    """sbatch knows --oci-sif-overlay (retried: the plugin may be being reinstalled)."""
+    for _ in range(tries):
+        if "--oci-sif-overlay" in run(["sbatch", "--help"], check=False).stdout:
+            return True
+        time.sleep(3)
+    return False
 
 
 def ensure_user(name: str, uid: int) -> None:
@@ -315,11 +320,14 @@ class Soak:
         job.job_id = proc.stdout.strip().split(";")[0]
         self.jobs.append(job)
 
-    def wait_running(self, job: Job, timeout: float = 60) -> bool:
+    def wait_running(self, job: Job, timeout: float = 120) -> bool:
+        """Until the job's script runs: RUNNING and past its Prolog (squeue shows RUNNING
+        with reason "Prolog" while the Prolog mounts the image)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = job_states([job.job_id]).get(job.job_id, "")
-            if state == "RUNNING":
+            proc = run(["squeue", "--noheader", "--states=all", "--format=%T %r", "--jobs", job.job_id], check=False)
+            state, _, reason = proc.stdout.strip().partition(" ")
+            if state == "RUNNING" and reason != "Prolog":
                 return True
             if state in TERMINAL:
                 return False
@@ -446,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                     env=dict(os.environ, SIFOVERLAY_JOURNAL_DIR=JOURNAL_DIR))
         result = verify(soak, sweep)
     finally:
+        leftover = [j.job_id for j in soak.jobs if j.job_id and j.state not in TERMINAL]
+        if leftover:  # only after an error: never leave our jobs on the shared cluster
+            run(["scancel", *leftover], check=False)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - start, 1)

@@ -146,8 +146,12 @@ else
 	else
 		SLURM_MISSING="dev-cluster up failed: $(tail -n1 "$OUT/dev-cluster.log")"
 	fi
-	if [ -z "$SLURM_MISSING" ] && ! sbatch --help 2>&1 | grep -q -- '--oci-sif-overlay'; then
+	if [ -z "$SLURM_MISSING" ]; then
 		SLURM_MISSING="sbatch has no --oci-sif-overlay option (SPANK plugin not loaded)"
+		for _ in $(seq 1 20); do # the plugin may be being reinstalled right now: retry a while
+			if sbatch --help 2>&1 | grep -q -- '--oci-sif-overlay'; then SLURM_MISSING=""; break; fi
+			sleep 3
+		done
 	fi
 fi
 

@@ -30,6 +30,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--job-id", help="job id for the lease, session and runtime dir (default exec-HOST-PID)")
     parser.add_argument("--base-dir", help="runtime directory (default $SIFOVERLAY_RUNTIME_DIR or /run/sifoverlay/jobs)")
     parser.add_argument("--journal-dir", help="journal directory (default: see `sifoverlay recover`)")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="wait up to SECONDS for a busy image instead of failing at once (exit 75)")
     parser.add_argument("--no-sync", action="store_true", help="do not reconcile after a --writable run")
     parser.add_argument("--lease-ttl", type=float, default=60.0, help=argparse.SUPPRESS)
     parser.add_argument("image", metavar="IMAGE", help="OCI-SIF image")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_embedded(
         args.image, argv, user=user, writable=args.writable, mode=args.mount, binds=binds, cwd=os.getcwd(),
         job_id=args.job_id, base_dir=args.base_dir, journal_dir=args.journal_dir, lease_ttl=args.lease_ttl,
-        sync=not args.no_sync,
+        lease_wait=args.wait, sync=not args.no_sync,
     )
     if outcome.sync_error:
         print(f"sifoverlay: {args.image}: not reconciled: {outcome.sync_error}", file=sys.stderr)

@@ -102,44 +102,46 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    bar = _ProgressBar("hashing overlay") if sys.stderr.isatty() and not args.json else None
+    try:
+        data, text = _do(args, bar)
+    finally:
+        if bar is not None:
+            bar.close()  # end the bar's line before anything goes to stdout
+    _emit(args, data, text)
+    return 0
+
+
+def _do(args: argparse.Namespace, bar: _ProgressBar | None) -> tuple[dict[str, Any], str]:
     from sifoverlay.fsio import io_from_env
 
     verb = args.verb
-    bar = _ProgressBar("hashing overlay") if sys.stderr.isatty() and not args.json else None
-    try:
-        if verb == "sync":
-            from sifoverlay.engine.reconcile import sync
-            from sifoverlay.metrics.record import recording  # HOOK (metrics)
+    if verb == "sync":
+        from sifoverlay.engine.reconcile import sync
 
-            with recording(args.textfile_dir, "sync") as rec:  # HOOK (metrics)
-                result = rec.outcome = sync(args.image, job=args.job, journal_dir=args.journal_dir,
-                                            io=io_from_env(), progress=bar, force_hash=args.force_hash)
-            _emit(args, result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})")
-        elif verb == "status":
-            from sifoverlay.engine.status import status
+        result = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
+                      progress=bar, force_hash=args.force_hash)
+        return result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})"
+    if verb == "status":
+        from sifoverlay.engine.status import status
 
-            st = status(args.image, verify=args.verify, journal_dir=args.journal_dir, progress=bar)
-            lines = [f"{st.image}: {st.state}", f"  recorded digest: {st.recorded_digest}"]
-            if st.actual_digest:
-                lines.append(f"  actual digest:   {st.actual_digest}")
-            lines.append(f"  overlay: {st.overlay_size} bytes at offset {st.overlay_offset}, {st.free_bytes} bytes free")
-            if st.holder:
-                lines.append(f"  in use: {st.holder['detail']}")
-            if st.journal_pending:
-                lines.append(f"  unfinished operations: {st.journal_pending} (run `sifoverlay recover`)")
-            _emit(args, st.as_dict(), "\n".join(lines))
-        elif verb == "create":
-            from sifoverlay.engine.create import create_overlay
+        st = status(args.image, verify=args.verify, journal_dir=args.journal_dir, progress=bar)
+        lines = [f"{st.image}: {st.state}", f"  recorded digest: {st.recorded_digest}"]
+        if st.actual_digest:
+            lines.append(f"  actual digest:   {st.actual_digest}")
+        lines.append(f"  overlay: {st.overlay_size} bytes at offset {st.overlay_offset}, {st.free_bytes} bytes free")
+        if st.holder:
+            lines.append(f"  in use: {st.holder['detail']}")
+        if st.journal_pending:
+            lines.append(f"  unfinished operations: {st.journal_pending} (run `sifoverlay recover`)")
+        return st.as_dict(), "\n".join(lines)
+    if verb == "create":
+        from sifoverlay.engine.create import create_overlay
 
-            op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
-                                io=io_from_env())
-            _emit(args, op.as_dict(), f"{op.image}: overlay created ({op.layer_size} bytes, {op.layer_digest})")
-        else:
-            from sifoverlay.engine.seal import seal
+        op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
+                            io=io_from_env())
+        return op.as_dict(), f"{op.image}: overlay created ({op.layer_size} bytes, {op.layer_digest})"
+    from sifoverlay.engine.seal import seal
 
-            op = seal(args.image, journal_dir=args.journal_dir, io=io_from_env())
-            _emit(args, op.as_dict(), f"{op.image}: overlay sealed into squashfs layer {op.layer_digest}")
-    finally:
-        if bar is not None:
-            bar.close()
-    return 0
+    op = seal(args.image, journal_dir=args.journal_dir, io=io_from_env())
+    return op.as_dict(), f"{op.image}: overlay sealed into squashfs layer {op.layer_digest}"

@@ -21,7 +21,6 @@ import errno
 import hashlib
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -212,7 +211,7 @@ def make_intent(image: str, fd: int, plan: CommitPlan, *, job: str | None) -> In
         old_root_digest=plan.old_root_digest, new_root_digest=plan.new_root_digest,
         appended=tuple(BlobPlacement(b.offset, b.source.size, b.source.digest) for b in plan.blobs),
         freed=plan.freed, before=plan.before, after=plan.after, small_blobs=small,
-        job=job, host=socket.gethostname(), pid=os.getpid(), created=time.time(),
+        job=job, host=os.uname().nodename, pid=os.getpid(), created=time.time(),
         extra={k: v for k, v in plan.extra.items() if isinstance(v, (str, int, float, bool, type(None)))},
     )
 
@@ -224,16 +223,33 @@ def commit(image: str, fd: int, plan: CommitPlan, journal: Journal, *, job: str 
         raise JournalError(image, "image metadata changed between planning and commit; nothing written")
     intent = make_intent(image, fd, plan, job=job)
     writer: EntryWriter = journal.begin(intent)
-    write_blobs(fd, plan.blobs, io)
-    io.fsync(fd)
-    writer.mark(Kind.BLOBS_DURABLE, intent.op_id)
-    io.pwrite(fd, plan.after, 0)  # the commit point
-    io.fsync(fd)
-    writer.mark(Kind.COMMITTED, intent.op_id)
-    collect_garbage(fd, intent, io)
+    try:
+        write_blobs(fd, plan.blobs, io)
+        io.fsync(fd)
+        writer.mark(Kind.BLOBS_DURABLE, intent.op_id)
+        io.pwrite(fd, plan.after, 0)  # the commit point
+        io.fsync(fd)
+        writer.mark(Kind.COMMITTED, intent.op_id)
+        collect_garbage(fd, intent, io)
+    except Exception:
+        # An I/O error (ENOSPC, EIO...): finish or undo now, under the caller's lease,
+        # so nothing stays half-written; if that fails too the entry waits for recover.
+        writer.abandon()
+        _recover_now(image, journal, io)
+        raise
     writer.finish()
     log.info("%s: %s committed (root index %s -> %s)", image, plan.op, plan.old_root_digest, plan.new_root_digest)
     return intent
+
+
+def _recover_now(image: str, journal: Journal, io: FileIO) -> None:
+    from .recover import recover_image
+
+    try:
+        for outcome in recover_image(image, journal, io=io):
+            log.warning("%s: after a failed %s: %s", image, outcome.op, outcome.outcome)
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        log.error("%s: immediate recovery failed (%s); run `sifoverlay recover`", image, exc)
 
 
 def collect_garbage(fd: int, intent: Intent, io: FileIO) -> None:

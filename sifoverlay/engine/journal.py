@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -192,7 +191,7 @@ class Entry:
 
 
 def new_op_id() -> str:
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
     return f"{int(time.time() * 1000)}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 

@@ -285,6 +285,29 @@ def _link_record(target: str, record: dict[str, Any], io: FileIO) -> bool:
     return created
 
 
+def _sweep_temp_files(image: str, io: FileIO) -> list[str]:
+    """Remove temp/tomb files that a killed acquirer, heartbeat or breaker left behind:
+    on this host when their process is gone, from other hosts when older than ttl+grace."""
+    base = lease_path(image)
+    directory, prefix = os.path.dirname(base), os.path.basename(base) + "."
+    removed = []
+    now, me = time.time(), socket.gethostname()
+    for name in os.listdir(directory):
+        parts = name[len(prefix):].rsplit(".", 3) if name.startswith(prefix) else []
+        if len(parts) != 4 or parts[0] not in ("new", "hb", "tomb") or not parts[2].isdigit():
+            continue
+        _, host, pid, _ = parts
+        path = os.path.join(directory, name)
+        try:
+            age = now - os.lstat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        if (host == me and not _process_alive(int(pid), None)) or (host != me and age > DEFAULT_TTL + DEFAULT_GRACE):
+            _unlink_quietly(path, io)
+            removed.append(name)
+    return removed
+
+
 def _unlink_quietly(path: str, io: FileIO) -> None:
     try:
         io.unlink(path)
@@ -502,6 +525,7 @@ def _create_writer_file(image: str, record: dict[str, Any], grace: float, io: Fi
         current = inspect(image)
         who = current.describe() if current else "a concurrent acquirer"
         raise ImageBusy(image, f"held by {who}", holder=current.as_dict() if current else None)
+    _sweep_temp_files(image, io)
     # Writers must not coexist with live readers on other nodes (same node: the OFD lock).
     for reader in readers(image):
         if reader.is_alive(grace=grace):

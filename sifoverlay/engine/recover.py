@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,14 +48,14 @@ class RecoverOutcome:
 def temp_path(image: str, suffix: str) -> str:
     """A scratch file beside the image, named so `sweep_temp_files` can judge it."""
     directory, name = os.path.split(os.path.abspath(image))
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
     return os.path.join(directory, f".{name}{TEMP_MARK}{host}-{os.getpid()}.{suffix}")
 
 
 def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
     """Remove scratch files of `image` left by dead processes of this host."""
     directory, name = os.path.split(os.path.abspath(image))
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
     prefix = f".{name}{TEMP_MARK}{host}-"
     removed = []
     try:
@@ -186,6 +185,10 @@ def recover(
     for image in targets:
         if not os.path.exists(image):
             outcomes.append(RecoverOutcome(image, None, "failed", "image not found"))
+            continue
+        if not journal.pending(image):  # nothing to do: no lease needed (a job may hold it)
+            sweep_temp_files(image, io=io)
+            outcomes.append(RecoverOutcome(image, None, "nothing", "no unfinished operation"))
             continue
         from . import lease
 

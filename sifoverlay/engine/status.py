@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sifoverlay.errors import OverlayStateError
+from sifoverlay.errors import OverlayStateError, RecoveryNeeded, SifOverlayError
 
 from .journal import Journal
 
@@ -63,7 +63,13 @@ def status(
 
     image = os.fspath(path)
     pending = len(Journal(journal_dir).pending(image))
-    with open_image(image) as img:
+    try:
+        img = open_image(image)
+    except SifOverlayError as exc:
+        if pending:
+            raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
+        raise
+    with img:
         overlay = img.overlay
         if overlay is None:
             raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")

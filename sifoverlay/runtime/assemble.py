@@ -129,7 +129,9 @@ def teardown(job_id: str, *, base_dir: str | os.PathLike[str], timeout: float = 
         if step.kind == "fuse" and mounts.stop_process(step.pid, step.pid_start, grace=timeout):
             signalled.append(step.pid or 0)
         if step.kind == "kernel" and step.loop and recorded is not None:
-            mounts.detach_loop(step.loop, (recorded.image_dev, recorded.image_ino), _step_offset(step))
+            device, _, offset = step.loop.partition("@")  # autoclear normally detached it already
+            if offset.isdigit():
+                mounts.detach_loop(device, (recorded.image_dev, recorded.image_ino), int(offset))
     for target in mounts.mounts_under(directory):  # anything the record does not know about
         mounts.unmount(target)
         unmounted.append(target)
@@ -249,10 +251,6 @@ def _kernel_step(current: JobState, base_dir: str | os.PathLike[str], name: str,
         current = _record(base_dir, current, Step("kernel", name, target, loop=f"{dev}@{region.offset}"), io)
         mounts.kernel_mount(dev, target, fstype, options)
     return _record(base_dir, current, Step("kernel", name, target, status="mounted", loop=f"{dev}@{region.offset}"), io)
-
-
-def _step_offset(step: Step) -> int:
-    return int(step.loop.rsplit("@", 1)[1]) if step.loop and "@" in step.loop else -1
 
 
 def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: str, overlay: Region | None,

@@ -21,12 +21,16 @@ import socket
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sifoverlay.errors import BadInput, NotAuthorized, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .assemble import assemble, teardown
 from .execute import Bind, StartError, exec_in
+
+if TYPE_CHECKING:
+    from sifoverlay.engine.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,8 @@ def run_embedded(
     image: str, argv: Sequence[str], *, user: User, writable: bool, mode: str = "fuse",
     binds: Sequence[Bind] = (), cwd: str | None = None, env: Mapping[str, str] | None = None,
     job_id: str | None = None, base_dir: str | None = None, journal_dir: str | None = None,
-    lease_ttl: float = DEFAULT_LEASE_TTL, sync: bool = True, io: FileIO = REAL_IO,
+    lease_ttl: float = DEFAULT_LEASE_TTL, lease_wait: float | None = None, sync: bool = True,
+    io: FileIO = REAL_IO,
 ) -> ExecOutcome:
     from sifoverlay.engine import lease, sessions
     from sifoverlay.ocisif import open_image
@@ -74,7 +79,8 @@ def run_embedded(
         with SifFile.from_fd(os.dup(fd), path) as sif, open_image(sif) as img:
             region = (img.overlay.offset, img.overlay.size) if img.overlay is not None else (0, 0)
         take = lease.acquire if writable else lease.acquire_shared
-        held = take(path, lease.Holder.current(job, "cli"), ttl=lease_ttl, region=region, image_fd=fd, io=io)
+        held = take(path, lease.Holder.current(job, "cli"), ttl=lease_ttl, wait=lease_wait, region=region,
+                    image_fd=fd, io=io)
         try:
             sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
                            source="cli", details={"lease_token": held.token, "base_dir": base}, io=io)
@@ -101,7 +107,7 @@ def run_embedded(
 
 def _assemble_and_run(
     path: str, job: str, argv: Sequence[str], *, user: User, writable: bool, mode: str, binds: Sequence[Bind],
-    cwd: str | None, env: Mapping[str, str] | None, base: str, fd: int, held: object, lease_ttl: float,
+    cwd: str | None, env: Mapping[str, str] | None, base: str, fd: int, held: Lease, lease_ttl: float,
     io: FileIO,
 ) -> tuple[int, SifOverlayError | None]:
     """(exit code, None) or (exit code, the error that kept the command from starting)."""
@@ -143,7 +149,7 @@ def _default_journal_dir() -> str:
 class _Heartbeat:
     """Extend the lease periodically while the job runs (stopped on exit)."""
 
-    def __init__(self, held: object, every: float) -> None:
+    def __init__(self, held: Lease, every: float) -> None:
         self._held = held
         self._every = max(every, 0.5)
         self._stop = threading.Event()
@@ -152,7 +158,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._every):
             try:
-                self._held.heartbeat()  # type: ignore[attr-defined]
+                self._held.heartbeat()
             except SifOverlayError as exc:
                 log.error("lease heartbeat failed: %s", exc)
                 return

@@ -48,9 +48,12 @@ def _check(ret: int, what: str) -> None:
         raise SetupError(f"{what}: {os.strerror(err)}")
 
 
+def _bytes(value: str | None) -> bytes | None:
+    return value.encode() if value is not None else None
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)  # noqa: E731 - tiny local adapter
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, None), what)
+    _check(_libc.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, None), what)
 
 
 def resolve_in_root(root_fd: int, path: str, what: str) -> int:
@@ -95,6 +98,8 @@ def setup_and_exec(spec: dict[str, Any]) -> None:
     os.fchdir(root_fd)
     os.chroot(".")
     os.close(root_fd)
+    # From here until setuid only syscalls: nothing may be imported while root sits inside
+    # the user-controlled tree (an import would load the image's files as root).
     os.setgroups(spec["groups"])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])

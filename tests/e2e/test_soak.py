@@ -26,7 +26,9 @@ def test_soak_small(tmp_path, e2e_ready: None) -> None:
     assert result["ok"] is True and result["problems"] == []
     assert result["jobs_submitted"] == 10
     assert sum(result["jobs_by_state"].values()) == 10
-    assert set(result["jobs_by_state"]) <= {"COMPLETED", "CANCELLED", "TIMEOUT", "FAILED"}
+    # FAILED: refused by the lease in a burst; NODE_FAIL: slurmctld's verdict on a job whose
+    # slurmd was killed (the job may also survive the restart and complete)
+    assert set(result["jobs_by_state"]) <= {"COMPLETED", "CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL"}
     # each disturbance kind was applied to a running job
     assert all(result["kills"][kind] >= 1 for kind in ("scancel", "scancel_kill", "time_limit", "slurmd_kill9")), result
     assert result["bursts"] >= 2

@@ -66,3 +66,17 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path, vectors: Path, 
 def test_recover_cli_without_images_and_nothing_pending(tmp_path: Path, repo_root: Path) -> None:
     out = cli(repo_root, "recover", "--journal-dir", str(tmp_path / "empty"))
     assert (out.returncode, out.stdout) == (0, "nothing to recover\n")
+
+
+def test_sync_draws_a_progress_bar_only_on_a_tty(overlay_image: Path, tmp_path: Path, repo_root: Path) -> None:
+    require_tool("script", "debugfs")
+    modify_overlay(overlay_image, tmp_path)
+    command = f"{sys.executable} -m sifoverlay overlay sync --journal-dir {tmp_path / 'j'} {overlay_image}"
+    tty = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=repo_root, capture_output=True, text=True,
+                         timeout=300)
+    assert tty.returncode == 0
+    assert "hashing overlay [" in tty.stdout and "100.0% 0.06/0.06 GiB" in tty.stdout
+    assert tty.stdout.rstrip().endswith(")")  # the result line comes after the bar's line
+    modify_overlay(overlay_image, tmp_path, b"again\n", name="upper/again")
+    plain = cli(repo_root, "overlay", "sync", "--journal-dir", str(tmp_path / "j"), str(overlay_image))
+    assert plain.returncode == 0 and plain.stderr == "" and ": reconciled" in plain.stdout

@@ -149,3 +149,34 @@ def test_recover_reports_a_missing_image(overlay_image: Path, journal_dir: Path,
     [outcome] = engine.recover(journal_dir=journal_dir)
     assert outcome.outcome == "failed" and "not found" in outcome.detail
     assert len(Journal(journal_dir).pending()) == 1
+
+
+class _FailingIO(CountingIO):
+    """Real I/O that fails with ENOSPC at one chosen operation (a full disk)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(None)
+        self.fail_at = fail_at
+
+    def _before(self, op: str, **info: object) -> None:
+        super()._before(op, **info)
+        if self.count == self.fail_at:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+
+def test_io_error_mid_commit_is_undone_at_once(overlay_image: Path, journal_dir: Path, tmp_path: Path) -> None:
+    modify_overlay(overlay_image, tmp_path)
+    before = overlay_image.read_bytes()
+    rec = RecordingIO()
+    probe = tmp_path / "probe"
+    shutil.copytree(overlay_image.parent, probe)
+    engine.sync(probe / overlay_image.name, journal_dir=tmp_path / "probe-journal", io=rec)
+    second_blob = [i for i, (op, info) in enumerate(rec.log, 1) if op == "pwrite" and _is_image(info)][1]
+    with pytest.raises(OSError, match="No space left"):
+        engine.sync(overlay_image, io=_FailingIO(second_blob))
+    assert overlay_image.read_bytes() == before  # rolled back before the error surfaced
+    assert Journal(journal_dir).pending() == []
+    assert lease.inspect(overlay_image) is None
+    assert engine.sync(overlay_image).action == "reconciled"

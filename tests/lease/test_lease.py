@@ -329,3 +329,17 @@ def test_region_is_looked_up_from_the_image(vectors: Path, tmp_path: Path) -> No
     with lease.acquire(image, holder(), ttl=60) as held:
         assert held.info.region == expected
         assert json.loads(Path(held.file_path).read_text())["region"] == list(expected)
+
+
+def test_temp_files_of_killed_processes_are_swept(image: Path) -> None:
+    base = lease.lease_path(image)
+    dead = dead_pid()
+    left = [f"{base}.hb.{HOST}.{dead}.ab12cd34", f"{base}.new.{HOST}.{dead}.00ff00ff",
+            f"{base}.tomb.{HOST}.{dead}.11111111"]
+    alive = f"{base}.new.{HOST}.{os.getpid()}.22222222"  # an acquirer still at work
+    foreign = f"{base}.hb.othernode.{dead}.33333333"  # another host: only by age
+    for path in (*left, alive, foreign):
+        Path(path).write_text("{}")
+    with lease.acquire(image, holder(), region=REGION):
+        remaining = sorted(leftovers(image))
+    assert remaining == sorted(os.path.basename(p) for p in (base, alive, foreign))

@@ -50,7 +50,8 @@ def free_port() -> int:
 
 
 def sh(*argv: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=check, **kw)  # type: ignore[call-overload]
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,  # type: ignore[call-overload]
+                          check=check, **kw)
 
 
 def sha256_file(path: Path) -> str:
@@ -66,10 +67,11 @@ class Registry:
     def url(self, path: str) -> str:
         return f"http://{self.host}{path}"
 
-    def uploads_in_progress(self, repo: str) -> bool:
+    def upload_has_data(self, repo: str) -> bool:
+        """An upload session of `repo` has received bytes (a PATCH is under way or done)."""
         uploads = self.data / "docker" / "registry" / "v2" / "repositories" / repo / "_uploads"
         try:
-            return any(uploads.iterdir())
+            return any((session / "data").stat().st_size > 0 for session in uploads.iterdir())
         except FileNotFoundError:
             return False
 

@@ -136,3 +136,33 @@ def test_pull_of_a_tar_image_goes_through_the_importer(tmp_path: Path, registry:
         offset = img.layers[0].offset
     listing = sh("unsquashfs", "-o", str(offset), "-lc", str(tmp_path / "plain.oci.sif")).stdout
     assert "squashfs-root/etc/os-release" in listing
+
+
+def test_image_without_overlay_is_pushed_without_sync(tmp_path: Path, registry: Registry) -> None:
+    from .conftest import build_ocisif, squashfs_from
+
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_text("no overlay here\n")
+    image = build_ocisif([squashfs_from(tree, tmp_path / "l.sqfs")], tmp_path / "plain.oci.sif", overlay_mib=None)
+    result = push(image, f"docker://{registry.host}/docker/nooverlay:v1", plain_http=True)
+    assert result.sync is None
+    with open_image(image) as img:
+        assert result.manifest_digest == img.manifest.digest
+        assert [l.digest for l in result.layers] == [l.digest for l in img.layers]
+
+
+def test_busy_drifted_image_is_not_pushed(tmp_path: Path, registry: Registry, small_image: Path) -> None:
+    """A job holds the lease and the overlay drifted: sync refuses (ImageBusy), so does push."""
+    from sifoverlay.engine import lease
+
+    drift(small_image, tmp_path)
+    held = lease.acquire(small_image, lease.Holder.current("4242", "slurm"))
+    try:
+        proc = run_cli("push", str(small_image), f"docker://{registry.host}/docker/busy:v1", "--plain-http")
+    finally:
+        held.release()
+    assert proc.returncode == 75
+    assert proc.stderr.count("\n") == 1 and "4242" in proc.stderr
+    missing = requests.get(registry.url("/v2/docker/busy/manifests/v1"), timeout=10)
+    assert missing.status_code == 404

@@ -43,7 +43,7 @@ def test_push_killed_midway_leaves_the_image_untouched(tmp_path: Path, registry:
     proc = subprocess.Popen([sys.executable, "-m", "sifoverlay", "push", str(big_image), ref, "--plain-http"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not registry.uploads_in_progress("fail/killed"):
+    while not registry.upload_has_data("fail/killed"):
         assert proc.poll() is None, f"push ended before it could be interrupted: {proc.stderr.read()!r}"
         assert time.monotonic() < deadline, "no upload started"
         time.sleep(0.005)

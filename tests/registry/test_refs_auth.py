@@ -73,7 +73,8 @@ def test_credentials_from_docker_config(tmp_path: Path, monkeypatch: pytest.Monk
 def test_credentials_fall_back_to_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "empty"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    _config(tmp_path / "home" / ".docker", {"https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:x").decode()}})
+    hub = {"auth": base64.b64encode(b"hub:x").decode()}
+    _config(tmp_path / "home" / ".docker", {"https://index.docker.io/v1/": hub})
     found = find_credentials("docker.io")
     assert found is not None and found.username == "hub"
 

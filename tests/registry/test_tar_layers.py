@@ -146,7 +146,8 @@ def overlay_view_and_change(image: Path, work: Path) -> Manifest:
                   for i, off in enumerate(offsets)]
         device = stack.enter_context(ext3.loop_device(image, *region))
         upper_fs = stack.enter_context(kernel_mount(["mount", "-t", "ext3", device], work / "ext3"))
-        opts = f"lowerdir={':'.join(str(p) for p in reversed(lowers))},upperdir={upper_fs}/upper,workdir={upper_fs}/work"
+        lowerdir = ":".join(str(p) for p in reversed(lowers))  # top layer first
+        opts = f"lowerdir={lowerdir},upperdir={upper_fs}/upper,workdir={upper_fs}/work"
         merged = stack.enter_context(kernel_mount(["mount", "-t", "overlay", "overlay", "-o", opts], work / "merged"))
         apply_changes(merged)
         os.sync()
@@ -195,6 +196,9 @@ def test_tar_push_unpacks_to_the_overlay_view(tmp_path: Path, registry: Registry
 def test_tar_push_is_deterministic(tmp_path: Path, registry: Registry, small_image: Path) -> None:
     require_root()
     require_tool("squashfuse", "fuse2fs")
+    from .conftest import sha256_file
+
+    before = sha256_file(small_image)
     ref = f"docker://{registry.host}/tar/det"
     first = run_cli("push", str(small_image), f"{ref}:a", "--layer-format", "tar", "--plain-http", "--json")
     second = run_cli("push", str(small_image), f"{ref}:b", "--layer-format", "tar", "--plain-http", "--json")
@@ -202,3 +206,4 @@ def test_tar_push_is_deterministic(tmp_path: Path, registry: Registry, small_ima
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert a["manifest"] == b["manifest"]
     assert [l["digest"] for l in a["layers"]] == [l["digest"] for l in b["layers"]]
+    assert sha256_file(small_image) == before  # fuse2fs -o ro and sqfs2tar only read

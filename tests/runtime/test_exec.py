@@ -84,7 +84,8 @@ def test_imported_vector_as_root(env: Env, vectors: Path) -> None:
 
 
 def test_writer_refuses_second_writer_and_readers(env: Env) -> None:
-    holder = subprocess.Popen(env.argv("--job-id", "holder-1", "-w", str(env.image), "--", "sleep", "30"),
+    holder = subprocess.Popen(env.argv("--job-id", "holder-1", "-w", str(env.image), "--", "sh", "-c",
+                                       "echo written > /tmp/from-holder; sleep 30"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -95,10 +96,16 @@ def test_writer_refuses_second_writer_and_readers(env: Env) -> None:
             res = env.exec(*args, str(env.image), "--", "true")
             assert res.returncode == 75, res.stderr
             assert f"held by job holder-1 (cli) on host {os.uname().nodename} pid {holder.pid}" in res.stderr
+        waiter = subprocess.Popen(env.argv("--wait", "60", "-w", str(env.image), "--", "cat", "/tmp/from-holder"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiter.poll() is None  # still waiting for the lease
     finally:
         holder.send_signal(signal.SIGTERM)  # forwarded to the command; then normal teardown
         holder.communicate(timeout=60)
     assert holder.returncode == 128 + signal.SIGTERM
+    out, err = waiter.communicate(timeout=120)
+    assert (waiter.returncode, out) == (0, "written\n"), err
     assert overlay_consistent(env.image)[0] == overlay_consistent(env.image)[1]
 
 
@@ -108,12 +115,11 @@ def test_crash_leftovers_found_and_removed(env: Env, mode: str) -> None:
     proc = subprocess.Popen(env.argv("--mount", mode, "--job-id", job, "--lease-ttl", "1", "-w", str(env.image),
                                      "--", "sh", "-c", "echo before > /tmp/crash; sleep 60"),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    rootfs = env.base / job / "rootfs"
+    written = env.base / job / "rootfs" / "tmp" / "crash"
     deadline = time.monotonic() + 30
-    while not mounts.is_mounted(str(rootfs)):
+    while not (mounts.is_mounted(str(written.parent.parent)) and written.exists()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
-    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the command: no teardown ran
     proc.wait()
     proc.stderr.close()
