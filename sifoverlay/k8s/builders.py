@@ -103,6 +103,15 @@ class PodPolicy:
     journal_dir: str = "/var/lib/sifoverlay/journal"
 
 
+JOURNAL_ON_VOLUME = ".sifoverlay-journal"
+
+
+def volume_journal() -> str:
+    """The journal directory on the image's volume, as pods see it (the operator uses the
+    same directory through its own mount: config.OperatorConfig.journal_for)."""
+    return posixpath.join(wk.IMAGE_MOUNT_PATH, JOURNAL_ON_VOLUME)
+
+
 def _owner_reference(body: Mapping[str, Any]) -> Obj:
     meta = body["metadata"]
     return {
@@ -156,17 +165,16 @@ def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     privileged = kernel or policy.fuse_access == FUSE_PRIVILEGED
     labels = _labels(body, ref, wk.ROLE_WORKLOAD)
     job_id = names.session_job_id(meta["namespace"], meta["name"], meta["uid"])
-    entry = ["sifoverlay", "exec", *(["--writable"] if writable else []), ref.pod_path, "--", *workload["command"]]
-    env = [
-        {"name": wk.ENV_JOB_ID, "value": job_id},
-        {"name": wk.ENV_MOUNT_MODE, "value": "kernel" if kernel else "fuse"},
-        {"name": wk.ENV_JOURNAL_DIR, "value": posixpath.join(wk.WORK_MOUNT_PATH, "journal")},
-        *({"name": e["name"], "value": str(e.get("value", ""))} for e in workload.get("env", [])),
-    ]
+    # The journal lives on the image's volume, not in the pod: if the pod dies in the middle
+    # of its own at-exit sync, the operator (or a reconcile Job) finds and recovers the entry.
+    entry = ["sifoverlay", "exec", *(["--writable"] if writable else []), "--mount", "kernel" if kernel else "fuse",
+             "--job-id", job_id, "--journal-dir", volume_journal(), ref.pod_path, "--", *workload["command"]]
+    env = [{"name": e["name"], "value": str(e.get("value", ""))} for e in workload.get("env", [])]
     # quantities travel as strings (the CRD accepts int-or-string, the Job API wants strings)
     resources: Obj = {k: {rk: str(rv) for rk, rv in v.items()} for k, v in (workload.get("resources") or {}).items()}
     mounts: list[Obj] = [
-        {"name": "image", "mountPath": wk.IMAGE_MOUNT_PATH, **({} if writable else {"readOnly": True})},
+        # writable even for mode ro: readers take a shared lease file beside the image
+        {"name": "image", "mountPath": wk.IMAGE_MOUNT_PATH},
         {"name": "work", "mountPath": wk.WORK_MOUNT_PATH},
     ]
     volumes: list[Obj] = [ref.volume(), {"name": "work", "emptyDir": {}}]
@@ -180,7 +188,7 @@ def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
         "name": wk.WORKLOAD_CONTAINER,
         "image": workload["image"],
         "command": entry,
-        "env": env,
+        **({"env": env} if env else {}),
         "securityContext": _security_context(policy, privileged),
         "volumeMounts": mounts,
     }
@@ -218,14 +226,13 @@ def reconcile_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     meta, spec = body["metadata"], body["spec"]
     ref = image_ref(spec, meta["namespace"], name=meta["name"])
     job_id = names.session_job_id(meta["namespace"], meta["name"], meta["uid"])
-    journal = posixpath.join(wk.IMAGE_MOUNT_PATH, ".sifoverlay-journal")  # = config.JOURNAL_ON_VOLUME
     script = 'sifoverlay recover "$1" >/dev/null && sifoverlay overlay sync "$1" --job "$2" --json >/dev/termination-log'
     labels = _labels(body, ref, wk.ROLE_RECONCILE)
     container: Obj = {
         "name": wk.RECONCILE_CONTAINER,
         "image": policy.operator_image,
         "command": ["/bin/sh", "-c", script, "reconcile", ref.pod_path, job_id],
-        "env": [{"name": wk.ENV_JOURNAL_DIR, "value": journal}],
+        "env": [{"name": wk.ENV_JOURNAL_DIR, "value": volume_journal()}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sifoverlay.errors import UsageError
-from sifoverlay.k8s.builders import FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED, ImageRef, PodPolicy
-
-JOURNAL_ON_VOLUME = ".sifoverlay-journal"  # also what builders.reconcile_job uses
+from sifoverlay.k8s.builders import (
+    FUSE_DEVICE_PLUGIN, FUSE_HOST_PATH, FUSE_PRIVILEGED, JOURNAL_ON_VOLUME, ImageRef, PodPolicy,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,6 @@ def lease_name(identity: str) -> str:
 
 
 def session_job_id(namespace: str, name: str, uid: str) -> str:
-    """The job id used in journal session records and the pod's SIFOVERLAY_JOB_ID: the
+    """The job id used in journal session records and the pod's `exec --job-id`: the
     uid keeps a re-created resource of the same name from resuming an old session."""
     return f"k8s-{namespace}-{name}-{uid[:8]}"

@@ -97,7 +97,7 @@ def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool) -> Recon
 
 
 def _release_job_lease(path: str, job_id: str) -> None:
-    """The workload pod (`sifoverlay exec`, SIFOVERLAY_JOB_ID) or a killed operator may have
+    """The workload pod (`sifoverlay exec --job-id`) or a killed operator may have
     left a file lease under this job's id; sync ran inside it. The job is over: drop it."""
     from sifoverlay.engine import lease
 

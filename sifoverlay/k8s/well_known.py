@@ -123,10 +123,8 @@ RESULT_CANCELLED: Final = "Cancelled"  # the OverlayJob was deleted while runnin
 
 # --- paths inside the workload pod -------------------------------------------------------------
 IMAGE_MOUNT_PATH: Final = "/sifoverlay/image"  # the image's volume
-WORK_MOUNT_PATH: Final = "/run/sifoverlay"  # emptyDir for rootfs assembly and the pod's journal
+WORK_MOUNT_PATH: Final = "/run/sifoverlay"  # emptyDir: `sifoverlay exec` assembles the rootfs below it
 WORKLOAD_CONTAINER: Final = "workload"
 RECONCILE_CONTAINER: Final = "reconcile"
 FUSE_DEVICE: Final = "/dev/fuse"
-ENV_JOB_ID: Final = "SIFOVERLAY_JOB_ID"
 ENV_JOURNAL_DIR: Final = "SIFOVERLAY_JOURNAL_DIR"
-ENV_MOUNT_MODE: Final = "SIFOVERLAY_MOUNT_MODE"

@@ -58,14 +58,11 @@ def test_workload_job_default_policy_is_device_plugin_fuse() -> None:
                     "containers": [{
                         "name": "workload",
                         "image": "ghcr.io/x/runner:1",
-                        "command": ["sifoverlay", "exec", "--writable", "/sifoverlay/image/ml/app.sif", "--",
-                                    "python", "train.py"],
-                        "env": [
-                            {"name": "SIFOVERLAY_JOB_ID", "value": "k8s-team-a-train-01234567"},
-                            {"name": "SIFOVERLAY_MOUNT_MODE", "value": "fuse"},
-                            {"name": "SIFOVERLAY_JOURNAL_DIR", "value": "/run/sifoverlay/journal"},
-                            {"name": "A", "value": "1"},
-                        ],
+                        "command": ["sifoverlay", "exec", "--writable", "--mount", "fuse",
+                                    "--job-id", "k8s-team-a-train-01234567",
+                                    "--journal-dir", "/sifoverlay/image/.sifoverlay-journal",
+                                    "/sifoverlay/image/ml/app.sif", "--", "python", "train.py"],
+                        "env": [{"name": "A", "value": "1"}],
                         "securityContext": {
                             "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]},
@@ -98,10 +95,12 @@ def test_workload_job_host_path_fuse_device_and_user_namespaces() -> None:
                                             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def test_read_only_mode_mounts_volume_read_only_without_writable() -> None:
+def test_read_only_mode_runs_exec_without_writable() -> None:
     container = builders.workload_job(with_spec(mode="ro"), policy=PodPolicy())["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:4] == ["sifoverlay", "exec", "/sifoverlay/image/ml/app.sif", "--"]
-    assert container["volumeMounts"][0] == {"name": "image", "mountPath": "/sifoverlay/image", "readOnly": True}
+    assert container["command"][:3] == ["sifoverlay", "exec", "--mount"]
+    assert container["command"][8:10] == ["/sifoverlay/image/ml/app.sif", "--"]
+    # the volume stays writable: a reader takes a shared lease file beside the image
+    assert container["volumeMounts"][0] == {"name": "image", "mountPath": "/sifoverlay/image"}
 
 
 def test_kernel_mounts_need_operator_opt_in_and_are_privileged() -> None:
@@ -110,7 +109,7 @@ def test_kernel_mounts_need_operator_opt_in_and_are_privileged() -> None:
     job = builders.workload_job(with_spec(mountMode="kernel"), policy=PodPolicy(allow_kernel_mounts=True, user_namespaces=True))
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["securityContext"] == {"privileged": True}
-    assert {"name": "SIFOVERLAY_MOUNT_MODE", "value": "kernel"} in pod["containers"][0]["env"]
+    assert pod["containers"][0]["command"][2:5] == ["--writable", "--mount", "kernel"]
     assert "hostUsers" not in pod  # a privileged pod cannot use a user namespace
     assert pod["containers"][0]["resources"] == {"limits": {"cpu": "2"}}
 

@@ -180,7 +180,7 @@ def test_documented_example_is_valid_against_the_crd() -> None:
     assert list(openapi().iter_errors(example)) == []
     assert example["apiVersion"] == wk.API_VERSION and example["kind"] == wk.KIND
     job = builders.workload_job({**example, "metadata": {**example["metadata"], "uid": "u" * 36}}, policy=PodPolicy())
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][3] == "/sifoverlay/image/ml/pytorch.sif"
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][9] == "/sifoverlay/image/ml/pytorch.sif"
 
 
 @pytest.mark.parametrize("change, where", [

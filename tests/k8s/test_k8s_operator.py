@@ -55,8 +55,11 @@ def test_success_reconciles_the_overlay_the_workload_changed(site: Site, cluster
     assert (session.job_id, session.image, session.source) == (
         names.session_job_id(cluster.ns, "train", cluster.get("train")["metadata"]["uid"]), str(image), "k8s")
     job = cluster.wait_job("train-run")
-    assert job.spec.template.spec.containers[0].command[:4] == [
-        "sifoverlay", "exec", "--writable", "/sifoverlay/image/team/app.sif"]
+    uid = cluster.get("train")["metadata"]["uid"]
+    assert job.spec.template.spec.containers[0].command == [
+        "sifoverlay", "exec", "--writable", "--mount", "fuse", "--job-id", names.session_job_id(cluster.ns, "train", uid),
+        "--journal-dir", "/sifoverlay/image/.sifoverlay-journal", "/sifoverlay/image/team/app.sif", "--",
+        "sh", "-c", "echo hi > /out"]
     assert job.metadata.owner_references[0].name == "train"
     pod = cluster.start_pod(job)
     wait_for("Mounted", lambda: cluster.condition("train", "Mounted").get("status") == "True")
