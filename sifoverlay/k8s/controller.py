@@ -289,6 +289,9 @@ class Controller:
         if result[0] != wk.RESULT_SUCCEEDED:
             self._patch(body, st.reconcile_error(status, message=f"reconcile Job failed: {result[1]}",
                                                  generation=self._generation(body), now=self._clock()))
+            metrics.RECONCILES.labels("error").inc()
+            # level-based retry: the next re-check creates a fresh reconcile Job
+            self.api.delete_job(meta["namespace"], job["metadata"]["name"])
             return
         messages = []
         for pod in self.api.list_pods(meta["namespace"], f"job-name={job['metadata']['name']}"):

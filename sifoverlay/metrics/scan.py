@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sifoverlay.errors import SifOverlayError
+from sifoverlay import engine
+from sifoverlay.engine import lease
+from sifoverlay.engine.journal import Journal
+from sifoverlay.engine.quiesce import byte_range_lock
+from sifoverlay.errors import OverlayStateError, SifOverlayError
+from sifoverlay.ext3 import Superblock
+from sifoverlay.ocisif import open_image
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +212,11 @@ class Scanner:
         self.latest: Snapshot | None = None
         self.verified_bytes = 0  # hashed by `verify`, for sifoverlay_hashed_bytes_total{source="verify"}
         self._known: dict[str, _Known] = {}
+        self._reported: dict[str, FileKey] = {}  # broken images already warned about
         self._lock = threading.Lock()
 
     # -- the scan ----------------------------------------------------------------------
     def scan(self) -> Snapshot:
-        from sifoverlay.engine.journal import Journal
-
         start = time.monotonic()
         with self._lock:
             images = discover(self.scan_paths)
@@ -224,8 +229,11 @@ class Scanner:
                 reports.append(report)
                 held += lease_state == "held"
                 stale += lease_state == "stale"
-            for gone in set(self._known) - set(images):
+            present = set(images)
+            for gone in set(self._known) - present:
                 del self._known[gone]
+            for gone in set(self._reported) - present:
+                del self._reported[gone]
             journal = Journal(self.journal_dir)
             pending = len(journal.pending())
             oldest = (journal.oldest_age() or 0.0) if pending else 0.0
@@ -236,10 +244,6 @@ class Scanner:
         return snapshot
 
     def _scan_one(self, path: str, candidates: set[tuple[int, int] | str]) -> tuple[ImageReport | None, str | None]:
-        from sifoverlay.engine import lease
-        from sifoverlay.engine.quiesce import byte_range_lock
-        from sifoverlay.ext3 import Superblock
-
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -270,15 +274,14 @@ class Scanner:
                 known.last_reconcile = st.st_mtime  # the reconcile's commit was the file's last write
         except (SifOverlayError, OSError) as exc:
             self._known.pop(path, None)
-            log.warning("%s: cannot scan: %s", path, exc)
+            # Warn once per file state, not on every scan of a file that stays broken.
+            (log.debug if self._reported.get(path) == key else log.warning)("%s: cannot scan: %s", path, exc)
+            self._reported[path] = key
             return ImageReport(path, "unknown", error=type(exc).__name__), None
         return ImageReport(path, known.state, known.size, sb.free_bytes, known.last_reconcile), lease_state
 
     def _refresh(self, path: str, key: FileKey, old: _Known | None) -> _Known:
         """Re-read the overlay's metadata after the file changed."""
-        from sifoverlay.errors import OverlayStateError
-        from sifoverlay.ocisif import open_image
-
         with open_image(path) as img:
             overlay = img.overlay
             if overlay is None:
@@ -296,8 +299,6 @@ class Scanner:
         return known
 
     def _engine_state(self, path: str) -> str:
-        from sifoverlay import engine
-
         return engine.status(path, verify=False, journal_dir=self.journal_dir).state
 
     # -- the verify schedule -------------------------------------------------------------
@@ -319,8 +320,6 @@ class Scanner:
     def verify(self, path: str, *, rate: RateLimit | None = None) -> str | None:
         """Hash one image (engine.status verify=True) and remember the verdict for the
         file state it was taken on. Returns the verified state, None if it vanished."""
-        from sifoverlay import engine
-
         try:
             st = os.stat(path)
         except FileNotFoundError:
