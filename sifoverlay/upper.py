@@ -202,9 +202,10 @@ def _walk_dir(
 # --- tar rendering --------------------------------------------------------------------
 
 
-class _HashingWriter:
-    """File-like sink for tarfile mode 'w': counts, hashes, forwards. tell() is all
-    tarfile needs beyond write(), and avoids its 4x slower stream mode 'w|'."""
+class HashingWriter:
+    """File-like sink for tarfile mode 'w': counts, hashes (the tar's diff_id), forwards.
+    tell() is all tarfile needs beyond write(), and avoids its 4x slower stream mode 'w|'.
+    Shared by every tar producer (ocisif.squashfs, registry.tarlayers)."""
 
     def __init__(self, sink: BinaryIO) -> None:
         self._sink = sink
@@ -270,7 +271,7 @@ def _add_common(tf: tarfile.TarFile, entry: UpperEntry) -> bool:
     return True
 
 
-def _open_tar(sink: _HashingWriter) -> tarfile.TarFile:
+def _open_tar(sink: HashingWriter) -> tarfile.TarFile:
     # mode 'w' (seekless use: tell() only), never 'w|' which is 4x slower (§3b)
     tf = tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")  # type: ignore[arg-type]
     tf.copybufsize = COPY_BUF
@@ -298,7 +299,7 @@ def upper_to_tar(upper_dir: str | os.PathLike[str], fileobj: BinaryIO) -> tuple[
     dropped, other xattrs as PAX SCHILY.xattr.*, hard links as LNKTYPE (whiteouts never),
     numeric owners, sorted order. Returns (diff_id 'sha256:<hex>', size in bytes).
     """
-    sink = _HashingWriter(fileobj)
+    sink = HashingWriter(fileobj)
     tf = _open_tar(sink)
     _write_aufs(tf, upper_dir)
     tf.close()  # only on success: a failed walk must not end in a valid-looking archive
@@ -366,7 +367,7 @@ def upper_to_squashfs(
         assert proc.stdin is not None
         broken = False
         try:
-            sink = _HashingWriter(proc.stdin)  # type: ignore[arg-type]
+            sink = HashingWriter(proc.stdin)  # type: ignore[arg-type]
             tf = _open_tar(sink)
             _write_overlayfs(tf, upper_dir)
             tf.close()

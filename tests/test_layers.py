@@ -24,8 +24,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "sifoverlay"
 

@@ -4,9 +4,9 @@ deterministic OCI-SIF from an OCI image layout (DIR or DIR:TAG) or a native SIF 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from sifoverlay.cli.output import add_json_flag, print_json
 
 HELP = "build an OCI-SIF from an OCI image layout or a native SIF"
 
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                         help="image to take from a multi-platform index (default: the host's)")
     parser.add_argument("--squash", action="store_true", help="flatten all layers into one squashfs layer")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = import_image(args.source, args.output, platform=args.platform, squash=args.squash, io=io_from_env())
     if args.json:
-        json.dump(result.as_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(result.as_dict())
         return 0
     print(f"{result.output}: {len(result.layers)} squashfs layer(s), {result.file_size} bytes"
           f"{' (squashed)' if result.squashed else ''}")

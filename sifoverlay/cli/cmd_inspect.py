@@ -4,9 +4,10 @@ the selected image (manifest, config, layers with their SIF offsets, the overlay
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
+
+from sifoverlay.cli.output import add_json_flag, print_json
 
 if TYPE_CHECKING:
     from sifoverlay.ocisif.model import OciSifImage
@@ -22,15 +23,14 @@ def register(sub: Any) -> None:
         description=HELP + ". Works on native SIFs too (no OCI part). Read-only.",
     )
     parser.add_argument("image", metavar="IMAGE", help="SIF or OCI-SIF file")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     report = inspect_file(args.image)
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(report)
     else:
         sys.stdout.write(render_text(report))
     return 0

@@ -1,24 +1,24 @@
 """`sifoverlay overlay create|status|sync|seal`: the writable overlay of an OCI-SIF.
 
-Imports only argparse at module level: the engine is imported inside `run`, so that a
-no-op `overlay sync` costs little more than reading the header, table, JSON and the
-ext3 superblock.
+Imports only argparse and the stdlib-only `cli.output` at module level: the engine is
+imported inside `run`, so that a no-op `overlay sync` costs little more than reading the
+header, table, JSON and the ext3 superblock.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from typing import Any
+
+from sifoverlay.cli.output import ProgressBar, add_json_flag, hashing_text, print_json, progress
 
 HELP = "create, inspect, reconcile or seal the writable ext3 overlay of an OCI-SIF"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", help="OCI-SIF file")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.add_argument(
         "--journal-dir", metavar="DIR", default=None,
         help="journal directory (default: $SIFOVERLAY_JOURNAL_DIR, /var/lib/sifoverlay/journal "
@@ -66,61 +66,27 @@ def register(sub: Any) -> None:
     seal.set_defaults(func=run, verb="seal")
 
 
-class _ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.last = 0.0
-        self.drawn = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.1 and done < total:
-            return
-        self.last = now
-        pct = 100.0 * done / total if total else 100.0
-        width = 30
-        filled = int(width * done / total) if total else width
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
-                         f"{done / (1 << 30):.2f}/{total / (1 << 30):.2f} GiB")
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+def run(args: argparse.Namespace) -> int:
+    with progress("hashing overlay", quiet=args.json, render=hashing_text) as bar:
+        data, text = _do(args, bar)
     if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(data)
     else:
         sys.stdout.write(text + "\n")
-
-
-def run(args: argparse.Namespace) -> int:
-    bar = _ProgressBar("hashing overlay") if sys.stderr.isatty() and not args.json else None
-    try:
-        data, text = _do(args, bar)
-    finally:
-        if bar is not None:
-            bar.close()  # end the bar's line before anything goes to stdout
-    _emit(args, data, text)
     return 0
 
 
-def _do(args: argparse.Namespace, bar: _ProgressBar | None) -> tuple[dict[str, Any], str]:
+def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, Any], str]:
     from sifoverlay.fsio import io_from_env
 
     verb = args.verb
     if verb == "sync":
         from sifoverlay.engine.reconcile import sync
+        from sifoverlay.metrics.record import recording  # HOOK (metrics): --textfile-dir
 
-        result = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
-                      progress=bar, force_hash=args.force_hash)
+        with recording(args.textfile_dir, "sync") as rec:  # HOOK (metrics): counts result or error
+            result = rec.outcome = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
+                                        progress=bar, force_hash=args.force_hash)
         return result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})"
     if verb == "status":
         from sifoverlay.engine.status import status

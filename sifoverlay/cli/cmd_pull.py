@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
+
+from sifoverlay.cli.output import add_json_flag, print_json, progress
 
 HELP = "pull an image from a registry (oras:// SIF artifact or docker:// image) into a file"
 
@@ -21,25 +21,19 @@ def register(sub: Any) -> None:
     parser.add_argument("output", metavar="OUT", help="file to write")
     parser.add_argument("--plain-http", action="store_true", help="talk plain HTTP (loopback test registries)")
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="docker:// image index: which image")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sifoverlay.cli.cmd_push import ProgressBar
     from sifoverlay.fsio import io_from_env
     from sifoverlay.registry import pull
 
-    bar = ProgressBar("pulling") if sys.stderr.isatty() and not args.json else None
-    try:
+    with progress("pulling", quiet=args.json) as bar:
         result = pull(args.ref, args.output, plain_http=args.plain_http, platform=args.platform,
                       progress=bar, io=io_from_env())
-    finally:
-        if bar is not None:
-            bar.close()
     if args.json:
-        json.dump(result.as_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(result.as_dict())
         return 0
     print(f"pulled {result.reference} into {result.output} ({result.size} bytes, {result.seconds:.2f} s)")
     print(f"  manifest {result.manifest_digest}")

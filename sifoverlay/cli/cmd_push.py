@@ -4,42 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from typing import Any
 
+from sifoverlay.cli.output import add_json_flag, print_json, progress
+
 HELP = "reconcile the overlay, then push the image to a registry (oras:// or docker://)"
-
-
-class ProgressBar:
-    """One-line progress on stderr (TTY only), redrawn at most 10 times a second."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.last = 0.0
-        self.drawn = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.1 and done != total:
-            return
-        self.last = now
-        mib = done / (1 << 20)
-        if total > 0:
-            width = 30
-            filled = int(width * min(done, total) / total)
-            text = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {mib:8.1f} / {total / (1 << 20):.1f} MiB"
-        else:
-            text = f"\r{self.label} {mib:8.1f} MiB"
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def register(sub: Any) -> None:
@@ -56,7 +25,7 @@ def register(sub: Any) -> None:
                         help="docker:// only: layers as stored (default) or OCI tar+gzip layers")
     parser.add_argument("--plain-http", action="store_true", help="talk plain HTTP (loopback test registries)")
     parser.add_argument("--journal-dir", help="engine journal directory (default: see `overlay sync`)")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -64,16 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from sifoverlay.fsio import io_from_env
     from sifoverlay.registry import push
 
-    bar = ProgressBar("pushing") if sys.stderr.isatty() and not args.json else None
-    try:
+    with progress("pushing", quiet=args.json) as bar:
         result = push(args.image, args.ref, layer_format=args.layer_format, plain_http=args.plain_http,
                       progress=bar, journal_dir=args.journal_dir, io=io_from_env())
-    finally:
-        if bar is not None:
-            bar.close()
     if args.json:
-        json.dump(result.as_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(result.as_dict())
         return 0
     if result.sync is not None:
         print(f"{result.image}: overlay {result.sync['action']} ({result.sync['new_digest']})")

@@ -8,9 +8,10 @@ could not be recovered (it is kept; the outcome says why).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
+
+from sifoverlay.cli.output import add_json_flag, print_json
 
 HELP = "finish or roll back interrupted overlay operations"
 
@@ -18,7 +19,7 @@ HELP = "finish or roll back interrupted overlay operations"
 def register(sub: Any) -> None:
     parser = sub.add_parser("recover", help=HELP, description=HELP + " (idempotent, crash-safe).")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to recover (default: all with pending entries)")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    add_json_flag(parser)
     parser.add_argument("--journal-dir", metavar="DIR", default=None, help="journal directory (default: see `overlay sync --help`)")
     # HOOK (metrics) -- added by the metrics integration (sifoverlay/metrics/record.py):
     parser.add_argument("--textfile-dir", metavar="DIR", default=None,
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # HOOK (Slurm sweeper): `if getattr(args, "slurm", False):` run sifoverlay.slurm.sweeper here
     # and merge its report into `outcomes`.
     if args.json:
-        json.dump({"outcomes": [o.as_dict() for o in outcomes]}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json({"outcomes": [o.as_dict() for o in outcomes]})
     else:
         if not outcomes:
             sys.stdout.write("nothing to recover\n")

@@ -24,7 +24,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 
 from .commit import BlobSource, OpResult, commit
 from .journal import Journal
-from .recover import exclusive, temp_path
+from .recover import exclusive, scratch_file
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def create_overlay(
     owner_uid = st.st_uid if uid is None else uid
     owner_gid = st.st_gid if gid is None else gid
     with exclusive(image, journal=journal, job=None, source="create", io=io):
-        scratch = temp_path(image, "ext3")
-        try:
+        with scratch_file(image, "ext3", io=io) as scratch:
             make_overlay_fs(scratch, size_mib, sparse=sparse, uid=owner_uid, gid=owner_gid, io=io)
             size = os.stat(scratch).st_size
             fingerprint = Superblock.read(scratch, 0, size=size).fingerprint()
@@ -92,11 +91,6 @@ def create_overlay(
                 img = open_image(sif)
                 planned = plan.plan_create(img, ext3=BlobSource(digest, size, path=scratch, sparse=sparse), fingerprint=fingerprint, now=now)
                 commit(image, sif.fd, planned, journal, io=io)
-        except Exception:
-            if os.path.exists(scratch):
-                io.unlink(scratch)
-            raise
-        io.unlink(scratch)
     offset = next(b.offset for b in planned.blobs if b.source.digest == digest)
     log.info("%s: created a %d MiB overlay at offset %d (%s)", image, size_mib, offset, digest)
     return OpResult("created", image, planned.old_root_digest, planned.new_root_digest, digest, offset, size,

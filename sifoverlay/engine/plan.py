@@ -123,7 +123,7 @@ def plan_sync(img: OciSifImage, *, new_digest: str, fingerprint: Mapping[str, An
     """Overlay bytes now hash to `new_digest`: descriptor extra, manifest last layer and
     last diff_id follow; the fingerprint annotation is refreshed. Offset/size unchanged.
     With an unchanged digest only the annotation (manifest + index) changes."""
-    overlay = _require_overlay(img)
+    overlay = img.require_overlay()
     last = len(img.layers) - 1
     annotations = dict(img.layers[last].annotations)
     annotations[OVERLAY_FINGERPRINT_ANNOTATION] = fingerprint_text(fingerprint)
@@ -155,7 +155,7 @@ def plan_create(img: OciSifImage, *, ext3: BlobSource, fingerprint: Mapping[str,
 
 def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None) -> CommitPlan:
     """Replace the ext3 layer by a squashfs layer; the ext3 object is freed."""
-    overlay = _require_overlay(img)
+    overlay = img.require_overlay()
     last = len(img.layers) - 1
     annotations = {k: v for k, v in img.layers[last].annotations.items() if k != OVERLAY_FINGERPRINT_ANNOTATION}
     manifest = jsonedit.replace_layer(
@@ -170,9 +170,3 @@ def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None)
     )
     assert plan is not None
     return plan
-
-
-def _require_overlay(img: OciSifImage) -> Any:
-    if img.overlay is None:
-        raise OverlayStateError(img.path, "image does not contain a writable overlay (last layer is not ext3)")
-    return img.overlay

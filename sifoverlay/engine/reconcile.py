@@ -65,9 +65,7 @@ def _fast_noop(path: str, journal: Journal) -> str | None:
         return None
     try:
         with open_image(path) as img:
-            overlay = img.overlay
-            if overlay is None:
-                raise OverlayStateError(path, "image does not contain a writable overlay (last layer is not ext3)")
+            overlay = img.require_overlay()
             if overlay.fingerprint is None:
                 return None
             sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
@@ -112,21 +110,18 @@ def _slow_sync(
     from .recover import exclusive
 
     with open_image(image) as img:  # locate the overlay for quiesce and the lock range
-        if img.overlay is None:
-            raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
-        region = (img.overlay.offset, img.overlay.size)
+        located = img.require_overlay()
+        region = (located.offset, located.size)
     quiesce.ensure_quiet(image, *region, job=job, writers_only=True)
     with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region) as lease_held:
         with SifFile.open(image, writable=True, io=io) as sif:
             img = open_image(sif)
-            overlay = img.overlay
-            if overlay is None:
-                raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
+            overlay = img.require_overlay()
             replayed = False
-            if Superblock.read(sif.fd, overlay.offset, size=overlay.size).is_dirty:
-                result = replay_and_fsck(image, overlay.offset, overlay.size, io=io)
-                replayed = result.checked  # journal replayed and/or e2fsck -p ran
-            sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)  # after fsck (§6)
+            sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
+            if sb.is_dirty:
+                replayed = replay_and_fsck(image, overlay.offset, overlay.size, io=io).checked  # replay and/or e2fsck -p
+                sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)  # fingerprint after fsck (§6)
             fingerprint = sb.fingerprint()
             old = overlay.recorded_digest
             if fingerprint == overlay.fingerprint and not force_hash and not replayed:

@@ -45,18 +45,36 @@ class RecoverOutcome:
         return {"image": self.image, "op": self.op, "outcome": self.outcome, "detail": self.detail}
 
 
-def temp_path(image: str, suffix: str) -> str:
-    """A scratch file beside the image, named so `sweep_temp_files` can judge it."""
+def _scratch_prefix(image: str) -> tuple[str, str]:
+    """(directory, name prefix) of this host's scratch files for `image`."""
     directory, name = os.path.split(os.path.abspath(image))
     host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
-    return os.path.join(directory, f".{name}{TEMP_MARK}{host}-{os.getpid()}.{suffix}")
+    return directory, f".{name}{TEMP_MARK}{host}-"
+
+
+def temp_path(image: str, suffix: str) -> str:
+    """A scratch file beside the image, named so `sweep_temp_files` can judge it."""
+    directory, prefix = _scratch_prefix(image)
+    return os.path.join(directory, f"{prefix}{os.getpid()}.{suffix}")
+
+
+@contextlib.contextmanager
+def scratch_file(image: str, suffix: str, *, io: FileIO = REAL_IO) -> Iterator[str]:
+    """`temp_path`, removed afterwards. Only on success or an ordinary error: a simulated
+    crash (BaseException) leaves it behind, as a real crash would, for `sweep_temp_files`."""
+    path = temp_path(image, suffix)
+    try:
+        yield path
+    except Exception:
+        if os.path.exists(path):
+            io.unlink(path)
+        raise
+    io.unlink(path)
 
 
 def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
     """Remove scratch files of `image` left by dead processes of this host."""
-    directory, name = os.path.split(os.path.abspath(image))
-    host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
-    prefix = f".{name}{TEMP_MARK}{host}-"
+    directory, prefix = _scratch_prefix(image)
     removed = []
     try:
         names = os.listdir(directory)
@@ -66,7 +84,7 @@ def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
         if not entry.startswith(prefix):
             continue
         pid_text = entry[len(prefix) :].split(".", 1)[0]
-        if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+        if pid_text.isdigit() and pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
             continue
         path = os.path.join(directory, entry)
         try:
@@ -77,7 +95,8 @@ def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with `pid` exists on this host (EPERM: yes, another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -176,7 +195,7 @@ def recover(
         for entry in journal.pending():
             if entry.intent is not None:
                 images.append(entry.intent.image)
-            elif entry.owner_pid is None or not _pid_alive(entry.owner_pid):
+            elif entry.owner_pid is None or not pid_alive(entry.owner_pid):
                 journal.remove(entry)  # torn INTENT of a dead writer: image never touched
                 outcomes.append(RecoverOutcome("?", None, "nothing", f"void entry {os.path.basename(entry.path)} removed"))
         targets = list(dict.fromkeys(images))

@@ -24,7 +24,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 
 from .commit import BlobSource, OpResult, commit
 from .journal import Journal
-from .recover import exclusive, temp_path
+from .recover import exclusive, pid_alive, scratch_file
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +107,13 @@ def sweep_dead_mounts() -> list[str]:
     for name in os.listdir(scratch):
         pid = name[len(MOUNT_PREFIX) :].split("-", 1)[0]
         path = os.path.join(scratch, name)
-        if name.startswith(MOUNT_PREFIX) and pid.isdigit() and not _alive(int(pid)) and not os.path.ismount(path):
+        if name.startswith(MOUNT_PREFIX) and pid.isdigit() and not pid_alive(int(pid)) and not os.path.ismount(path):
             try:
                 os.rmdir(path)  # io-seam: exempt (empty scratch mountpoint of a dead seal)
                 swept.append(path)
             except OSError:
                 pass
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _to_squashfs(upper: str, out: str, io: FileIO) -> None:
-    from sifoverlay.upper import upper_to_squashfs
-
-    upper_to_squashfs(upper, out, io=io)
 
 
 def seal(
@@ -139,9 +123,10 @@ def seal(
     io: FileIO = REAL_IO,
     now: int | None = None,
 ) -> OpResult:
-    from sifoverlay.ext3 import Superblock, hash_range, replay_and_fsck
+    from sifoverlay.ext3 import Superblock, replay_and_fsck
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
+    from sifoverlay.upper import upper_to_squashfs
 
     from . import plan, quiesce
 
@@ -149,35 +134,24 @@ def seal(
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
     with open_image(image) as img:
-        if img.overlay is None:
-            raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
-        region = (img.overlay.offset, img.overlay.size)
+        located = img.require_overlay()
+        region = (located.offset, located.size)
     sweep_dead_mounts()
     quiesce.ensure_quiet(image, *region, writers_only=False)
     with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region):
         with SifFile.open(image, writable=True, io=io) as sif:
             img = open_image(sif)
-            overlay = img.overlay
-            if overlay is None:
-                raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
+            overlay = img.require_overlay()
             if Superblock.read(sif.fd, overlay.offset, size=overlay.size).is_dirty:
                 replay_and_fsck(image, overlay.offset, overlay.size, io=io)
-            scratch = temp_path(image, "sqfs")
-            try:
+            with scratch_file(image, "sqfs", io=io) as scratch:
                 with mounted_ro(image, overlay.offset) as mountpoint:
                     upper = os.path.join(mountpoint, "upper")
                     if not os.path.isdir(upper):
                         raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
-                    _to_squashfs(upper, scratch, io)
-                size = os.stat(scratch).st_size
-                digest = hash_range(scratch, 0, size)
+                    digest, size = upper_to_squashfs(upper, scratch, io=io)  # hashed once, there
                 planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now)
                 commit(image, sif.fd, planned, journal, io=io)
-            except Exception:
-                if os.path.exists(scratch):
-                    io.unlink(scratch)
-                raise
-            io.unlink(scratch)
     offset = next((b.offset for b in planned.blobs if b.source.digest == digest), -1)
     log.info("%s: sealed overlay into squashfs layer %s (%d bytes)", image, digest, size)
     return OpResult("sealed", image, planned.old_root_digest, planned.new_root_digest, digest, offset, size,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sifoverlay.errors import OverlayStateError, RecoveryNeeded, SifOverlayError
+from sifoverlay.errors import RecoveryNeeded, SifOverlayError
 
 from .journal import Journal
 
@@ -70,9 +70,7 @@ def status(
             raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
         raise
     with img:
-        overlay = img.overlay
-        if overlay is None:
-            raise OverlayStateError(image, "image does not contain a writable overlay (last layer is not ext3)")
+        overlay = img.require_overlay()
         sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
         now = sb.fingerprint()
         busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size) if a.writer]

@@ -9,6 +9,7 @@
 | SIFOVERLAY_RECHECK_SECONDS | level-based re-check of running/reconciling resources | 30 |
 | SIFOVERLAY_DRIFT_SECONDS | drift check (engine.status) of finished resources | 300 |
 | SIFOVERLAY_METRICS_PORT | Prometheus port, 0 = off | 9108 |
+| SIFOVERLAY_METRICS_ADDR | address the metrics server binds | 0.0.0.0 |
 | SIFOVERLAY_FUSE_ACCESS | devicePlugin, hostPath or privileged (see builders.PodPolicy) | devicePlugin |
 | SIFOVERLAY_FUSE_RESOURCE | the device plugin's extended resource for /dev/fuse | smarter-devices/fuse |
 | SIFOVERLAY_USER_NAMESPACES | "true": workload pods get hostUsers: false | false |
@@ -38,6 +39,7 @@ class OperatorConfig:
     recheck_seconds: float = 30.0
     drift_seconds: float = 300.0
     metrics_port: int = 9108
+    metrics_addr: str = "0.0.0.0"
     pod_policy: PodPolicy = field(default_factory=PodPolicy)
 
     def journal_for(self, ref: ImageRef) -> str | None:
@@ -107,5 +109,6 @@ def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
         recheck_seconds=_number(env, "SIFOVERLAY_RECHECK_SECONDS", 30.0),
         drift_seconds=_number(env, "SIFOVERLAY_DRIFT_SECONDS", 300.0),
         metrics_port=int(_number(env, "SIFOVERLAY_METRICS_PORT", 9108)),
+        metrics_addr=env.get("SIFOVERLAY_METRICS_ADDR") or "0.0.0.0",
         pod_policy=policy,
     )

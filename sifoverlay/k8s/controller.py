@@ -101,8 +101,10 @@ class Controller:
     def start(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         with self._lock(meta["namespace"], meta["name"]):
+            # the handler's body may predate a status written by an event handler: re-read
+            body = self.api.get_overlayjob(meta["namespace"], meta["name"]) or body
             status = dict(body.get("status") or {})
-            if st.is_terminal(status):
+            if st.is_terminal(status) or body["metadata"].get("uid") != meta["uid"]:
                 return
             if status.get("phase") in (wk.PHASE_RUNNING, wk.PHASE_RECONCILING):
                 self._recheck_locked(body, status)  # resumed after a restart
@@ -344,8 +346,8 @@ class Controller:
     def check_drift(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         status = dict(body.get("status") or {})
-        if not st.is_terminal(status):
-            return
+        if not st.is_terminal(status) or status.get("sealed"):
+            return  # a sealed overlay is a read-only layer now: nothing can drift
         ref = builders.image_ref(body["spec"], meta["namespace"], name=meta["name"])
         local = ref.local_path(self.config.volume_roots)
         if local is None:

@@ -101,7 +101,7 @@ class Operator:
         settings.execution.max_workers = 8
         settings.posting.level = logging.INFO  # our explicit events below; not every log line
         self.controller = Controller(KubeApi(load_client()), self.config, notify=_post_event)
-        metrics.serve(self.config.metrics_port)
+        metrics.serve(self.config.metrics_port, self.config.metrics_addr)
 
     # --- the OverlayJob ----------------------------------------------------------------------------
     def start(self, body: kopf.Body, **_: Any) -> None:

@@ -69,7 +69,7 @@ def started(status: Mapping[str, Any] | None, *, identity: str, holder: str, job
 def pod_running(status: Mapping[str, Any] | None, *, pod: str, writable: bool, generation: int, now: dt.datetime) -> Obj:
     how = "read-write" if writable else "read-only"
     return {"conditions": set_conditions(
-        _conds(status), condition(wk.COND_MOUNTED, True, wk.REASON_JOB_STARTED,
+        _conds(status), condition(wk.COND_MOUNTED, True, wk.REASON_POD_RUNNING,
                                   f"pod {pod} is running with the overlay mounted {how}", generation=generation, now=now))}
 
 

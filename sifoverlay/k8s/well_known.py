@@ -88,9 +88,10 @@ CONDITION_TYPES: Final = (
 REASON_ACQUIRED: Final = "Acquired"
 REASON_HELD_BY_OTHER: Final = "HeldByOther"
 REASON_RELEASED: Final = "Released"
-REASON_JOB_CREATED: Final = "JobCreated"  # Mounted=True: the pod mounts the overlay itself
+REASON_JOB_CREATED: Final = "JobCreated"  # Event: the child Job was created
 REASON_UNMOUNTED: Final = "Unmounted"
 REASON_JOB_STARTED: Final = "JobStarted"
+REASON_POD_RUNNING: Final = "PodRunning"  # Mounted=True: `sifoverlay exec` runs in the pod
 REASON_JOB_SUCCEEDED: Final = "JobSucceeded"
 REASON_JOB_FAILED: Final = "JobFailed"
 REASON_POD_EVICTED: Final = "PodEvicted"
@@ -111,7 +112,6 @@ REASON_UNKNOWN_STATE: Final = "StateUnknown"
 REASON_BAD_SPEC: Final = "InvalidSpec"
 REASON_BAD_IMAGE: Final = "InvalidImage"
 REASON_RECONCILE_ERROR: Final = "ReconcileError"
-REASON_KERNEL_MOUNTS_DISABLED: Final = "KernelMountsDisabled"
 
 # --- job results recorded in status.jobResult ------------------------------------------------
 RESULT_SUCCEEDED: Final = "Succeeded"

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..errors import NotAnOciSif, OciFormatError
+from ..errors import NotAnOciSif, OciFormatError, OverlayStateError
 from ..sif.constants import DataType
 from ..sif.descriptor import Descriptor
 from ..sif.load import SifFile
@@ -106,6 +106,12 @@ class OciSifImage:
     @property
     def path(self) -> str:
         return self.sif.path
+
+    def require_overlay(self) -> Overlay:
+        """The writable overlay; OverlayStateError when the last layer is not ext3."""
+        if self.overlay is None:
+            raise OverlayStateError(self.path, "image does not contain a writable overlay (last layer is not ext3)")
+        return self.overlay
 
     def blob(self, digest: str) -> Descriptor:
         """The SIF object holding `digest` (OciFormatError if there is none)."""

@@ -31,10 +31,11 @@ import subprocess
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import Final
 
 from ..errors import ExternalToolError
 from ..fsio import REAL_IO, FileIO
+from ..upper import HashingWriter
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,6 @@ class SquashfsFile:
     size: int
 
 
-class _CountingWriter:
-    """What tarfile mode 'w' needs from a pipe: write() and tell() (stream mode is 4x slower)."""
-
-    def __init__(self, pipe: IO[bytes]) -> None:
-        self.pipe = pipe
-        self.position = 0
-
-    def write(self, data: bytes) -> int:
-        self.pipe.write(data)
-        self.position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.position
-
-
 def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -87,7 +72,7 @@ def build_from_tar(out_path: str, write_entries: Callable[[tarfile.TarFile], obj
     assert proc.stdin is not None and proc.stdout is not None
     failure: BaseException | None = None
     try:
-        with tarfile.open(fileobj=_CountingWriter(proc.stdin), mode="w", format=tarfile.PAX_FORMAT) as out:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=HashingWriter(proc.stdin), mode="w", format=tarfile.PAX_FORMAT) as out:  # type: ignore[call-overload]
             out.copybufsize = 1 << 20
             write_entries(out)
     except BrokenPipeError as exc:  # tar2sqfs gave up: its own message says why

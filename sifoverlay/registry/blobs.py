@@ -1,5 +1,6 @@
-"""Blob uploads: a byte range of a file (layers inside the SIF, the SIF itself) and a
-stream produced on the fly (converted tar layers), both in bounded-memory chunks."""
+"""Blob transfers in bounded-memory chunks. Uploads: a byte range of a file (layers
+inside the SIF, the SIF itself) and a stream produced on the fly (converted tar layers).
+Downloads: a response body written through the io seam and hashed on the way."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Final
+
+from sifoverlay.errors import UsageError
+from sifoverlay.fsio import FileIO
 
 from .client import CHUNK_SIZE, BlobUpload, Progress, RegistryClient
 
 log = logging.getLogger(__name__)
+
+DOWNLOAD_CHUNK: Final = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +107,30 @@ class StreamingBlob:
         self.digest = "sha256:" + self._hash.hexdigest()
         self._upload.finish(self.digest)
         return PushedBlob(self.digest, self.size, True)
+
+
+def output_directory(out: str) -> str:
+    """The existing directory a pull writes `out` into (temp files go there too)."""
+    if os.path.isdir(out):
+        raise UsageError(out, "output is a directory")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise UsageError(out, "output directory does not exist")
+    return directory
+
+
+def receive(response: Any, fd: int, *, io: FileIO, tally: ProgressTotal | None = None) -> tuple[str, int]:
+    """Write the streamed body of `response` (requests) into `fd` from offset 0, hashing
+    it on the way; the response is closed. Returns ('sha256:<hex>', bytes written): the
+    caller compares them with what the manifest promised."""
+    hasher, written = hashlib.sha256(), 0
+    try:
+        for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
+            io.pwrite(fd, chunk, written)
+            hasher.update(chunk)
+            written += len(chunk)
+            if tally is not None:
+                tally.add(len(chunk))
+    finally:
+        response.close()
+    return "sha256:" + hasher.hexdigest(), written

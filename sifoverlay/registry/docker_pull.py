@@ -12,7 +12,6 @@ Either way OUT appears atomically (temp + rename) and the layout is removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 from sifoverlay.ocisif import jsonedit, open_image
 from sifoverlay.ocisif import mediatypes as mt
 
+from .blobs import ProgressTotal, output_directory, receive
 from .client import Progress, RegistryClient
 from .refs import Reference
 from .results import PullResult
@@ -33,18 +33,13 @@ from .results import PullResult
 log = logging.getLogger(__name__)
 
 ACCEPT: Final = (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST, mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST)
-_CHUNK: Final = 4 << 20
 _JSON_LIMIT: Final = 8 << 20
 
 
 def pull_image(ref: Reference, out: str, *, plain_http: bool = False, platform: str | None = None,
                progress: Progress | None = None, io: FileIO = REAL_IO) -> PullResult:
     start = time.monotonic()
-    directory = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise UsageError(out, "output is a directory")
-    if not os.path.isdir(directory):
-        raise UsageError(out, "output directory does not exist")
+    directory = output_directory(out)
     client = RegistryClient(ref, plain_http=plain_http, actions="pull")
     raw, media_type = _manifest(client, ref.reference, ref.digest)
     if mt.is_index(media_type) or mt.is_index(_json(raw, client).get("mediaType")):
@@ -119,13 +114,13 @@ def _fetch_layout(client: RegistryClient, layout: str, manifest_raw: bytes, mani
     blob_dir = os.path.join(layout, "blobs", "sha256")
     io.makedirs(blob_dir, 0o700)
     paths: dict[str, str] = {}
-    done = [0]
+    tally = ProgressTotal(progress, total)
     for blob in blobs:
         digest = blob["digest"]
         if digest in paths:
             continue
         path = os.path.join(blob_dir, digest.split(":", 1)[1])
-        _download(client, digest, int(blob.get("size") or -1), path, done, total, progress, io)
+        _download(client, digest, int(blob.get("size") or -1), path, tally, io)
         paths[digest] = path
     manifest_digest = jsonedit.digest_of(manifest_raw)
     io.write_file_atomic(os.path.join(blob_dir, manifest_digest.split(":", 1)[1]), manifest_raw, durable=False)
@@ -136,23 +131,13 @@ def _fetch_layout(client: RegistryClient, layout: str, manifest_raw: bytes, mani
     return paths
 
 
-def _download(client: RegistryClient, digest: str, size: int, path: str, done: list[int], total: int,
-              progress: Progress | None, io: FileIO) -> None:
+def _download(client: RegistryClient, digest: str, size: int, path: str, tally: ProgressTotal, io: FileIO) -> None:
     response = client.get_blob(digest)
-    hasher, written = hashlib.sha256(), 0
     fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for chunk in response.iter_content(chunk_size=_CHUNK):
-            io.pwrite(fd, chunk, written)
-            hasher.update(chunk)
-            written += len(chunk)
-            done[0] += len(chunk)
-            if progress is not None:
-                progress(done[0], total)
+        actual, written = receive(response, fd, io=io, tally=tally)
     finally:
-        response.close()
         io.close(fd)
-    actual = "sha256:" + hasher.hexdigest()
     if actual != digest or (size >= 0 and written != size):
         raise RegistryError(str(client.ref), f"blob {digest} arrived as {written} bytes hashing to {actual}")
 

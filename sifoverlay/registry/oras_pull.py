@@ -14,10 +14,11 @@ import os
 import time
 from typing import Any, Final
 
-from sifoverlay.errors import RegistryError, UsageError
+from sifoverlay.errors import RegistryError
 from sifoverlay.fsio import REAL_IO, FileIO
 from sifoverlay.ocisif import mediatypes as mt
 
+from .blobs import ProgressTotal, output_directory, receive
 from .client import Progress
 from .oras_client import OrasRegistry
 from .refs import Reference
@@ -26,17 +27,12 @@ from .results import PullResult
 log = logging.getLogger(__name__)
 
 LEGACY_SIF_LAYER: Final = "appliciation/vnd.sylabs.sif.layer.tar"  # sic: old SingularityCE pushes
-_CHUNK: Final = 4 << 20
 
 
 def pull_file(ref: Reference, out: str, *, plain_http: bool = False, progress: Progress | None = None,
               io: FileIO = REAL_IO) -> PullResult:
     start = time.monotonic()
-    directory = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise UsageError(out, "output is a directory")
-    if not os.path.isdir(directory):
-        raise UsageError(out, "output directory does not exist")
+    directory = output_directory(out)
     registry = OrasRegistry(ref, plain_http=plain_http)
     container = f"{ref.api_host}/{ref.repository}:{ref.tag}"
     manifest_raw, manifest = _manifest(registry, container, ref)
@@ -48,17 +44,7 @@ def pull_file(ref: Reference, out: str, *, plain_http: bool = False, progress: P
     tmp = os.path.join(directory, f".{os.path.basename(out)}.pull.{os.getpid()}")
     fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        hasher, done = hashlib.sha256(), 0
-        try:
-            for chunk in response.iter_content(chunk_size=_CHUNK):
-                io.pwrite(fd, chunk, done)
-                hasher.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, size)
-        finally:
-            response.close()
-        actual = "sha256:" + hasher.hexdigest()
+        actual, done = receive(response, fd, io=io, tally=ProgressTotal(progress, size))
         if actual != digest or done != size:
             raise RegistryError(str(ref), f"downloaded blob has {done} bytes hashing to {actual}, "
                                           f"the manifest says {size} bytes {digest}; nothing written")

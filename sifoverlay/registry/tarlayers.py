@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,7 +37,7 @@ from sifoverlay.errors import ExternalToolError, OverlayStateError
 from sifoverlay.ext3.tools import output_tail
 from sifoverlay.runtime import mounts
 from sifoverlay.upper import COPY_BUF, OPAQUE_MARKER as OPAQUE, OPAQUE_XATTRS, WHITEOUT_PREFIX as WHITEOUT
-from sifoverlay.upper import is_overlay_xattr, upper_to_tar
+from sifoverlay.upper import HashingWriter, is_overlay_xattr, upper_to_tar
 
 from .blobs import ProgressTotal, PushedBlob, StreamingBlob
 from .client import RegistryClient
@@ -56,31 +55,35 @@ class TarLayer:
     tar_size: int
 
 
-class _HashingGzip:
-    """gzip writer that also hashes what it compresses. No flush(): upper_to_tar would
-    call it, and a zlib sync flush changes the compressed bytes for nothing."""
+class _Gzip:
+    """gzip writer with no flush(): upper_to_tar would call it, and a zlib sync flush
+    changes the compressed bytes for nothing. The tar's diff_id is hashed by the caller's
+    HashingWriter."""
 
     def __init__(self, sink: StreamingBlob) -> None:
         # mtime=0 and no file name: the same tree always gives the same blob digest
         self._gzip = gzip.GzipFile(filename="", mode="wb", fileobj=sink,  # type: ignore[arg-type]
                                    compresslevel=GZIP_LEVEL, mtime=0)
-        self._hash = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
-        self._hash.update(data)
         return self._gzip.write(data)
 
-    def close(self) -> str:
+    def close(self) -> None:
         self._gzip.close()  # writes the gzip trailer into the sink; does not close it
-        return "sha256:" + self._hash.hexdigest()
 
 
 def stream_tree(client: RegistryClient, tree: str, tally: ProgressTotal | None) -> TarLayer:
     """Upload the directory `tree` (upper convention) as one gzip tar layer."""
+    return _upload_gzip_tar(client, tally, lambda zipped: upper_to_tar(tree, zipped))  # type: ignore[arg-type]
+
+
+def _upload_gzip_tar(client: RegistryClient, tally: ProgressTotal | None,
+                     write_tar: Callable[[_Gzip], tuple[str, int]]) -> TarLayer:
+    """Upload, gzipped, the tar that `write_tar` writes; it returns (diff_id, tar size)."""
     sink = StreamingBlob(client, tally)
     try:
-        zipped = _HashingGzip(sink)
-        diff_id, tar_size = upper_to_tar(tree, zipped)  # type: ignore[arg-type]
+        zipped = _Gzip(sink)
+        diff_id, tar_size = write_tar(zipped)
         zipped.close()
         blob = sink.close()
     except Exception:
@@ -120,22 +123,6 @@ def ext3_view(fd: int, offset: int) -> Iterator[str]:
                 shutil.rmtree(work, ignore_errors=True)  # io-seam: exempt (our private temp dir)
 
 
-class _TarSink:
-    """What tarfile mode 'w' needs (write + tell), hashing the tar on its way to gzip."""
-
-    def __init__(self, zipped: _HashingGzip) -> None:
-        self.zipped = zipped
-        self.position = 0
-
-    def write(self, data: bytes) -> int:
-        self.zipped.write(data)
-        self.position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.position
-
-
 def _marker(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.uid, info.gid, info.mtime = tarfile.REGTYPE, 0o600, 0, 0, 0
@@ -166,21 +153,13 @@ def stream_squashfs_layer(client: RegistryClient, fd: int, offset: int, size: in
     with tempfile.TemporaryDirectory(prefix="sifoverlay-push-") as work:
         scratch = os.path.join(work, "layer.sqfs")
         _clone_range(fd, offset, size, scratch)
-        sink = StreamingBlob(client, tally)
-        try:
-            zipped = _HashingGzip(sink)
-            tar_size = _sqfs2tar_aufs(scratch, _TarSink(zipped))
-            diff_id = zipped.close()
-            blob = sink.close()
-        except Exception:
-            sink.cancel()
-            raise
-    log.info("%s: tar layer %s (diff_id %s, %d -> %d bytes)", client.ref, blob.digest, diff_id, tar_size, blob.size)
-    return TarLayer(blob, diff_id, tar_size)
+        return _upload_gzip_tar(client, tally, lambda zipped: _sqfs2tar_aufs(scratch, zipped))
 
 
-def _sqfs2tar_aufs(squashfs: str, sink: _TarSink) -> int:
-    """Run sqfs2tar on `squashfs` and write its tree in the AUFS convention to `sink`."""
+def _sqfs2tar_aufs(squashfs: str, zipped: _Gzip) -> tuple[str, int]:
+    """Run sqfs2tar on `squashfs` and write its tree in the AUFS convention to `zipped`;
+    return the tar's (diff_id, size)."""
+    sink = HashingWriter(zipped)  # type: ignore[arg-type]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(["sqfs2tar", "--no-skip", squashfs], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=errors)
@@ -209,7 +188,7 @@ def _sqfs2tar_aufs(squashfs: str, sink: _TarSink) -> int:
             raise ExternalToolError(None, f"sqfs2tar failed (exit code {rc}): {tail}",
                                     tool="sqfs2tar", returncode=rc, output_tail=tail)
     out.close()  # end-of-archive blocks only after a complete, successful read
-    return out.offset
+    return sink.digest, sink.count  # out.offset would miss the record padding
 
 
 def _clone_range(fd: int, offset: int, size: int, dest: str) -> None:

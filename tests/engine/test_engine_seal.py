@@ -15,14 +15,19 @@ from tests.conftest import require_root, require_tool
 from tests.engine.conftest import assert_consistent, kernel_rw_mount, modify_overlay, region, sh, sha256_range
 
 
-def _listing(image: Path, tmp: Path) -> dict[str, str]:
-    """path -> `ls -l` type/mode column of the sealed squashfs layer (unsquashfs -lls)."""
+def _last_layer(image: Path, out: Path) -> Path:
+    """Copy the image's last layer (the sealed squashfs) into the file `out`."""
     with open_image(image) as img:
         layer = img.layers[-1]
-        raw = tmp / "layer.sqfs"
         with open(image, "rb") as f:
             f.seek(layer.descriptor.offset)
-            raw.write_bytes(f.read(layer.size))
+            out.write_bytes(f.read(layer.size))
+    return out
+
+
+def _listing(image: Path, tmp: Path) -> dict[str, str]:
+    """path -> `ls -l` type/mode column of the sealed squashfs layer (unsquashfs -lls)."""
+    raw = _last_layer(image, tmp / "layer.sqfs")
     out = sh("unsquashfs", "-lls", "-d", "", str(raw)).stdout
     entries = {}
     for line in out.splitlines():
@@ -93,12 +98,7 @@ def test_seal_kernel_overlayfs_upper_strips_origin_xattrs(overlay_image: Path, t
     listing = _listing(overlay_image, tmp_path)
     assert listing["/doomed.txt"].startswith("c")
     assert listing["/dir/old.txt"].startswith("-")
-    with open_image(overlay_image) as img:
-        layer = img.layers[-1]
-        raw = tmp_path / "check.sqfs"
-        with open(overlay_image, "rb") as f:
-            f.seek(layer.descriptor.offset)
-            raw.write_bytes(f.read(layer.size))
+    raw = _last_layer(overlay_image, tmp_path / "check.sqfs")
     extracted = tmp_path / "extracted"
     sh("unsquashfs", "-d", str(extracted), str(raw))
     attrs = subprocess.run(["getfattr", "-R", "-d", "-m", "-", str(extracted)], capture_output=True, text=True).stdout

@@ -50,22 +50,38 @@ def kernel_mount(image: Path, mountpoint: Path, *, offset: int = 0, size: int | 
 def fuse2fs_mount(image: Path, mountpoint: Path, *, read_only: bool = False, offset: int = 0) -> Iterator[Path]:
     """fuse2fs in the foreground; waits for the daemon to exit so its final superblock
     write has landed before the caller looks at the image."""
-    require_root()
     require_tool("fuse2fs")
+    opts = ["fakeroot"] + (["ro"] if read_only else []) + ([f"offset={offset}"] if offset else [])
+    with fuse_daemon(["fuse2fs", "-f", "-o", ",".join(opts), str(image)], mountpoint) as mounted_at:
+        yield mounted_at
+
+
+@contextmanager
+def mounted(*argv: str, target: Path) -> Iterator[Path]:
+    """Run a mount command; always unmount afterwards."""
+    require_root()
+    target.mkdir(exist_ok=True)
+    sh(*argv, str(target))
+    try:
+        yield target
+    finally:
+        sh("umount", str(target))
+
+
+@contextmanager
+def fuse_daemon(argv: list[str], mountpoint: Path) -> Iterator[Path]:
+    """A FUSE filesystem in the foreground; unmounted and reaped afterwards."""
+    require_root()
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing")
     mountpoint.mkdir(exist_ok=True)
-    opts = ["fakeroot"] + (["ro"] if read_only else []) + ([f"offset={offset}"] if offset else [])
-    proc = subprocess.Popen(
-        ["fuse2fs", "-f", "-o", ",".join(opts), str(image), str(mountpoint)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc = subprocess.Popen([*argv, str(mountpoint)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 10
         while not os.path.ismount(mountpoint):
             if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"fuse2fs did not mount {image}: {out}")
+                raise AssertionError(f"{argv[0]} did not mount: {proc.stdout.read() if proc.stdout else ''}")
             time.sleep(0.01)
         yield mountpoint
     finally:

@@ -228,6 +228,7 @@ class Site:
             "SIFOVERLAY_DRIFT_SECONDS": "1",
             "SIFOVERLAY_LEASE_RETRY_SECONDS": "0.5",
             "SIFOVERLAY_METRICS_PORT": str(self.metrics_port),
+            "SIFOVERLAY_METRICS_ADDR": "127.0.0.1",
         }
 
     def make_image(self, vectors: Path, relpath: str = "team/app.sif") -> Path:

@@ -8,6 +8,7 @@ computed here.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from sifoverlay import engine
 from sifoverlay.engine import sessions
 from sifoverlay.k8s import names
+from tests.conftest import require_tool
 from tests.k8s.conftest import WAIT, Cluster, Site, manifest_digest, overlay_sha256, wait_for, write_into_overlay
 
 pytestmark = pytest.mark.k8s
@@ -232,3 +234,51 @@ def test_drift_timer_flags_an_overlay_changed_after_the_reconcile(site: Site, cl
                      timeout=WAIT)
     assert drift["reason"] == "OverlayDrift"
     assert done["overlayDigestAfter"] in drift["message"]
+
+
+@pytest.mark.parametrize("disrupted, result, reason", [(False, "PodDeleted", "PodDeleted"),
+                                                       (True, "Evicted", "PodEvicted")])
+def test_pod_deleted_mid_run_waits_for_it_to_go_then_reconciles(disrupted: bool, result: str, reason: str, site: Site,
+                                                                 cluster: Cluster, vectors: Path, operator: object) -> None:
+    """kubectl delete pod (or a drain through the Eviction API, which marks the pod with a
+    DisruptionTarget condition first): terminating is not gone, the writer may still run."""
+    image = site.make_image(vectors)
+    before = overlay_sha256(image)
+    name = "drained" if disrupted else "killed"
+    cluster.create_overlayjob(name)
+    pod = cluster.start_pod(cluster.wait_job(f"{name}-run"), finalizer=True)
+    wait_for("Mounted", lambda: cluster.condition(name, "Mounted").get("status") == "True")
+    write_into_overlay(image, "w.txt", b"w\n", site.work)
+    if disrupted:
+        cluster.kube.core.patch_namespaced_pod_status(pod, cluster.ns, {"status": {"conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]}})
+    cluster.delete_pod(pod)  # MODIFIED with deletionTimestamp: still terminating
+    time.sleep(1.5)  # longer than the re-check interval: the timer had its chance to act too early
+    assert cluster.status(name)["phase"] == "Running"
+    assert engine.status(image, journal_dir=str(site.journal)).recorded_digest == before
+    cluster.release_pod(pod)  # DELETED
+    status = assert_reconciled(cluster, site, name, image, before, phase="Failed")
+    assert status["jobResult"] == result
+    assert cluster.condition(name, "JobRunning")["reason"] == reason
+    assert cluster.condition(name, "Mounted")["reason"] == "Unmounted"
+
+
+def test_seal_on_success_freezes_the_overlay_after_the_reconcile(site: Site, cluster: Cluster, vectors: Path,
+                                                                operator: object) -> None:
+    from sifoverlay.ocisif import open_image
+
+    require_tool("mksquashfs")
+    image = site.make_image(vectors)
+    cluster.create_overlayjob("sealed", policy={"sealOnSuccess": True})
+    pod = cluster.start_pod(cluster.wait_job("sealed-run"))
+    write_into_overlay(image, "final.txt", b"final\n", site.work)
+    reconciled = overlay_sha256(image)
+    cluster.pod_phase(pod, "Succeeded")
+    cluster.finish_job("sealed-run", "Complete")
+    status = cluster.wait_phase("sealed", "Succeeded")
+    assert status["sealed"] is True and status["overlayDigestAfter"] == reconciled
+    with open_image(image) as img:
+        assert img.overlay is None  # the ext3 layer became a read-only squashfs layer
+        assert str(img.manifest.digest) == status["manifestDigest"]
+    time.sleep(1.5)  # the drift timer ran at least once and must leave a sealed image alone
+    assert cluster.condition("sealed", "DriftDetected") == {}

@@ -14,9 +14,7 @@ Lease namespace (each test's own namespace here; the release namespace in the ch
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml

@@ -176,8 +176,17 @@ class PromStack:
         assert len(result) == 1, result
         return float(result[0]["value"][1])  # type: ignore[index]
 
-    def wait_value(self, expr: str, expected: float, timeout: float = 30.0) -> None:
-        wait_until(f"{expr} == {expected}", lambda: self.value(expr) == expected, timeout=timeout, step=0.5)
+    def wait_value(self, expr: str, expected: float, timeout: float = 60.0) -> None:
+        seen: list[float | None] = []
+
+        def check() -> bool:
+            seen.append(self.value(expr))
+            return seen[-1] == expected
+
+        try:
+            wait_until(f"{expr} == {expected}", check, timeout=timeout, step=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; values seen: {sorted(set(map(str, seen)))}") from None
 
     def get(self, path: str) -> object:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as resp:

@@ -63,6 +63,9 @@ def test_drift_lifecycle_seen_by_prometheus(prom: PromStack, run_exporter, image
                    str(image))
         assert proc.returncode == 0, proc.stderr
         assert ": reconciled (sha256:" in proc.stdout
+        assert "cannot record metrics" not in proc.stderr, proc.stderr
+        events = (prom.textfile_dir / "sifoverlay_events.prom").read_text()
+        assert f'sifoverlay_reconciles_total{{result="reconciled"}} {before + 1}' in events, events
         prom.wait_value(state_expr(image, "clean"), 1)
         prom.wait_value(reconciled, before + 1)
         assert prom.value(state_expr(image, "drift")) == 0

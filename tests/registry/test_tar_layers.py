@@ -8,16 +8,14 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from sifoverlay.ocisif import open_image
 from tests.conftest import require_root, require_tool
+from tests.ext3.conftest import fuse_daemon, mounted
 
 from .conftest import Registry, build_ocisif, run_cli, sh, squashfs_from
 
@@ -106,32 +104,6 @@ def manifest(root: Path) -> Manifest:
     return entries
 
 
-@contextmanager
-def fuse(argv: list[str], target: Path) -> Iterator[Path]:
-    target.mkdir()
-    proc = subprocess.Popen([*argv, str(target)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(target):
-            assert proc.poll() is None and time.monotonic() < deadline, f"{argv[0]} did not mount"
-            time.sleep(0.01)
-        yield target
-    finally:
-        sh("umount", str(target), check=False)
-        proc.wait(timeout=20)
-
-
-@contextmanager
-def kernel_mount(argv: list[str], target: Path) -> Iterator[Path]:
-    target.mkdir()
-    sh(*argv, str(target))
-    try:
-        yield target
-    finally:
-        sh("umount", str(target))
-
-
 def overlay_view_and_change(image: Path, work: Path) -> Manifest:
     """Mount layers (squashfuse) + the ext3 overlay (kernel, loop at its offset) + kernel
     overlayfs, make the changes through it, and record the merged tree."""
@@ -142,13 +114,13 @@ def overlay_view_and_change(image: Path, work: Path) -> Manifest:
         assert img.overlay is not None
         region = (img.overlay.offset, img.overlay.size)
     with ExitStack() as stack:
-        lowers = [stack.enter_context(fuse(["squashfuse", "-f", "-o", f"ro,offset={off}", str(image)], work / f"l{i}"))
+        lowers = [stack.enter_context(fuse_daemon(["squashfuse", "-f", "-o", f"ro,offset={off}", str(image)], work / f"l{i}"))
                   for i, off in enumerate(offsets)]
         device = stack.enter_context(ext3.loop_device(image, *region))
-        upper_fs = stack.enter_context(kernel_mount(["mount", "-t", "ext3", device], work / "ext3"))
+        upper_fs = stack.enter_context(mounted("mount", "-t", "ext3", device, target=work / "ext3"))
         lowerdir = ":".join(str(p) for p in reversed(lowers))  # top layer first
         opts = f"lowerdir={lowerdir},upperdir={upper_fs}/upper,workdir={upper_fs}/work"
-        merged = stack.enter_context(kernel_mount(["mount", "-t", "overlay", "overlay", "-o", opts], work / "merged"))
+        merged = stack.enter_context(mounted("mount", "-t", "overlay", "overlay", "-o", opts, target=work / "merged"))
         apply_changes(merged)
         os.sync()
         return manifest(merged)

@@ -5,17 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from sifoverlay.upper import is_overlay_xattr
-from tests.conftest import require_root, require_tool
-from tests.ext3.conftest import sh
+from tests.conftest import require_tool
+from tests.ext3.conftest import fuse_daemon, mounted, sh  # noqa: F401 - mount helpers re-exported for tests/upper
 
 Manifest = dict[str, tuple[object, ...]]
 
@@ -121,46 +115,6 @@ def assert_same_tree(actual: Manifest, expected: Manifest) -> None:
     differ = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
     details = {k: (expected[k], actual[k]) for k in differ[:5]}
     assert not (missing or extra or differ), f"missing={missing} extra={extra} differ={details}"
-
-
-@contextmanager
-def mounted(*argv: str, target: Path) -> Iterator[Path]:
-    """Run a mount command; always unmount afterwards."""
-    require_root()
-    target.mkdir(exist_ok=True)
-    sh(*argv, str(target))
-    try:
-        yield target
-    finally:
-        sh("umount", str(target))
-
-
-@contextmanager
-def fuse_daemon(argv: list[str], mountpoint: Path) -> Iterator[Path]:
-    """A FUSE filesystem in the foreground; unmounted and reaped afterwards."""
-    require_root()
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing")
-    mountpoint.mkdir(exist_ok=True)
-    proc = subprocess.Popen([*argv, str(mountpoint)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(mountpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{argv[0]} did not mount: {proc.stdout.read() if proc.stdout else ''}")
-            time.sleep(0.01)
-        yield mountpoint
-    finally:
-        if os.path.ismount(mountpoint):
-            sh("umount", str(mountpoint))
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def umoci_apply(layers: list[Path], workdir: Path) -> Path:
