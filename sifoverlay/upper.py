@@ -16,21 +16,18 @@ because squashfs-tools 4.5.1 can neither exclude xattrs nor pass sqfstar -X opti
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import stat
-import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
-from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
+from sifoverlay.errors import OverlayStateError, UsageError
 from sifoverlay.ext3.hashing import hash_range
-from sifoverlay.ext3.tools import output_tail
 from sifoverlay.fsio import REAL_IO, FileIO
+from sifoverlay.ocisif.squashfs import HashingWriter, open_tar, run_tar2sqfs
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,6 @@ OPAQUE_MARKER: Final = ".wh..wh..opq"
 STRAY_OPAQUE: Final = ".wh..opq"
 OPAQUE_XATTRS: Final = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 OVERLAY_OPAQUE_XATTR: Final = "trusted.overlay.opaque"
-COPY_BUF: Final = 4 << 20  # tarfile's 16 KiB default makes it 4x slower (§3b)
 
 # Features whose meaning lives in the lower layers: an upper using them is not
 # self-contained and cannot become a layer without the lowers.
@@ -202,35 +198,6 @@ def _walk_dir(
 # --- tar rendering --------------------------------------------------------------------
 
 
-class HashingWriter:
-    """File-like sink for tarfile mode 'w': counts, hashes (the tar's diff_id), forwards.
-    tell() is all tarfile needs beyond write(), and avoids its 4x slower stream mode 'w|'.
-    Shared by every tar producer (ocisif.squashfs, registry.tarlayers)."""
-
-    def __init__(self, sink: BinaryIO) -> None:
-        self._sink = sink
-        self._hash = hashlib.sha256()
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self._sink.write(data)
-        self._hash.update(data)
-        self.count += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.count
-
-    def flush(self) -> None:
-        flush = getattr(self._sink, "flush", None)  # any object with write() will do
-        if flush is not None:
-            flush()
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
-
-
 def _tarinfo(name: str, kind: int, entry: UpperEntry | None = None, *, mode: int = 0, size: int = 0) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -271,13 +238,6 @@ def _add_common(tf: tarfile.TarFile, entry: UpperEntry) -> bool:
     return True
 
 
-def _open_tar(sink: HashingWriter) -> tarfile.TarFile:
-    # mode 'w' (seekless use: tell() only), never 'w|' which is 4x slower (§3b)
-    tf = tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")  # type: ignore[arg-type]
-    tf.copybufsize = COPY_BUF
-    return tf
-
-
 def _write_aufs(tf: tarfile.TarFile, upper_dir: str | os.PathLike[str]) -> None:
     for entry in walk_upper(upper_dir):
         if entry.kind == "dir":
@@ -300,7 +260,7 @@ def upper_to_tar(upper_dir: str | os.PathLike[str], fileobj: BinaryIO) -> tuple[
     numeric owners, sorted order. Returns (diff_id 'sha256:<hex>', size in bytes).
     """
     sink = HashingWriter(fileobj)
-    tf = _open_tar(sink)
+    tf = open_tar(sink)
     _write_aufs(tf, upper_dir)
     tf.close()  # only on success: a failed walk must not end in a valid-looking archive
     sink.flush()
@@ -358,40 +318,11 @@ def upper_to_squashfs(
     if not keep_times:
         argv.append("--no-keep-time")
     argv.append(out)
-    with tempfile.TemporaryFile() as errors:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=errors, stderr=subprocess.STDOUT)
-        except FileNotFoundError:
-            raise ExternalToolError(out, "tar2sqfs is not installed (package squashfs-tools-ng)",
-                                    tool="tar2sqfs", returncode=127, output_tail="") from None
-        assert proc.stdin is not None
-        broken = False
-        try:
-            sink = HashingWriter(proc.stdin)  # type: ignore[arg-type]
-            tf = _open_tar(sink)
-            _write_overlayfs(tf, upper_dir)
-            tf.close()
-            proc.stdin.close()
-        except BrokenPipeError:
-            broken = True  # tar2sqfs died: its exit code and output say why
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            _remove(out, io)
-            raise
-        finally:
-            if not proc.stdin.closed:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    broken = True
-        rc = proc.wait()
-        errors.seek(0)
-        tail = output_tail(errors.read().decode(errors="replace"))
-    if rc != 0 or broken:
+    try:
+        run_tar2sqfs(argv, out, lambda tf: _write_overlayfs(tf, upper_dir))
+    except BaseException:
         _remove(out, io)
-        raise ExternalToolError(out, f"tar2sqfs failed with exit code {rc}: {tail or '(no output)'}",
-                                tool="tar2sqfs", returncode=rc, output_tail=tail)
+        raise
     fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
     try:
         io.fsync(fd)  # tar2sqfs wrote through its own descriptor

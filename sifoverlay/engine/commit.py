@@ -17,7 +17,6 @@ Every step is "make bytes X equal B", so replaying any prefix twice is harmless 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -137,26 +136,19 @@ def _copy_file(src_path: str, dst_fd: int, dst_offset: int, size: int, io: FileI
     """Copy `size` bytes of src into dst at dst_offset. Sparse: data extents only, the
     holes of the source stay holes (the destination range is fresh: zero-filled by
     truncate). Not sparse: every byte, so the filesystem allocates the whole range."""
+    from sifoverlay.ext3.hashing import next_data, next_hole  # lazy: keeps the no-op sync import light
+
     src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         pos = 0
         while pos < size:
             if sparse:
-                try:
-                    data = os.lseek(src, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:
-                        raise
-                    break
-                if data >= size:
-                    break
-                try:
-                    hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-                except OSError:
+                pos = next_data(src, pos, size)
+                hole = next_hole(src, pos, size) if pos < size else size
+                if hole <= pos < size:  # never spin on a bogus SEEK_HOLE answer
                     hole = size
             else:
-                data, hole = pos, size
-            pos = data
+                hole = size
             while pos < hole:
                 chunk = os.pread(src, min(COPY_CHUNK, hole - pos), pos)
                 if not chunk:

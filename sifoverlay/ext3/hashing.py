@@ -30,7 +30,7 @@ def _zeros(size: int) -> memoryview:
     return view
 
 
-def _next_data(fd: int, pos: int, end: int) -> int:
+def next_data(fd: int, pos: int, end: int) -> int:
     """First data byte at or after pos, clamped to end (end when only a hole is left)."""
     try:
         return min(os.lseek(fd, pos, os.SEEK_DATA), end)
@@ -42,7 +42,8 @@ def _next_data(fd: int, pos: int, end: int) -> int:
         raise
 
 
-def _next_hole(fd: int, pos: int, end: int) -> int:
+def next_hole(fd: int, pos: int, end: int) -> int:
+    """First hole byte at or after pos, clamped to end (end when the filesystem cannot tell)."""
     try:
         return min(os.lseek(fd, pos, os.SEEK_HOLE), end)
     except OSError as exc:
@@ -65,7 +66,7 @@ def hash_range(
     range runs past the end of the file.
     """
     if isinstance(fd, int):
-        return _hash_fd(fd, f"<fd {fd}>", offset, size, progress, buf)
+        return _hash_fd(fd, None, offset, size, progress, buf)
     path = os.fspath(fd)
     own = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -74,13 +75,21 @@ def hash_range(
         os.close(own)
 
 
-def _hash_fd(fd: int, name: str, offset: int, size: int, progress: Progress | None, buf: int) -> str:
+def _fd_path(fd: int) -> str:
+    """The file behind fd, for error messages (the caller passed no path)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<fd {fd}>"
+
+
+def _hash_fd(fd: int, name: str | None, offset: int, size: int, progress: Progress | None, buf: int) -> str:
     if offset < 0 or size < 0 or buf <= 0:
         raise ValueError(f"hash_range: bad offset/size/buf {offset}/{size}/{buf}")
     end = offset + size
     file_size = os.fstat(fd).st_size
     if end > file_size:
-        raise Ext3FormatError(name, f"byte range [{offset}, {end}) runs past the end of the file ({file_size} bytes)")
+        raise Ext3FormatError(name or _fd_path(fd), f"byte range [{offset}, {end}) runs past the end of the file ({file_size} bytes)")
     h = hashlib.sha256()
     update = h.update
     zeros = _zeros(buf)
@@ -88,7 +97,7 @@ def _hash_fd(fd: int, name: str, offset: int, size: int, progress: Progress | No
     view = memoryview(block)
     pos = offset
     while pos < end:
-        data = _next_data(fd, pos, end)
+        data = next_data(fd, pos, end)
         while pos < data:  # hole: zeros without touching the disk
             n = min(buf, data - pos)
             update(zeros[:n])
@@ -97,13 +106,13 @@ def _hash_fd(fd: int, name: str, offset: int, size: int, progress: Progress | No
                 progress(pos - offset, size)
         if pos >= end:
             break
-        hole = _next_hole(fd, pos, end)
+        hole = next_hole(fd, pos, end)
         if hole <= pos:  # defensive: never spin on a bogus SEEK_HOLE answer
             hole = end
         while pos < hole:
             n = os.preadv(fd, [view[: min(buf, hole - pos)]], pos)
             if n <= 0:
-                raise Ext3FormatError(name, f"unexpected end of file at byte {pos} while hashing [{offset}, {end})")
+                raise Ext3FormatError(name or _fd_path(fd), f"unexpected end of file at byte {pos} while hashing [{offset}, {end})")
             update(view[:n])
             pos += n
             if progress is not None:

@@ -76,7 +76,7 @@ def _tar_layers(img: OciSifImage, client: RegistryClient,
             converted = tarlayers.stream_overlay_upper(client, img.path, img.sif.fd, layer.offset, tally)
             source = "overlay"
         elif layer.media_type == mt.SQUASHFS_LAYER:
-            converted = tarlayers.stream_squashfs_layer(client, img.sif.fd, layer.offset, layer.size, tally)
+            converted = tarlayers.stream_squashfs_layer(client, img.path, img.sif.fd, layer.offset, layer.size, tally)
             source = "squashfs"
         else:
             raise OciFormatError(img.path, f"layer {number} has media type {layer.media_type}: "

@@ -21,7 +21,6 @@ both computed while the bytes stream out to the registry.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import logging
 import os
@@ -33,11 +32,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from sifoverlay.errors import ExternalToolError, OverlayStateError
+from sifoverlay.errors import ExternalToolError, OverlayStateError, SifFormatError
 from sifoverlay.ext3.tools import output_tail
+from sifoverlay.ocisif.squashfs import COPY_BUF, HashingWriter, open_tar
 from sifoverlay.runtime import mounts
-from sifoverlay.upper import COPY_BUF, OPAQUE_MARKER as OPAQUE, OPAQUE_XATTRS, WHITEOUT_PREFIX as WHITEOUT
-from sifoverlay.upper import HashingWriter, is_overlay_xattr, upper_to_tar
+from sifoverlay.upper import OPAQUE_MARKER as OPAQUE, OPAQUE_XATTRS, WHITEOUT_PREFIX as WHITEOUT
+from sifoverlay.upper import is_overlay_xattr, upper_to_tar
 
 from .blobs import ProgressTotal, PushedBlob, StreamingBlob
 from .client import RegistryClient
@@ -145,14 +145,14 @@ def _aufs_entries(member: tarfile.TarInfo) -> list[tarfile.TarInfo]:
     return entries
 
 
-def stream_squashfs_layer(client: RegistryClient, fd: int, offset: int, size: int,
+def stream_squashfs_layer(client: RegistryClient, image: str, fd: int, offset: int, size: int,
                           tally: ProgressTotal | None) -> TarLayer:
     if shutil.which("sqfs2tar") is None:
         raise ExternalToolError(None, "sqfs2tar is not installed (package squashfs-tools-ng)",
                                 tool="sqfs2tar", returncode=127, output_tail="")
     with tempfile.TemporaryDirectory(prefix="sifoverlay-push-") as work:
         scratch = os.path.join(work, "layer.sqfs")
-        _clone_range(fd, offset, size, scratch)
+        _clone_range(image, fd, offset, size, scratch)
         return _upload_gzip_tar(client, tally, lambda zipped: _sqfs2tar_aufs(scratch, zipped))
 
 
@@ -166,8 +166,7 @@ def _sqfs2tar_aufs(squashfs: str, zipped: _Gzip) -> tuple[str, int]:
         assert proc.stdout is not None
         failure: BaseException | None = None
         try:
-            out = tarfile.TarFile(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
-            out.copybufsize = COPY_BUF
+            out = open_tar(sink)
             with tarfile.open(fileobj=proc.stdout, mode="r|") as source:
                 for member in source:
                     data = source.extractfile(member) if member.isreg() else None
@@ -191,8 +190,8 @@ def _sqfs2tar_aufs(squashfs: str, zipped: _Gzip) -> tuple[str, int]:
     return sink.digest, sink.count  # out.offset would miss the record padding
 
 
-def _clone_range(fd: int, offset: int, size: int, dest: str) -> None:
-    """Copy [offset, offset+size) of fd into the new scratch file dest, in the kernel."""
+def _clone_range(image: str, fd: int, offset: int, size: int, dest: str) -> None:
+    """Copy [offset, offset+size) of the image's fd into the new scratch file dest, in the kernel."""
     # io-seam: exempt (scratch copy in a private temp dir, deleted after sqfs2tar read it)
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # io-seam: exempt (scratch)
     try:
@@ -203,7 +202,7 @@ def _clone_range(fd: int, offset: int, size: int, dest: str) -> None:
             except OSError:  # e.g. EXDEV on old kernels: plain copy
                 n = os.write(out, os.pread(fd, min(COPY_BUF, size - done), offset + done))  # io-seam: exempt (scratch)
             if n <= 0:
-                raise OSError(errno.EIO, f"image ends inside the layer at byte {offset + done}")
+                raise SifFormatError(image, f"file ends inside the layer at byte {offset + done} (truncated?)")
             done += n
     finally:
         os.close(out)

@@ -110,6 +110,15 @@ def test_range_past_end_of_file(holey: Path) -> None:
         ext3.hash_range(str(holey), 1, 20 * MIB + 1)
 
 
+def test_range_past_end_of_an_open_fd_names_the_file(holey: Path) -> None:
+    fd = os.open(holey, os.O_RDONLY)
+    try:
+        with pytest.raises(Ext3FormatError, match=rf"^{holey}: byte range \[1, 20971522\) runs past the end"):
+            ext3.hash_range(fd, 1, 20 * MIB + 1)
+    finally:
+        os.close(fd)
+
+
 def test_image_made_by_mkfs(overlay_img: Path) -> None:
     assert ext3.hash_range(str(overlay_img), 0, 64 * MIB) == reference(overlay_img, 0, 64 * MIB)
 

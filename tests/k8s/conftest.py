@@ -36,7 +36,7 @@ CRD_FILES = sorted(str(p) for p in (REPO / "charts" / "sifoverlay" / "crds").glo
 OPERATOR_SCRIPT = str(REPO / "operator" / "main.py")
 GOLDEN = "oci-sif/TestUpdate/AddLayer.golden"
 HOST_DIR = "/data/images"  # the hostPath the OverlayJobs name; the operator sees it at a temp dir
-WAIT = float(os.environ.get("SIFOVERLAY_K8S_TEST_WAIT", "30"))
+WAIT = float(os.environ.get("SIFOVERLAY_K8S_TEST_WAIT", "60"))  # generous: 2 shared cores
 KUBECONFIG = """apiVersion: v1
 kind: Config
 clusters: [{{name: kmock, cluster: {{server: "http://127.0.0.1:{port}"}}}}]

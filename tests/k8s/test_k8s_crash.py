@@ -119,3 +119,59 @@ def test_operator_killed_during_reconcile_resumes_and_reconciles_once(phase: str
     # a second pass over the same resource finds nothing to do
     assert engine.sync(image, journal_dir=str(site.journal)).action == "noop"
     wait_for("no stray processes", lambda: first.poll() is not None)
+
+
+def test_workload_ends_while_the_operator_is_down(site: Site, cluster: Cluster, vectors: Path) -> None:
+    """Nobody watches when the Job completes and its pod goes away; the restarted operator
+    finds it by resuming (level-based), not by an event it never saw."""
+    image = site.make_image(vectors)
+    before = overlay_sha256(image)
+    with kopf_runner():
+        cluster.create_overlayjob("unwatched")
+        pod = cluster.start_pod(cluster.wait_job("unwatched-run"), finalizer=True)
+        cluster.wait_phase("unwatched", "Running")
+    write_into_overlay(image, "night.txt", b"ran overnight\n", site.work)
+    cluster.pod_phase(pod, "Succeeded")
+    cluster.finish_job("unwatched-run", "Complete")
+    cluster.delete_pod(pod)
+    cluster.release_pod(pod)
+    assert cluster.status("unwatched")["phase"] == "Running"
+    counted = reconciles_counted()
+    with kopf_runner():
+        done = cluster.wait_phase("unwatched", "Succeeded")
+        assert reconciles_counted() - counted == 1
+    assert done["jobResult"] == "Succeeded"
+    assert done["overlayDigestBefore"] == before and done["overlayDigestAfter"] == overlay_sha256(image) != before
+    assert cluster.lease_holders() == [] and sessions.open_sessions(site.journal) == []
+
+
+def test_restart_after_the_job_was_created_but_before_the_status(site: Site, cluster: Cluster, vectors: Path) -> None:
+    """The state a crash leaves between `create Job` and `patch status`: Lease taken,
+    session open, child Job present, status empty. The restarted operator adopts all three."""
+    import datetime as dt
+
+    from sifoverlay.k8s import builders
+    from sifoverlay.k8s.config import from_env
+
+    image = site.make_image(vectors)
+    body = cluster.create_overlayjob("halfway")
+    uid = body["metadata"]["uid"]
+    config = from_env()
+    ref = builders.image_ref(body["spec"], cluster.ns, name="halfway")
+    cluster.kube.coordination.create_namespaced_lease(cluster.ns, builders.lease(
+        ref, namespace=cluster.ns, holder_namespace=cluster.ns, holder_name="halfway", holder_uid=uid,
+        now=dt.datetime.now(dt.UTC), duration_seconds=3600))
+    job_id = names.session_job_id(cluster.ns, "halfway", uid)
+    sessions.start(site.journal, job_id, image, mode="rw", host="crashed-operator", uid=0, source="k8s")
+    cluster.kube.batch.create_namespaced_job(cluster.ns, builders.workload_job(body, policy=config.pod_policy))
+    created = cluster.job("halfway-run").metadata.uid
+    with kopf_runner():
+        running = cluster.wait_phase("halfway", "Running")
+        assert running["jobName"] == "halfway-run" and cluster.job("halfway-run").metadata.uid == created
+        assert cluster.lease_holders() == [f"{cluster.ns}/halfway"]
+        assert [s.job_id for s in sessions.open_sessions(site.journal)] == [job_id]
+        pod = cluster.start_pod(cluster.job("halfway-run"))
+        cluster.pod_phase(pod, "Succeeded")
+        cluster.finish_job("halfway-run", "Complete")
+        cluster.wait_phase("halfway", "Succeeded")
+    assert sessions.open_sessions(site.journal) == [] and cluster.lease_holders() == []

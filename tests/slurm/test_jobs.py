@@ -177,6 +177,8 @@ def test_slurmd_killed_mid_job_then_restarted(cluster: Cluster, slurm_users: tup
                                               outdir: Path) -> None:  # type: ignore[no-untyped-def]
     """kill -9 slurmd while the job runs; the job ends while slurmd is down (COMPLETING);
     slurmd comes back, runs the Epilog, and the image is reconciled."""
+    if cluster.foreign_jobs():
+        pytest.skip("other users' jobs are running on the cluster: killing slurmd would disturb them")
     alice = slurm_users[0]
     image = make_image(alice)
     job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap",
@@ -280,15 +282,19 @@ def test_second_rw_job_refused_naming_the_holder(cluster: Cluster, slurm_users: 
     alice = slurm_users[0]
     image = make_image(alice)
     first = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
-                           "--wrap", "sleep 60")
+                           "--wrap", "sleep 600")
     cluster.wait_state(first, {"RUNNING"})
     wait_for(lambda: rootfs_of(cluster, first).is_dir(), what="the first job's rootfs")
-    started = time.monotonic()
     for mode in ("", ":ro"):
-        done = srun_in(cluster, alice, f"{image}{mode}", "true")
-        assert done.returncode != 0
-        assert f"refused: {image}: held by job {first} (slurm) on host {os.uname().nodename}" in done.stderr
-    assert time.monotonic() - started < 30  # refused at once, not queued behind the holder
+        second = cluster.sbatch(alice, f"--oci-sif-overlay={image}{mode}", "-o", f"{outdir}/%j.out", "-D", "/",
+                                "--wrap", "echo should-not-run")
+        assert cluster.wait_finished(second) == "FAILED"
+        assert cluster.job_state(first) == "RUNNING"
+        out = (outdir / f"{second}.out").read_text()
+        assert f"sifoverlay: job {second}: refused: {image}: held by job {first} (slurm) on host " \
+               f"{os.uname().nodename}" in out
+        assert "should-not-run" not in out
+        assert cluster.job_fields(second)["RunTime"] in ("00:00:00", "00:00:01")  # refused at once, no waiting
     assert lease.inspect(str(image)).job_id == str(first)  # type: ignore[union-attr]
     sh("scancel", str(first))
     cluster.wait_finished(first)
@@ -304,10 +310,10 @@ def test_many_read_only_jobs_at_once(cluster: Cluster, slurm_users: tuple[User, 
     whole = file_sha256(image)
     jobs = [cluster.sbatch(user, f"--oci-sif-overlay={image}:ro", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap",
                            "cat /shared.txt; if echo scratch > /scratch-$SLURM_JOB_ID 2>/dev/null; "
-                           "then cat /scratch-$SLURM_JOB_ID; fi; sleep 12")
+                           "then cat /scratch-$SLURM_JOB_ID; fi; sleep 20")
             for user in (alice, bob, alice, bob)]
     wait_for(lambda: all(cluster.job_state(j) == "RUNNING" for j in jobs) and len(lease.readers(str(image))) == 4,
-             what="the four :ro jobs to run at the same time")
+             timeout=120, what="the four :ro jobs to run at the same time")
     assert sorted(r.job_id for r in lease.readers(str(image))) == sorted(str(j) for j in jobs)
     assert lease.inspect(str(image)) is None  # readers only, no writer
     writer = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}", "true", cwd="/")
@@ -408,6 +414,8 @@ def test_crafted_image_is_refused_without_harming_the_node(cluster: Cluster, slu
 def test_kernel_mount_mode_opt_in(cluster: Cluster, slurm_users: tuple[User, User], make_image) -> None:  # type: ignore[no-untyped-def]
     """plugstack mount=kernel (trusted images): the same job runs on kernel overlayfs and is
     reconciled the same way. The cluster is switched back to fuse afterwards."""
+    if cluster.foreign_jobs():
+        pytest.skip("other users' jobs are running on the cluster: switching its mount mode would change theirs")
     alice = slurm_users[0]
     image = make_image(alice)
     env = {**os.environ, "SIFOVERLAY_MOUNT": "kernel"}
