@@ -2,7 +2,8 @@
 
 Each verb lives in `sifoverlay/cli/cmd_<verb>.py` and exposes
 ``register(subparsers) -> None`` (adds its parser and sets ``func=run``) and
-``run(args) -> int``. Command modules import only argparse at module level; they import
+``run(args) -> int``. Command modules import only argparse and `cli.output` (stdlib) at
+module level; they import
 the engine inside ``run`` so that `sifoverlay overlay sync` starts fast.
 """
 
