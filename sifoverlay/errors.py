@@ -69,6 +69,9 @@ class OverlayStateError(BadInput):
 class CapacityError(BadInput):
     """Not enough free descriptor slots; `needed` and `free` say how many."""
 
+    needed: int
+    free: int
+
 
 class UsageError(BadInput):
     """Bad arguments or configuration (relative path, unknown key...)."""
@@ -102,6 +105,11 @@ class ExternalToolError(SifOverlayError):
 
     Attributes: tool, returncode, output_tail (last lines of its output).
     """
+
+    # Set from **data by SifOverlayError.__init__; declared so callers type-check.
+    tool: str
+    returncode: int | None  # None when the tool never ran
+    output_tail: str
 
 
 class RegistryError(SifOverlayError):

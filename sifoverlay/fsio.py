@@ -93,6 +93,10 @@ class FileIO:
         self._before("mkdir", path=path, mode=mode)
         os.mkdir(path, mode)
 
+    def rmdir(self, path: str) -> None:
+        self._before("rmdir", path=path)
+        os.rmdir(path)
+
     def chmod(self, path: str, mode: int) -> None:
         self._before("chmod", path=path, mode=mode)
         os.chmod(path, mode)
@@ -159,8 +163,9 @@ class CountingIO(FileIO):
     def _before(self, op: str, **info: object) -> None:
         self.count += 1
         if self.keep_log:
-            if "data" in info:
-                info = dict(info, data=bytes(info["data"]))  # type: ignore[arg-type]
+            data = info.get("data")
+            if isinstance(data, (bytes, bytearray, memoryview)):  # only pwrite passes data
+                info = dict(info, data=bytes(data))
             self.log.append((op, info))
         if self.crash_at is not None and self.count >= self.crash_at:
             if self.mode == "kill":

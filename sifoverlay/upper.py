@@ -22,7 +22,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypedDict
 
 from sifoverlay.errors import OverlayStateError, UsageError
 from sifoverlay.ext3.hashing import hash_range
@@ -65,6 +65,16 @@ class UpperEntry:
     rdev: tuple[int, int] = (0, 0)
     xattrs: tuple[tuple[str, bytes], ...] = ()
     opaque: bool = False
+
+
+class _StatFields(TypedDict):
+    """The UpperEntry fields every real (non-whiteout) entry takes from its lstat."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    xattrs: tuple[tuple[str, bytes], ...]
 
 
 def is_overlay_xattr(name: str) -> bool:
@@ -170,8 +180,8 @@ def _walk_dir(
             continue
         path = os.path.join(abs_dir, name)
         xattrs, opaque = _read_xattrs(path)
-        common = dict(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime=int(st.st_mtime),
-                      xattrs=tuple(sorted(xattrs.items())))
+        common = _StatFields(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, mtime=int(st.st_mtime),
+                             xattrs=tuple(sorted(xattrs.items())))
         if stat.S_ISDIR(st.st_mode):
             sub = _list_dir(path)
             entry = UpperEntry(rel, "dir", opaque=opaque or sub.has_opaque_marker, **common)
@@ -198,14 +208,17 @@ def _walk_dir(
 # --- tar rendering --------------------------------------------------------------------
 
 
-def _tarinfo(name: str, kind: int, entry: UpperEntry | None = None, *, mode: int = 0, size: int = 0) -> tarfile.TarInfo:
+def _tarinfo(name: str, kind: bytes, entry: UpperEntry | None = None, *, mode: int = 0, size: int = 0) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.uname = info.gname = ""  # numeric owners only
     if entry is not None:
         info.mode, info.uid, info.gid, info.mtime = entry.mode, entry.uid, entry.gid, entry.mtime
-        for key, value in entry.xattrs:
-            info.pax_headers[f"SCHILY.xattr.{key}"] = value.decode("utf-8", "surrogateescape")
+        # typeshed types pax_headers as a read-only Mapping: build the dict, then assign it.
+        info.pax_headers = {
+            **info.pax_headers,
+            **{f"SCHILY.xattr.{key}": value.decode("utf-8", "surrogateescape") for key, value in entry.xattrs},
+        }
     else:  # synthetic entries (whiteouts, markers): fixed attributes, deterministic
         info.mode, info.uid, info.gid, info.mtime = mode, 0, 0, 0
     info.size = size
@@ -282,7 +295,7 @@ def _write_overlayfs(tf: tarfile.TarFile, upper_dir: str | os.PathLike[str]) -> 
         if entry.kind == "dir":
             info = _tarinfo(entry.path, tarfile.DIRTYPE, entry)
             if entry.opaque:
-                info.pax_headers[f"SCHILY.xattr.{OVERLAY_OPAQUE_XATTR}"] = "y"
+                info.pax_headers = {**info.pax_headers, f"SCHILY.xattr.{OVERLAY_OPAQUE_XATTR}": "y"}
             tf.addfile(info)
         elif entry.kind == "whiteout":
             tf.addfile(_tarinfo(entry.path, tarfile.CHRTYPE, mode=0))

@@ -75,7 +75,7 @@ def scratch_file(image: str, suffix: str, *, io: FileIO = REAL_IO) -> Iterator[s
 def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
     """Remove scratch files of `image` left by dead processes of this host."""
     directory, prefix = _scratch_prefix(image)
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

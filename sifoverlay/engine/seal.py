@@ -82,7 +82,7 @@ def sweep_dead_mounts() -> list[str]:
     """Lazily unmount seal mountpoints whose fuse2fs died with a killed seal."""
     from .quiesce import _dead_mount, _unescape
 
-    swept = []
+    swept: list[str] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()

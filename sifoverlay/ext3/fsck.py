@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from sifoverlay.errors import ExternalToolError, ImageBusy, OverlayStateError
+from sifoverlay.errors import Ext3FormatError, ExternalToolError, ImageBusy, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .superblock import Superblock
@@ -49,6 +49,7 @@ def replay_and_fsck(
     *,
     fd: int | None = None,
     force: bool = False,
+    check_only: bool = False,
     io: FileIO = REAL_IO,
 ) -> FsckResult:
     """Make the ext3 at [offset, offset+size) of `path` clean, replaying its journal.
@@ -62,7 +63,14 @@ def replay_and_fsck(
     losetup attaches by name; the device is then verified (LOOP_GET_STATUS64) to serve
     the same inode as `fd` (or as `path` when this call began) at the same offset and
     size, so a file swapped in between is never checked (OverlayStateError).
+
+    `check_only`: the gate in front of a kernel mount (runtime): always runs, on a
+    read-only loop device, `dumpe2fs -h` (e2fsck would silently fall back to a backup
+    superblock; the kernel reads the primary) then `e2fsck -f -n`; any finding raises
+    Ext3FormatError; nothing is written, so a mounted range is not refused.
     """
+    if check_only:
+        return _check_read_only(os.fspath(path), offset, size, fd)
     target = os.fspath(path)
     source: int | str = fd if fd is not None else target
     expected = os.fstat(fd) if fd is not None else os.stat(target)
@@ -123,3 +131,32 @@ def replay_and_fsck(
     )
     log.info("e2fsck on %s offset %d: %s", target, offset, result)
     return result
+
+
+def _check_read_only(target: str, offset: int, size: int, fd: int | None) -> FsckResult:
+    expected = os.fstat(fd) if fd is not None else os.stat(target)
+    with loop_device(target, offset, size, read_only=True) as device:
+        if not serves(loop_binding(device), expected, offset, size):
+            raise OverlayStateError(
+                target, "file replaced while preparing its fsck (another inode got attached); refusing to check it"
+            )
+        probe = run_tool(["dumpe2fs", "-h", device], path=target, ok=range(0, 256))
+        if probe.returncode != 0:
+            raise Ext3FormatError(
+                target, f"ext3 overlay at offset {offset}: primary superblock unusable: {_findings(probe.stdout)}",
+                tool="dumpe2fs", returncode=probe.returncode, output_tail=_findings(probe.stdout),
+            )
+        proc = run_tool(["e2fsck", "-f", "-n", device], path=target, ok=range(0, 256))
+    tail = _findings(proc.stdout)
+    if proc.returncode != 0:
+        raise Ext3FormatError(
+            target, f"ext3 overlay at offset {offset} failed e2fsck read-only check (exit {proc.returncode}): {tail}",
+            tool="e2fsck", returncode=proc.returncode, output_tail=tail,
+        )
+    log.info("e2fsck -fn on %s offset %d: clean", target, offset)
+    return FsckResult(replayed=False, fixed=False, returncode=0, output_tail=tail)
+
+
+def _findings(output: str) -> str:
+    """A tool's output without its version banner (``e2fsck 1.47.0 (5-Feb-2023)``)."""
+    return output_tail("\n".join(line for line in output.splitlines() if not line.startswith(("e2fsck 1.", "dumpe2fs 1."))))

@@ -39,7 +39,7 @@ from . import mediatypes as mt
 from .build import write_ocisif
 from .layout_dir import BlobRef, OciLayout, Platform, SourceImage, check_digest, split_source
 from .squashfs import SquashfsFile, build_from_tar, hash_file, looks_like_squashfs, squashfs_to_tar
-from .whiteout import TreeState, convert_layer, member_for, scan_layer
+from .whiteout import LayerScan, TreeState, convert_layer, member_for, scan_layer
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,11 @@ def _import_layout(src: str, image: SourceImage, dest: str, staging: str, *, squ
                 raise OciFormatError(layout.path, f"layer {index} ({ref.digest}) is not a valid tar: {exc}") from exc
             if not squash:
                 counted: list[int] = []
-                layer_file = build_from_tar(
-                    os.path.join(staging, f"{index}.sqfs"),
-                    lambda out, s=scan, r=reader: counted.append(convert_layer(s, r, tree, readers, out, where=where)),
-                )
+
+                def write_layer(out: tarfile.TarFile, s: LayerScan = scan, r: tarfile.TarFile = reader) -> None:
+                    counted.append(convert_layer(s, r, tree, readers, out, where=where))
+
+                layer_file = build_from_tar(os.path.join(staging, f"{index}.sqfs"), write_layer)
                 built.append((layer_file, ImportedLayer(layer_file.digest, layer_file.size, ref.digest,
                                                         ref.media_type, counted[0])))
             tree.apply(scan, index, where=where)
@@ -214,9 +215,8 @@ def write_flattened(state: TreeState, readers: dict[int, tarfile.TarFile], out: 
 
 def _rewrite_config(config: dict[str, Any], digests: list[str], *, squash: bool, squashed_from: str) -> dict[str, Any]:
     new = copy.deepcopy(config)
-    rootfs = new.get("rootfs") if isinstance(new.get("rootfs"), dict) else {}
-    rootfs = dict(rootfs, type="layers", diff_ids=list(digests))
-    new["rootfs"] = rootfs
+    rootfs: dict[str, Any] = new["rootfs"] if isinstance(new.get("rootfs"), dict) else {}
+    new["rootfs"] = dict(rootfs, type="layers", diff_ids=list(digests))
     if squash:
         entry: dict[str, Any] = {"created_by": "sifoverlay import --squash", "comment": f"squashed from {squashed_from}"}
         if isinstance(config.get("created"), str):

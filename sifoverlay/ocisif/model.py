@@ -23,16 +23,16 @@ from ..sif.descriptor import Descriptor
 from ..sif.load import SifFile
 from . import jsonedit, mediatypes
 from .graph import (  # re-exported: the selection rules belong to the image model's API
-    COSIGN_PREFIX,
-    REF_NAME_ANNOTATION,
-    Ref,
-    check_bytes,
-    check_index,
-    is_cosign_entry,
-    is_json_type,
-    parse_json,
-    select_image_entries,
-    walk_index,
+    COSIGN_PREFIX as COSIGN_PREFIX,
+    REF_NAME_ANNOTATION as REF_NAME_ANNOTATION,
+    Ref as Ref,
+    check_bytes as check_bytes,
+    check_index as check_index,
+    is_cosign_entry as is_cosign_entry,
+    is_json_type as is_json_type,
+    parse_json as parse_json,
+    select_image_entries as select_image_entries,
+    walk_index as walk_index,
 )
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,8 @@ def _pick_entry(root: Blob, manifest_digest: str | None, path: str) -> dict[str,
         ]
         if not chosen:
             raise NotAnOciSif(path, f"root index has no image manifest {manifest_digest}")
-        return chosen[0]
+        entry: dict[str, Any] = chosen[0]
+        return entry
     candidates = select_image_entries(root.json)
     if not candidates:
         raise NotAnOciSif(path, "no image: the root index lists no image manifest")

@@ -183,7 +183,7 @@ def _fuse_step(current: JobState, base_dir: str | os.PathLike[str], step: Step, 
     log_path = os.path.join(os.path.dirname(step.target), "log", f"{step.name}.log")
     what = _WHAT.get(step.name, f"squashfs {step.name.replace('.', ' ')}")
     proc = mounts.spawn_fuse(argv, step.target, uid=current.uid, gid=current.gid, pass_fds=fds,
-                             log_path=log_path, umask=umask, image=current.image, what=what)
+                             log_path=log_path, umask=umask, image=current.image, what=what, io=io)
     return _record(base_dir, current, replace(step, status="mounted", pid=proc.pid,
                                               pid_start=mounts.process_start(proc.pid)), io)
 
@@ -313,7 +313,7 @@ def _remove_job_dir(directory: str, io: FileIO) -> bool:
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                os.rmdir(path)
+                io.rmdir(path)
             else:
                 io.unlink(path)
         except OSError as exc:
@@ -322,7 +322,7 @@ def _remove_job_dir(directory: str, io: FileIO) -> bool:
     state_path = os.path.join(directory, state.STATE_FILE)
     if os.path.exists(state_path):
         io.unlink(state_path)
-    os.rmdir(directory)
+    io.rmdir(directory)
     return True
 
 

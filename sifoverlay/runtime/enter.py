@@ -125,7 +125,7 @@ def main() -> int:
         setup_and_exec(spec)
     except (SetupError, OSError) as exc:
         message = str(exc) if isinstance(exc, SetupError) else f"{exc.strerror}: {exc.filename or ''}".rstrip(": ")
-        os.write(status_fd, message.encode(errors="replace")[:4000])
+        os.write(status_fd, message.encode(errors="replace")[:4000])  # io-seam: exempt (status pipe to the parent)
         return 127 if "command not found" in message else EXIT_SETUP
     return EXIT_SETUP  # not reached: exec replaced us
 

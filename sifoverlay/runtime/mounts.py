@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from sifoverlay.errors import ExternalToolError
+from sifoverlay.fsio import REAL_IO, FileIO
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +120,21 @@ def same_process_alive(pid: int | None, start: int | None) -> bool:
 def spawn_fuse(
     argv: Sequence[str], target: str, *, uid: int | None, gid: int | None, pass_fds: Sequence[int] = (),
     log_path: str, umask: int = 0o022, timeout: float = MOUNT_TIMEOUT, image: str | None = None,
-    what: str = "the filesystem",
+    what: str = "the filesystem", io: FileIO = REAL_IO,
 ) -> subprocess.Popen[bytes]:
     """Start a FUSE daemon in the foreground as uid/gid (None = as we are) and wait until
     `target` shows up in mountinfo. On failure the daemon is killed and reaped and
     ExternalToolError carries the tail of its output."""
     tool = os.path.basename(argv[0])
-    with open(log_path, "ab") as logf:  # the daemon keeps its own copy of the fd
+    logf = io.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:  # the daemon keeps its own copy of the fd
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd="/",
             user=uid, group=gid, extra_groups=[] if uid is not None else None, pass_fds=tuple(pass_fds),
             start_new_session=True, umask=umask, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
         )
+    finally:
+        io.close(logf)
     deadline = time.monotonic() + timeout
     while True:
         if is_mounted(target):
@@ -210,13 +214,13 @@ def loop_from_fd(fd: int, offset: int, size: int, *, readonly: bool, label: str)
     info = struct.pack(_LOOP_INFO64, 0, 0, 0, offset, size, 0, 0, 0, flags, label.encode()[:63], b"", b"", 0, 0)
     config = struct.pack("=II", fd, 0) + info + bytes(64)
     for _ in range(20):  # another process may grab the free device between GET_FREE and CONFIGURE
-        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)  # io-seam: exempt (loop control device)
         try:
             number = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
         finally:
             os.close(ctl)
         device = f"/dev/loop{number}"
-        lfd = os.open(device, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        lfd = os.open(device, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)  # io-seam: exempt (loop device node, set up by ioctl)
         try:
             fcntl.ioctl(lfd, _LOOP_CONFIGURE, config)
         except OSError as exc:

@@ -30,7 +30,7 @@ class Region:
 
 # --- validation ----------------------------------------------------------------------------------
 def preflight(mode: str, uid: int) -> None:
-    needed = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "e2fsck")
+    needed = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "losetup", "e2fsck", "dumpe2fs")
     missing = [t for t in needed if shutil.which(t) is None]
     if missing:
         raise ExternalToolError(None, f"{mode} mode needs {', '.join(missing)} (not installed)", tool=missing[0],
@@ -97,18 +97,13 @@ def check_user_access(path: str, fd: int, uid: int, gid: int, writable: bool) ->
 
 def prepare_ext3(path: str, fd: int, overlay: Region, *, writable: bool, kernel: bool) -> None:
     """Replay/repair a dirty ext3 before a rw mount; in kernel mode also refuse an ext3
-    that a read-only userspace e2fsck finds broken, before the kernel driver sees it."""
-    from sifoverlay.ext3 import Superblock
-
-    from .fsck import fsck_region
+    that a read-only userspace e2fsck finds broken, before the kernel driver sees it.
+    The loop device is verified to serve `fd`'s inode, so a swapped path is never checked."""
+    from sifoverlay.ext3 import Superblock, replay_and_fsck
 
     sb = Superblock.read(fd, overlay.offset, size=overlay.size)
     if writable and sb.is_dirty:
         log.info("%s: ext3 overlay is dirty (needs_recovery=%s): e2fsck -p first", path, sb.needs_recovery)
-        rw_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)  # same inode, writable
-        try:
-            fsck_region(path, rw_fd, overlay.offset, overlay.size, repair=True)
-        finally:
-            os.close(rw_fd)
+        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd)
     if kernel:
-        fsck_region(path, fd, overlay.offset, overlay.size, repair=False)
+        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd, check_only=True)

@@ -60,12 +60,12 @@ def stream_object(io: FileIO, fd: int, obj: ObjectInput, offset: int, size: int,
     with open(src_path, "rb") as src:
         written = 0
         while written < size:
-            piece = src.read(min(CHUNK, size - written))
-            if not piece:
+            block = src.read(min(CHUNK, size - written))
+            if not block:
                 raise SifFormatError(src_path, f"object data shrank while copying ({written} of {size} bytes)")
-            hasher.update(piece)
-            io.pwrite(fd, piece, offset + written)
-            written += len(piece)
+            hasher.update(block)
+            io.pwrite(fd, block, offset + written)
+            written += len(block)
     return "sha256:" + hasher.hexdigest()
 
 

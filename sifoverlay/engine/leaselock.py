@@ -1,0 +1,95 @@
+"""The byte-range half of a lease: an OFD lock over the ext3 region of the image.
+
+SingularityCE native mode takes a POSIX ``F_SETLK`` lock on the same range; OFD and POSIX
+record locks conflict with each other, so the two tools exclude each other on one node.
+OFD locks belong to an open file description, not a process: they survive fork/exec in
+whoever inherits the fd and never conflict with the description that holds them, which
+is how quiesce tells our own lease's lock from anybody else's (`probe`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from sifoverlay.errors import ImageBusy
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from .leasefile import Region, lease_path, read_info, reader_infos
+
+_FLOCK = "hhqqi4x"  # struct flock on LP64 Linux: l_type, l_whence, l_start, l_len, l_pid
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def flock_struct(ltype: int, offset: int, size: int) -> bytes:
+    return struct.pack(_FLOCK, ltype, os.SEEK_SET, offset, size, 0)
+
+
+def probe(fd: int, offset: int, size: int, *, ltype: int) -> tuple[int, int] | None:
+    """(lock type, pid) of a lock that would block an `ltype` lock on [offset,
+    offset+size) through `fd`, else None. pid is -1 for OFD locks (they have no owner
+    process), > 0 for POSIX locks. Locks of `fd`'s own description never show up."""
+    raw = fcntl.fcntl(fd, F_OFD_GETLK, flock_struct(ltype, offset, size))
+    kind, _, _, _, pid = struct.unpack(_FLOCK, raw)
+    return None if kind == fcntl.F_UNLCK else (kind, pid)
+
+
+def open_for_lock(image: str, image_fd: int | None, *, exclusive: bool, io: FileIO = REAL_IO) -> int:
+    """A new open file description of the image to hold the lock. A write lock needs one
+    opened for writing (else EBADF); nothing is written through it. `image_fd` is
+    reopened through /proc/self/fd so the lock lands on that very inode."""
+    flags = (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC
+    if image_fd is not None:
+        return io.open(f"/proc/self/fd/{image_fd}", flags)
+    return io.open(image, flags | os.O_NOFOLLOW)
+
+
+def overlay_region(image: str, fd: int) -> Region:
+    """(offset, size) of the ext3 overlay, read through `fd`; whole file without one."""
+    from sifoverlay.ocisif import open_image  # image model layer: imported only when needed
+    from sifoverlay.sif.load import SifFile
+
+    sif = SifFile.from_fd(os.dup(fd), image)
+    try:
+        overlay = open_image(sif).overlay
+    finally:
+        sif.close()
+    return (0, 0) if overlay is None else (overlay.offset, overlay.size)
+
+
+def lock_region(image: str, fd: int, region: Region, *, exclusive: bool) -> None:
+    """Take the OFD lock now or raise ImageBusy naming whoever holds a conflicting one."""
+    offset, size = region
+    ltype = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, flock_struct(ltype, offset, size))
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        who, holder = _lock_holder(image, fd, region, ltype)
+        raise ImageBusy(image, f"held {who}", holder=holder) from None
+
+
+def _lock_holder(image: str, fd: int, region: Region, ltype: int) -> tuple[str, dict[str, Any] | None]:
+    """Name whoever holds a conflicting byte-range lock: our lease record if there is
+    one, else the pid the kernel reports (POSIX locks: e.g. SingularityCE native mode)."""
+    for _ in range(20):  # an OFD holder may be between its lock and its link(): let it finish
+        info = read_info(lease_path(image))
+        if info is not None:
+            return f"by {info.describe()}", info.as_dict()
+        for reader in reader_infos(image):
+            return f"read-only by {reader.describe()}", reader.as_dict()
+        time.sleep(0.05)
+    found = probe(fd, *region, ltype=ltype)
+    kind, pid = found if found is not None else (ltype, 0)
+    what = "write" if kind == fcntl.F_WRLCK else "read"
+    holder = {"host": socket.gethostname(), "pid": pid if pid > 0 else None, "lock": what}
+    if pid > 0:
+        return f"by pid {pid} on this host ({what} byte-range lock on the overlay, no lease file: e.g. singularity)", holder
+    return f"by another open file on this host ({what} OFD lock on the overlay, no lease file)", holder

@@ -1,0 +1,88 @@
+"""When a lease may be broken, and breaking it without a race.
+
+Stale rule (a lease may be broken only when ALL of this holds):
+  1. it is expired: ``now > heartbeat + ttl``; and
+  2. on the same host (same host name): the holder process is gone — its pid does not
+     exist, or exists with another start time (pid reuse), or the boot_id differs (the
+     node rebooted); on another host: it is expired by more than ``grace`` seconds,
+     because we cannot see that host's processes (it may only be partitioned).
+  An unreadable/torn lease file is judged by its mtime as if it were the heartbeat.
+
+Breaking renames the file to a unique tomb name (only one breaker can win that rename),
+checks that the tomb is the very inode that was judged (a heartbeat in between replaces
+the inode) and puts it back otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from sifoverlay.fsio import REAL_IO, FileIO
+
+from . import procs
+from .leasefile import DEFAULT_GRACE, DEFAULT_TTL, LeaseInfo, lease_path, parse_temp_name, read_info, temp_name, unlink_quietly
+
+log = logging.getLogger(__name__)
+
+
+def holder_alive(info: LeaseInfo, *, grace: float = DEFAULT_GRACE, now: float | None = None) -> bool:
+    """False when `info` is stale by the rule of the module docstring."""
+    now = time.time() if now is None else now
+    if now <= info.expires:
+        return True
+    if info.host != socket.gethostname():
+        return now <= info.expires + grace
+    if info.boot_id is not None and info.boot_id != procs.boot_id():
+        return False
+    return procs.process_alive(info.pid, info.started)
+
+
+def break_file(path: str, inode: int, *, io: FileIO = REAL_IO) -> bool:
+    """Remove the lease file at `path` if it is still inode `inode`. True when removed."""
+    tomb = temp_name(path, "tomb")
+    try:
+        io.rename(path, tomb)
+    except FileNotFoundError:
+        return False
+    judged = os.stat(tomb).st_ino == inode
+    if not judged:  # a heartbeat or a new holder got in between: put theirs back
+        try:
+            io.link(tomb, path)
+        except FileExistsError:
+            log.error("%s: could not restore a lease moved aside while breaking", path)
+    unlink_quietly(tomb, io=io)
+    io.fsync_dir(os.path.dirname(path))
+    return judged
+
+
+def remove_if_ours(path: str, token: str, *, io: FileIO = REAL_IO) -> bool:
+    """Remove the record at `path` only if it carries our token (release)."""
+    info = read_info(path)
+    if info is None or info.token != token:
+        return False
+    return break_file(path, info.inode, io=io)
+
+
+def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
+    """Remove temp/tomb files that a killed acquirer, heartbeat or breaker left behind:
+    on this host when their process is gone, from other hosts when older than ttl+grace."""
+    directory = os.path.dirname(lease_path(image))
+    removed = []
+    now, me = time.time(), socket.gethostname()
+    for name in os.listdir(directory):
+        parsed = parse_temp_name(image, name)
+        if parsed is None:
+            continue
+        _, host, pid = parsed
+        path = os.path.join(directory, name)
+        try:
+            age = now - os.lstat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        if (host == me and not procs.process_alive(pid, None)) or (host != me and age > DEFAULT_TTL + DEFAULT_GRACE):
+            unlink_quietly(path, io=io)
+            removed.append(name)
+    return removed
