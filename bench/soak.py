@@ -245,13 +245,17 @@ def slurmd_pid() -> int | None:
     return pid
 
 
-def restart_slurmd() -> None:
+def restart_slurmd(wait: float = 60) -> None:
     """Start slurmd again the way dev-cluster does (not `dev-cluster up`: that waits for an
-    idle node, and jobs are running)."""
-    if slurmd_pid() is None:
-        run(["/usr/sbin/slurmd", "-f", "/etc/slurm/slurm.conf"], check=False)
-        deadline = time.monotonic() + 30
-        while slurmd_pid() is None and time.monotonic() < deadline:
+    idle node, and jobs are running). Retried: right after a kill -9 the new slurmd can
+    fail to bind its port and exit."""
+    deadline = time.monotonic() + wait
+    while slurmd_pid() is None and time.monotonic() < deadline:
+        subprocess.run(["/usr/sbin/slurmd", "-f", "/etc/slurm/slurm.conf"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+        for _ in range(25):
+            if slurmd_pid() is not None:
+                return
             time.sleep(0.2)
 
 
@@ -384,6 +388,7 @@ class Soak:
         and at most 4 jobs in flight overall."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            restart_slurmd()  # whoever killed it, jobs need it
             live = [j for j in self.jobs if not j.state]
             states = job_states([j.job_id for j in live])
             for j in live:

@@ -6,29 +6,29 @@ metrics about the overlays of the configured images until SIGTERM (docs/metrics.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 HELP = "serve Prometheus metrics about the overlays of the images under PATH"
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
+def _number(*, minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a float > minimum (>= with `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>=' if inclusive else '>'} {minimum:g}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+_positive = _number(minimum=0, inclusive=False)
+_non_negative = _number(minimum=0, inclusive=True)
 
 
 def register(sub: Any) -> None:

@@ -73,7 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POLL = 0.25
-_F_OFD_SETLK = leaselock.F_OFD_SETLK  # kept for callers of the pre-split module
 _HELD: weakref.WeakSet[Lease] = weakref.WeakSet()  # leases of this process that hold a lock
 
 

@@ -6,7 +6,9 @@ Looks at what this host can see, without changing anything:
   * loop devices whose backing file is the image and whose [offset, sizelimit) overlaps
     the ext3 region (/sys/block/loop*/loop/); writable unless /sys/block/loopN/ro is 1;
   * byte-range locks over the ext3 region held through other open files (F_OFD_GETLK
-    sees OFD locks and POSIX locks, e.g. SingularityCE native mode's F_SETLK);
+    sees OFD locks and POSIX locks, e.g. SingularityCE native mode's F_SETLK) - except
+    the lock this process holds for `job` (or through `own_lease`): engine.sync(job=)
+    runs inside that lease, and the lock should keep others out for the whole sync;
   * the lease file (engine.lease.inspect), when its holder is alive.
 """
 
@@ -16,15 +18,17 @@ import errno
 import fcntl
 import logging
 import os
-import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sifoverlay.errors import ImageBusy
 
-log = logging.getLogger(__name__)
+from . import leaselock, procs
 
-_FLOCK = "hhqqi4x"
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+if TYPE_CHECKING:
+    from .lease import Lease
+
+log = logging.getLogger(__name__)
 # fuse2fs mounts show up as fuse.<fs type from the superblock>, e.g. fuse.ext4.
 FUSE_WRITERS = ("fuse2fs", "ext2", "ext3", "ext4")
 FUSE_READERS = ("squashfuse", "squashfuse_ll")
@@ -47,46 +51,24 @@ def _same_file(candidate: str, st: os.stat_result) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> list[Activity]:
-    found = []
+    found: list[Activity] = []
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        entries = procs.mountinfo(mountinfo)
     except OSError:
         return found
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 6 or len(tail) < 2:
-            continue
-        fstype, source = tail[0], _unescape(tail[1])
+    for entry in entries:
+        fstype = entry.fstype
         program = fstype.split(".", 1)[1] if fstype.startswith("fuse.") else fstype
         if program not in FUSE_WRITERS + FUSE_READERS and fstype != "fuse":
             continue
-        if not _same_file(source, st):
+        if not _same_file(entry.source, st):
             continue  # (a /proc/self/fd/N source is the mounter's fd: see fuse_processes)
-        mountpoint = _unescape(fields[4])
-        if _dead_mount(mountpoint):
+        if _dead_mount(entry.target):
             continue  # its daemon is gone: nothing can write through it
-        options = fields[5].split(",")
         kind = "fuse-layer" if program in FUSE_READERS else "fuse"
-        writable = kind == "fuse" and "ro" not in options
-        found.append(Activity(kind, f"{program} mount at {mountpoint} ({'rw' if writable else 'ro'})", writable))
+        writable = kind == "fuse" and "ro" not in entry.options.split(",")
+        found.append(Activity(kind, f"{program} mount at {entry.target} ({'rw' if writable else 'ro'})", writable))
     return found
 
 
@@ -102,7 +84,7 @@ def _dead_mount(mountpoint: str) -> bool:
 def fuse_processes(st: os.stat_result, proc: str = "/proc") -> list[Activity]:
     """FUSE daemons (fuse2fs, squashfuse) holding the image open: catches mounts whose
     source was given as /proc/self/fd/N, which mountinfo cannot resolve for us."""
-    found = []
+    found: list[Activity] = []
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
@@ -139,7 +121,7 @@ def _read(path: str) -> str:
 
 
 def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/sys/block") -> list[Activity]:
-    found = []
+    found: list[Activity] = []
     try:
         names = sorted(n for n in os.listdir(sys_block) if n.startswith("loop"))
     except OSError:
@@ -161,22 +143,25 @@ def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/
     return found
 
 
-def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool) -> list[Activity]:
-    """A conflicting lock on [offset, offset+size) held through another open file."""
+def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, own_fd: int | None = None) -> list[Activity]:
+    """A conflicting lock on [offset, offset+size) held through another open file.
+    Probing through `own_fd` (the description holding our own lease's lock) leaves that
+    lock out: a description never conflicts with itself."""
+    ltype = fcntl.F_RDLCK if writers_only else fcntl.F_WRLCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if own_fd is not None:
+            found = leaselock.probe(own_fd, offset, size, ltype=ltype)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                found = leaselock.probe(fd, offset, size, ltype=ltype)
+            finally:
+                os.close(fd)
     except OSError:
         return []
-    try:
-        probe = fcntl.F_RDLCK if writers_only else fcntl.F_WRLCK
-        raw = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, probe, os.SEEK_SET, offset, size, 0))
-    except OSError:
+    if found is None:
         return []
-    finally:
-        os.close(fd)
-    kind, _, start, length, pid = struct.unpack(_FLOCK, raw)
-    if kind == fcntl.F_UNLCK:
-        return []
+    kind, pid = found
     from . import lease
 
     info = lease.inspect(path)
@@ -199,9 +184,25 @@ def lease_holder(path: str, *, job: str | None = None) -> list[Activity]:
     return [Activity("lease", info.describe(), True)]
 
 
+def _own_lock_fd(path: str, job: str | None, own_lease: Lease | None) -> int | None:
+    if own_lease is not None and own_lease.lock_fd is not None and not own_lease.released:
+        return own_lease.lock_fd
+    if job is None:
+        return None
+    from . import lease
+
+    return lease.held_lock_fd(path, job)
+
+
 def find_activity(
-    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
+    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
+    own_lease: Lease | None = None,
 ) -> list[Activity]:
+    """Every sign of use of [offset, offset+size) of `path` on this host. `job` (or
+    `own_lease`, whose job it is): the caller runs inside that job's lease, so neither
+    its lease file nor the byte-range lock this process holds for it counts."""
+    if own_lease is not None and job is None:
+        job = own_lease.info.job_id
     st = os.stat(path)
     daemons = fuse_processes(st)
     mounts = fuse_mounts(st)
@@ -212,17 +213,19 @@ def find_activity(
         mounts = [a for a in mounts if a.kind != "fuse"]
     found = mounts + daemons + loop_devices(st, offset, size)
     if locks:
-        found += byte_range_lock(path, offset, size, writers_only=writers_only)
+        own_fd = _own_lock_fd(path, job, own_lease)
+        found += byte_range_lock(path, offset, size, writers_only=writers_only, own_fd=own_fd)
     found += lease_holder(path, job=job)
     return found
 
 
 def ensure_quiet(
-    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None
+    path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
+    own_lease: Lease | None = None,
 ) -> list[Activity]:
     """Raise ImageBusy when a writer (or, with writers_only=False, any user) is active;
     return the harmless activity seen (read-only mounts)."""
-    found = find_activity(path, offset, size, locks=locks, writers_only=writers_only, job=job)
+    found = find_activity(path, offset, size, locks=locks, writers_only=writers_only, job=job, own_lease=own_lease)
     blocking = [a for a in found if a.writer or (not writers_only and a.kind != "fuse-layer")]
     if blocking:
         first = blocking[0]

@@ -80,7 +80,8 @@ def _unmount(mountpoint: str) -> None:
 
 def sweep_dead_mounts() -> list[str]:
     """Lazily unmount seal mountpoints whose fuse2fs died with a killed seal."""
-    from .quiesce import _dead_mount, _unescape
+    from .procs import unescape_mount_field as _unescape
+    from .quiesce import _dead_mount
 
     swept: list[str] = []
     try:

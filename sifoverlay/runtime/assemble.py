@@ -32,6 +32,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from sifoverlay.engine.procs import process_start_ticks
 from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
 from sifoverlay.fsio import REAL_IO, FileIO
 
@@ -185,7 +186,7 @@ def _fuse_step(current: JobState, base_dir: str | os.PathLike[str], step: Step, 
     proc = mounts.spawn_fuse(argv, step.target, uid=current.uid, gid=current.gid, pass_fds=fds,
                              log_path=log_path, umask=umask, image=current.image, what=what, io=io)
     return _record(base_dir, current, replace(step, status="mounted", pid=proc.pid,
-                                              pid_start=mounts.process_start(proc.pid)), io)
+                                              pid_start=process_start_ticks(proc.pid)), io)
 
 
 def _opt_escape(value: str) -> str:
@@ -196,7 +197,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
                    layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
-    lowers = []
+    lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", owner, io)
         opts = f"ro,offset={layer.offset},allow_other,subtype=squashfuse,fsname={_opt_escape(current.image)}"
@@ -225,7 +226,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
 def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
                      layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
-    lowers = []
+    lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", None, io)
         current = _kernel_step(current, base_dir, f"layer.{number}", target, fd, layer, readonly=True,

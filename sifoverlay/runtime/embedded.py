@@ -90,8 +90,9 @@ def run_embedded(
             action, error = (None, None)
             # Also after a failed start (a rw mount may have touched the ext3), unless the
             # image was refused before anything was mounted.
+            # The byte-range lock stays held through the sync (quiesce ignores this
+            # process's own lock for `job`): SingularityCE cannot slip in meanwhile.
             if writable and sync and not isinstance(failure, (BadInput, NotAuthorized)):
-                held.unlock_range()
                 action, error = _reconcile(path, job, journal, io)
             if error is None:
                 result = f"exit {returncode}" if failure is None else f"not started: {failure.message()}"
@@ -127,11 +128,8 @@ def _assemble_and_run(
 
 
 def _reconcile(image: str, job: str, journal: str, io: FileIO) -> tuple[str | None, str | None]:
-    try:
-        from sifoverlay import engine
-    except ImportError as exc:  # engine still being built: say so instead of failing the run
-        log.error("%s: not reconciled: sifoverlay.engine is unavailable (%s)", image, exc)
-        return None, f"engine unavailable: {exc}"
+    from sifoverlay import engine
+
     try:
         result = engine.sync(image, job=job, journal_dir=journal, io=io)
     except SifOverlayError as exc:

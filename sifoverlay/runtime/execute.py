@@ -14,9 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from sifoverlay.errors import SifOverlayError, UsageError
 
@@ -24,6 +25,8 @@ from .assemble import Rootfs
 
 log = logging.getLogger(__name__)
 
+# what signal.signal() returns and accepts back
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)  # SIGINT: the terminal already sends it to the child
 
 
@@ -90,12 +93,12 @@ def exec_in(
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _forward_signals(proc: subprocess.Popen[bytes]) -> dict[int, object]:
+def _forward_signals(proc: subprocess.Popen[bytes]) -> dict[int, _Handler]:
     def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    previous: dict[int, object] = {}
+    previous: dict[int, _Handler] = {}
     try:
         for sig in _FORWARDED:
             previous[sig] = signal.signal(sig, forward)

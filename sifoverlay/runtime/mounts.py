@@ -1,5 +1,5 @@
 """Mount primitives of the runtime: FUSE daemons run as the job user, loop devices bound
-to an already-open fd, kernel mounts, unmounting, and reading /proc/self/mountinfo.
+to an already-open fd, kernel mounts, unmounting, and what is mounted (engine.procs).
 
 FUSE daemons run in the foreground (``-f``) as children in their own session, so their
 pid is known: teardown waits for each daemon to exit after the unmount, because fuse2fs
@@ -23,8 +23,8 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
+from sifoverlay.engine.procs import mountinfo, process_alive
 from sifoverlay.errors import ExternalToolError
 from sifoverlay.fsio import REAL_IO, FileIO
 
@@ -42,39 +42,6 @@ _LO_FLAGS_READ_ONLY = 1
 _LO_FLAGS_AUTOCLEAR = 4
 # struct loop_info64 then struct loop_config (linux/loop.h), packed without padding.
 _LOOP_INFO64 = "=5Q4I64s64s32s2Q"
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    mount_id: int
-    target: str
-    fstype: str
-    source: str
-    options: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    entries = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            left, sep, right = line.rstrip("\n").partition(" - ")
-            fields, tail = left.split(), right.split()
-            if sep and len(fields) >= 6 and len(tail) >= 2:
-                entries.append(MountEntry(int(fields[0]), _unescape(fields[4]), tail[0], _unescape(tail[1]), fields[5]))
-    return entries
 
 
 def is_mounted(target: str) -> bool:
@@ -95,25 +62,6 @@ def user_allow_other(conf: str | None = None) -> bool:
             return any(line.strip() == "user_allow_other" for line in fh)
     except FileNotFoundError:
         return False
-
-
-def process_start(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if fields and fields[0] == b"Z":
-        return None  # a zombie has exited: only its parent's wait is missing
-    return int(fields[19]) if len(fields) > 19 else None
-
-
-def same_process_alive(pid: int | None, start: int | None) -> bool:
-    if not pid:
-        return False
-    now = process_start(pid)
-    return now is not None and (start is None or now == start)
 
 
 # --- FUSE ------------------------------------------------------------------------------------------
@@ -189,7 +137,7 @@ def _alive(pid: int, start: int | None, proc: subprocess.Popen[bytes] | None) ->
         return proc.poll() is None
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap if it is our child
-    return same_process_alive(pid, start)
+    return process_alive(pid, start)
 
 
 def unmount(target: str) -> None:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,25 @@ from sifoverlay.engine import quiesce
 from sifoverlay.errors import ImageBusy
 from tests.conftest import require_root, require_tool
 from tests.engine.conftest import assert_consistent, debugfs_cat, modify_overlay, region, sh
+
+
+@contextmanager
+def posix_lock_child(image: Path, offset: int, size: int, *, shared: bool) -> Iterator[subprocess.Popen[str]]:
+    """A child holding a POSIX lockf() lock over [offset, offset+size) (what SingularityCE
+    native mode takes) until the block ends."""
+    mode, op = ("O_RDONLY", "LOCK_SH") if shared else ("O_RDWR", "LOCK_EX")
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import fcntl,os,sys; fd=os.open(sys.argv[1], os.{mode}); "
+         f"fcntl.lockf(fd, fcntl.{op}|fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2])); "
+         "print('locked', flush=True); sys.stdin.readline()", str(image), str(offset), str(size)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        yield child
+    finally:
+        child.communicate("\n", timeout=30)
 
 
 def test_mountinfo_sources_are_matched_by_inode(tmp_path: Path) -> None:
@@ -40,23 +61,13 @@ def test_posix_lock_of_another_process_blocks_sync(overlay_image: Path, tmp_path
     """SingularityCE native mode takes F_SETLK over the ext3 range; we must see it."""
     modify_overlay(overlay_image, tmp_path)
     offset, size = region(overlay_image)
-    child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
-         "fcntl.lockf(fd, fcntl.LOCK_EX|fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2])); "
-         "print('locked', flush=True); sys.stdin.readline()", str(overlay_image), str(offset), str(size)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+    with posix_lock_child(overlay_image, offset, size, shared=False) as child:
         [activity] = quiesce.find_activity(str(overlay_image), offset, size)
         assert (activity.kind, activity.writer) == ("lock", True)
         assert f"pid {child.pid}" in activity.detail
         with pytest.raises(ImageBusy, match=f"pid {child.pid}"):
             engine.sync(overlay_image)
         assert engine.status(overlay_image).state == "in-use"
-    finally:
-        child.communicate("\n", timeout=30)
     assert quiesce.find_activity(str(overlay_image), offset, size) == []
     assert engine.sync(overlay_image).action == "reconciled"
 
@@ -93,3 +104,48 @@ def test_fuse2fs_rw_mount_is_in_use_then_reconciled(overlay_image: Path, tmp_pat
     assert result.action in ("reconciled", "replayed-and-reconciled")
     assert_consistent(overlay_image)
     assert debugfs_cat(overlay_image, "upper/fuse.txt") == b"via fuse2fs\n"
+
+
+def test_own_lease_lock_is_not_activity_but_others_are(overlay_image: Path, tmp_path: Path) -> None:
+    """engine.sync(job=) runs inside the job's lease while this process still holds its
+    byte-range lock: that lock is ignored, any other lock is not."""
+    from sifoverlay.engine import lease
+
+    modify_overlay(overlay_image, tmp_path)
+    offset, size = region(overlay_image)
+    path = str(overlay_image)
+    held = lease.acquire(path, lease.Holder.current("job-own"), region=(offset, size))
+    try:
+        seen = quiesce.find_activity(path, offset, size)
+        assert sorted(a.kind for a in seen) == ["lease", "lock"]
+        assert [a.detail for a in seen if a.kind == "lock"] == [
+            f"write lock on the overlay held by {held.info.describe()}"]
+        assert quiesce.find_activity(path, offset, size, job="job-own") == []
+        assert quiesce.find_activity(path, offset, size, own_lease=held) == []
+        assert [a.kind for a in quiesce.find_activity(path, offset, size, job="job-other")] == ["lock", "lease"]
+        assert lease.held_lock_fd(path, "job-own") == held.lock_fd
+        assert lease.held_lock_fd(path, "job-other") is None
+        result = engine.sync(overlay_image, job="job-own")  # the lock stays held throughout
+        assert result.action == "reconciled"
+        assert lease.inspect(path) is not None and lease.inspect(path).token == held.token  # type: ignore[union-attr]
+    finally:
+        held.release()
+    assert lease.held_lock_fd(path, "job-own") is None
+    assert_consistent(overlay_image)
+
+
+def test_own_lease_does_not_hide_a_foreign_posix_lock(overlay_image: Path) -> None:
+    from sifoverlay.engine import lease
+
+    offset, size = region(overlay_image)
+    path = str(overlay_image)
+    held = lease.acquire_shared(path, lease.Holder.current("job-ro"), region=(offset, size))
+    try:
+        with posix_lock_child(overlay_image, offset, size, shared=True) as child:
+            # Any user (writers_only=False): our own read lock is exempt, the child's is not.
+            [activity] = quiesce.find_activity(path, offset, size, writers_only=False, own_lease=held)
+            assert (activity.kind, activity.writer) == ("lock", False)
+            assert activity.detail == f"read lock on the overlay held by pid {child.pid}"
+    finally:
+        held.release()
+    assert quiesce.find_activity(path, offset, size, writers_only=False) == []

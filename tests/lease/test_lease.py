@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sifoverlay.engine import lease
+from sifoverlay.engine import lease, leaselock
 from sifoverlay.errors import ImageBusy
 from sifoverlay.fsio import CountingIO
 
@@ -302,7 +302,7 @@ def test_image_fd_locks_the_opened_inode_not_the_path(image: Path, tmp_path: Pat
 
             probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, *REGION, 0)
             with pytest.raises(BlockingIOError):
-                fcntl.fcntl(moved_fd, lease._F_OFD_SETLK, probe)
+                fcntl.fcntl(moved_fd, leaselock.F_OFD_SETLK, probe)
         finally:
             os.close(moved_fd)
         held.release()
