@@ -219,11 +219,13 @@ def as_user(user: str, argv: list[str], **kw: Any) -> subprocess.CompletedProces
     return run(["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", *argv], **kw)
 
 
-def job_states(job_ids: list[str]) -> dict[str, str]:
-    """State of each job from slurmctld (jobs leave after MinJobAge: unknown then)."""
-    if not job_ids:
-        return {}
-    proc = run(["squeue", "--noheader", "--states=all", "--format=%i %T", "--jobs", ",".join(job_ids)], check=False)
+def job_states() -> dict[str, str] | None:
+    """State of every job of the soak user that slurmctld still knows (a job leaves after
+    MinJobAge), or None when squeue failed. Never `squeue --jobs LIST`: one aged-out id
+    makes it fail for the whole list."""
+    proc = run(["squeue", "--noheader", "--states=all", f"--user={SOAK_USER}", "--format=%i %T"], check=False)
+    if proc.returncode != 0:
+        return None
     out = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
@@ -389,12 +391,12 @@ class Soak:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             restart_slurmd()  # whoever killed it, jobs need it
-            live = [j for j in self.jobs if not j.state]
-            states = job_states([j.job_id for j in live])
-            for j in live:
-                s = states.get(j.job_id)
-                if s in TERMINAL or s is None and time.monotonic() - j.submitted > 5:
-                    j.state = s or "GONE"
+            states = job_states()
+            if states is not None:
+                for j in self.jobs:
+                    seen = states.get(j.job_id)
+                    if not j.state and (seen in TERMINAL or seen is None and time.monotonic() - j.submitted > 30):
+                        j.state = seen or "GONE"
             live = [j for j in self.jobs if not j.state]
             if len(live) < 4 and not any(j.image == image for j in live):
                 return
@@ -403,17 +405,20 @@ class Soak:
     def name(self) -> str:
         return f"soak-{self.seed}-{len(self.jobs) + self.submit_refused}-{uuid.uuid4().hex[:6]}"
 
-    def drain(self, timeout: float = 600) -> None:
+    def drain(self, timeout: float = 900) -> None:
+        """Wait until every job is over, recording each final state."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ids = [j.job_id for j in self.jobs]
-            states = job_states(ids)
-            pending = [i for i in ids if states.get(i) and states[i] not in TERMINAL]
-            if not pending:
-                for j in self.jobs:
-                    j.state = states.get(j.job_id, j.state or "GONE")
-                return
             restart_slurmd()
+            states = job_states()
+            if states is not None:
+                for j in self.jobs:
+                    if j.job_id in states:
+                        j.state = states[j.job_id] if states[j.job_id] in TERMINAL else ""
+                    elif not j.state:
+                        j.state = "GONE"  # ended more than MinJobAge ago, state never seen
+                if all(j.state for j in self.jobs):
+                    return
             time.sleep(2)
         raise RuntimeError(f"jobs still not over after {timeout}s")
 
@@ -522,7 +527,7 @@ def verify(soak: Soak, sweep: subprocess.CompletedProcess[str]) -> dict[str, Any
                 files_verified += 1
             else:
                 problems.append(f"{image}: file /soak/{name} of a COMPLETED job is {found.get(name)!r}")
-    if node_state.rstrip("*~#") not in ("idle", "mix", "alloc"):
+    if any(node_state.startswith(bad) for bad in ("drain", "drng", "down", "fail")):
         problems.append(f"node was {node_state} at the end (resumed)")
     return {
         "ok": not problems and files_verified == files_expected and images_ok == len(soak.images),

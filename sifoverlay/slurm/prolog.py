@@ -156,7 +156,7 @@ def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
             assembled = True
             verify_unchanged(image, identity.dev, identity.ino)
             path = rootfs.path
-            records.write_ready(config.records_dir, job.job_id, image, job.mode, path, io=io)
+            records.write_ready(config.records_dir, job.job_id, image, job.mode, path, requested=job.image, io=io)
         except BaseException:
             if assembled:
                 _quietly(runtime.teardown, job.job_id, base_dir=config.mounts_dir)

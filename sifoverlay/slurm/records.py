@@ -7,7 +7,8 @@ failing Prolog drains the node): this file is how the refusal reaches the job's 
 Format (key=value lines, one line each, no newlines inside values)::
 
     status=ready|refused
-    image=/abs/path/img.oci.sif
+    image=/abs/path/img.oci.sif                    (canonical: directories resolved)
+    requested=/link/to/img.oci.sif                 (as the user gave it)
     rootfs=/run/sifoverlay/mounts/<job>/rootfs     (ready)
     mode=rw|ro
     message=<image>: <problem>                     (refused)
@@ -43,6 +44,7 @@ class JobRecord:
     mode: str = ""
     rootfs: str = ""
     message: str = ""
+    requested: str = ""
 
 
 def job_dir(records_dir: str, job_id: str) -> str:
@@ -60,16 +62,18 @@ def _write(records_dir: str, record: JobRecord, io: FileIO) -> str:
     io.makedirs(records_dir, 0o755)
     io.makedirs(directory, 0o755)
     io.chmod(directory, 0o755)  # whatever the umask: the plugin refuses group/other-writable
-    fields = [("status", record.status), ("image", record.image), ("mode", record.mode),
-              ("rootfs", record.rootfs), ("message", record.message)]
+    fields = [("status", record.status), ("image", record.image), ("requested", record.requested),
+              ("mode", record.mode), ("rootfs", record.rootfs), ("message", record.message)]
     text = "".join(f"{key}={_one_line(value)}\n" for key, value in fields if value)
     path = os.path.join(directory, STATE_FILE)
     io.write_file_atomic(path, text.encode(), mode=0o644)
     return path
 
 
-def write_ready(records_dir: str, job_id: str, image: str, mode: str, rootfs: str, *, io: FileIO = REAL_IO) -> str:
-    return _write(records_dir, JobRecord(str(job_id), "ready", image, mode=mode, rootfs=rootfs), io)
+def write_ready(records_dir: str, job_id: str, image: str, mode: str, rootfs: str, *, requested: str = "",
+                io: FileIO = REAL_IO) -> str:
+    return _write(records_dir, JobRecord(str(job_id), "ready", image, mode=mode, rootfs=rootfs,
+                                         requested=requested), io)
 
 
 def write_refused(records_dir: str, job_id: str, image: str, message: str, *, io: FileIO = REAL_IO) -> str:
@@ -89,7 +93,7 @@ def read(records_dir: str, job_id: str) -> JobRecord | None:
     values = dict(line.split("=", 1) for line in raw.splitlines() if "=" in line)
     return JobRecord(str(job_id), values.get("status", ""), values.get("image", ""),
                      mode=values.get("mode", ""), rootfs=values.get("rootfs", ""),
-                     message=values.get("message", ""))
+                     message=values.get("message", ""), requested=values.get("requested", ""))
 
 
 def remove(records_dir: str, job_id: str, *, io: FileIO = REAL_IO) -> None:

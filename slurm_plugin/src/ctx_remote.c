@@ -100,7 +100,8 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 	case SIFO_RECORD_READY:
 		break;
 	}
-	if (sifo_request.given && strcmp(sifo_request.path, rec.image) != 0)
+	if (sifo_request.given && strcmp(sifo_request.path, rec.image) != 0 &&
+	    strcmp(sifo_request.path, rec.requested) != 0)
 		return fail_task(job_id, "this step asks for %s but the job runs %s: one image per job",
 				 sifo_request.path, rec.image);
 	task_cwd(sp, cwd, sizeof(cwd));

@@ -1,6 +1,7 @@
 /*
  * What the Prolog left for a job: <runtime_dir>/slurm/<jobid>/state, key=value lines
- *   status=ready|refused   image=/abs/path   rootfs=/abs/path   message=one line
+ *   status=ready|refused   image=/abs/path   requested=/abs/path   rootfs=/abs/path
+ *   message=one line
  * written atomically by root. We believe it only when the file and its directory are
  * root-owned and not writable by others, and never follow a symlink to it.
  */
@@ -106,6 +107,8 @@ int sifo_job_record_load(const char *runtime_dir, unsigned job_id, struct sifo_j
 			copy_field(status, sizeof(status), eq + 1);
 		else if (!strcmp(line, "image"))
 			copy_field(rec->image, sizeof(rec->image), eq + 1);
+		else if (!strcmp(line, "requested"))
+			copy_field(rec->requested, sizeof(rec->requested), eq + 1);
 		else if (!strcmp(line, "rootfs"))
 			copy_field(rec->rootfs, sizeof(rec->rootfs), eq + 1);
 		else if (!strcmp(line, "message"))

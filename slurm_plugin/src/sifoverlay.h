@@ -64,6 +64,7 @@ enum sifo_record { SIFO_RECORD_NONE = 0, SIFO_RECORD_READY, SIFO_RECORD_REFUSED,
 struct sifo_job_record {
 	enum sifo_record kind;
 	char image[PATH_MAX];        /* image path as the Prolog resolved it */
+	char requested[PATH_MAX];    /* image path as the user gave it */
 	char rootfs[PATH_MAX];       /* assembled rootfs (READY) */
 	char message[SIFO_MSG_MAX];  /* refusal or problem (REFUSED, BAD) */
 };

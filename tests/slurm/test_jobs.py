@@ -470,3 +470,27 @@ def test_next_job_finishes_a_dead_holder_before_the_sweeper(cluster: Cluster, sl
     assert recorded == actual and lease.inspect(str(image)) is None
     log = Path("/var/log/sifoverlay/slurm.log").read_text()
     assert f"held by job {dead}, which is over but was never cleaned up: finishing it first" in log
+
+
+def test_image_through_a_symlinked_directory(cluster: Cluster, slurm_users: tuple[User, User], make_image,
+                                             image_dir: Path, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Directories may be symlinks (sites link /shared to a mount): the job runs, the lease
+    and session use the resolved path, so two spellings of one image share one lease."""
+    alice = slurm_users[0]
+    real = image_dir / "real"
+    real.mkdir(mode=0o755)
+    image = make_image(alice, where=real)
+    (image_dir / "link").symlink_to(real)
+    spelled = image_dir / "link" / image.name
+    job = cluster.sbatch(alice, f"--oci-sif-overlay={spelled}", "-o", f"{outdir}/%j.out", "-D", "/",
+                         "--wrap", "echo via-link > /link.txt; sleep 30")
+    cluster.wait_state(job, {"RUNNING"})
+    wait_for(lambda: cluster.session_path(job).exists(), what="the session")
+    assert sessions.load(cluster.journal_dir, str(job)).image == str(image)  # type: ignore[union-attr]
+    other = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/", "--wrap", "true")
+    assert cluster.wait_finished(other) == "FAILED"
+    assert f"held by job {job} (slurm)" in (outdir / f"{other}.out").read_text()
+    sh("scancel", str(job))
+    cluster.wait_finished(job)
+    assert_reconciled(cluster, image, job)
+    assert srun_in(cluster, alice, spelled, "cat", "/link.txt").stdout == "via-link\n"
