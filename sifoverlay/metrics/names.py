@@ -28,6 +28,7 @@ RECONCILE_RESULTS: Final = ("noop", "reconciled", "replayed-and-reconciled", "bu
 RECOVERY_OUTCOMES: Final = ("rolled-forward", "rolled-back", "completed", "nothing", "failed")
 HASH_SOURCES: Final = ("reconcile", "verify")
 SCAN_RESULTS: Final = ("ok", "error")
+JOB_END_RESULTS: Final = ("reconciled", "noop", "released", "refused", "image-missing", "failed")  # JobEndOutcome
 # Seconds: a no-op sync takes milliseconds, a 10 GiB overlay hashes in about a minute.
 DURATION_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
@@ -98,10 +99,20 @@ STALE_LEASES_BROKEN: Final = _spec(
 LAST_EVENT: Final = _spec(
     "textfile_last_event_timestamp_seconds", GAUGE, "When this textfile last recorded an event, Unix time.")
 
+# --- Slurm Epilog, its own textfile (sifoverlay_slurm.prom), rewritten at every job end ---
+SLURM_JOB_END: Final = _spec(
+    "slurm_job_end_timestamp_seconds", GAUGE,
+    "When this node last handled the end of a job that used an image, Unix time, by result.", "result")
+SLURM_JOB_END_FAILED: Final = _spec(
+    "slurm_job_end_failed", GAUGE, "1 when the last job end on this node failed to reconcile, else 0.")
+SLURM_OPEN_SESSIONS: Final = _spec(
+    "slurm_open_sessions", GAUGE, "Job sessions open on this node (running jobs + work for the sweeper).")
+
 ALL: Final[tuple[MetricSpec, ...]] = (
     OVERLAY_STATE, OVERLAY_LAST_RECONCILE, OVERLAY_SIZE, OVERLAY_FREE, JOURNAL_PENDING, JOURNAL_OLDEST_AGE,
     LEASES_HELD, LEASES_STALE, EXPORTER_IMAGES, EXPORTER_SCAN_DURATION, EXPORTER_LAST_SCAN,
     EXPORTER_VERIFY_QUEUE, BUILD_INFO,
     RECONCILES, RECONCILE_DURATION, HASHED_BYTES, RECOVERIES, STALE_LEASES_BROKEN, LAST_EVENT,
+    SLURM_JOB_END, SLURM_JOB_END_FAILED, SLURM_OPEN_SESSIONS,
 )
 BY_NAME: Final = {spec.name: spec for spec in ALL}

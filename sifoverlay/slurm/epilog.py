@@ -4,9 +4,10 @@ reconcile, release — and ALWAYS exit 0.
 slurmd runs the Epilog after every kind of job end it sees (completion, scancel,
 scancel -s KILL, time limit, a batch shell killed from outside; after a slurmd restart
 for jobs that ended while it was down). A failing Epilog drains the node, so a failed
-reconcile is logged, its session and lease are left for the sweeper, and a metric
-records it (`sifoverlay.metrics.textfile`, when installed). The steps are in
-`jobend.finish_job`.
+reconcile is logged, its session and lease are left for the sweeper, and metrics record
+it (when prometheus-client is installed and the textfile directory exists): the sync in
+the events textfile (jobend), the job end in `sifoverlay_slurm.prom` (`write_metrics`,
+names from sifoverlay.metrics.names). The steps are in `jobend.finish_job`.
 """
 
 from __future__ import annotations
@@ -14,45 +15,42 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Final
+from typing import Any, Final
 
 from sifoverlay.errors import SifOverlayError
 
 from .config import SlurmConfig, load_config
-from .jobend import JobEndOutcome, finish_job
+from .jobend import JobEndOutcome, finish_job, metrics_dir
 
 __all__ = ["TEXTFILE_NAME", "main", "run", "write_metrics"]
 
 log = logging.getLogger(__name__)
 
-ENV_TEXTFILE_DIR: Final = "SIFOVERLAY_TEXTFILE_DIR"
-DEFAULT_TEXTFILE_DIR: Final = "/var/lib/prometheus/node-exporter"
 TEXTFILE_NAME: Final = "sifoverlay_slurm.prom"
 
 
 def write_metrics(outcome: JobEndOutcome, config: SlurmConfig) -> bool:
-    """Write the node's Slurm textfile metrics, if sifoverlay.metrics is installed and
-    the textfile directory exists. Returns True when a file was written."""
-    directory = os.environ.get(ENV_TEXTFILE_DIR, DEFAULT_TEXTFILE_DIR)
-    if not os.path.isdir(directory):
+    """Write the node's Slurm gauges (names.SLURM_*) to `metrics_dir()/sifoverlay_slurm.prom`,
+    if prometheus-client is installed and the directory exists. True when written."""
+    directory = metrics_dir()
+    if directory is None:
         return False
     try:
         from prometheus_client import CollectorRegistry, Gauge
 
         from sifoverlay.engine import sessions
-        from sifoverlay.metrics import textfile  # written by the metrics engineer
+        from sifoverlay.metrics import names, textfile
     except ImportError as exc:
         log.debug("no textfile metrics: %s", exc)
         return False
     registry = CollectorRegistry()
-    last = Gauge("sifoverlay_slurm_job_end_timestamp_seconds",
-                 "When this node last handled the end of a job that used an image.",
-                 ["result"], registry=registry)
-    last.labels(result=outcome.result).set_to_current_time()
-    Gauge("sifoverlay_slurm_job_end_failed", "1 when the last job end on this node failed to reconcile.",
-          registry=registry).set(0 if outcome.ok else 1)
-    Gauge("sifoverlay_slurm_open_sessions", "Job sessions open on this node (running jobs + work for the sweeper).",
-          registry=registry).set(len(sessions.open_sessions(config.journal_dir)))
+
+    def gauge(spec: Any) -> Gauge:  # a names.MetricSpec: name, help and labels from the table
+        return Gauge(spec.name, spec.help, list(spec.labels), registry=registry)
+
+    gauge(names.SLURM_JOB_END).labels(result=outcome.result).set_to_current_time()
+    gauge(names.SLURM_JOB_END_FAILED).set(0 if outcome.ok else 1)
+    gauge(names.SLURM_OPEN_SESSIONS).set(len(sessions.open_sessions(config.journal_dir)))
     try:
         textfile.write(directory, registry, TEXTFILE_NAME)
     except Exception:
@@ -76,7 +74,7 @@ def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None)
     from . import logsetup
 
     logsetup.set_fields(job=job_id, image=env.get("SPANK_OCI_SIF_OVERLAY", ""))
-    outcome = finish_job(job_id, config, reason="epilog")
+    outcome = finish_job(job_id, config, reason="epilog")  # counts its sync in the events textfile
     if outcome.result != "nothing":
         write_metrics(outcome, config)
     return outcome

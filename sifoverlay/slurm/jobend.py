@@ -12,6 +12,10 @@ Order, each step idempotent so a second run after a crash is harmless:
 A step that fails stops the sequence: the session and the lease stay, so the image is
 not handed to another job half-reconciled, and the sweeper tries again later. Nothing
 here raises: the outcome says what happened.
+
+Every engine.sync is counted in the events textfile (sifoverlay.metrics.events; docs/
+metrics.md) of `metrics_dir()`. Recording never changes the outcome: metrics errors, and
+a missing prometheus-client, are logged and ignored.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sifoverlay.errors import SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -29,9 +34,37 @@ from . import records
 from .authorize import verify_unchanged
 from .config import SlurmConfig
 
-__all__ = ["JobEndOutcome", "finish_job"]
+__all__ = ["DEFAULT_TEXTFILE_DIR", "ENV_TEXTFILE_DIR", "JobEndOutcome", "finish_job", "metrics_dir", "record_event"]
 
 log = logging.getLogger(__name__)
+
+ENV_TEXTFILE_DIR: Final = "SIFOVERLAY_TEXTFILE_DIR"  # same variable as sifoverlay.metrics.record
+DEFAULT_TEXTFILE_DIR: Final = "/var/lib/prometheus/node-exporter"
+
+
+def metrics_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """The node_exporter textfile directory the Slurm hooks write to: $SIFOVERLAY_TEXTFILE_DIR,
+    else the Debian node_exporter default; None when it is not an existing directory
+    (a node without node_exporter: no metrics, and no warning at every job end)."""
+    directory = (os.environ if env is None else env).get(ENV_TEXTFILE_DIR) or DEFAULT_TEXTFILE_DIR
+    return directory if os.path.isdir(directory) else None
+
+
+def record_event(directory: str | None, op: str, outcome: Any, *, seconds: float | None = None) -> None:
+    """Count one engine call ("sync", "recover", "break-stale") in the events textfile;
+    never raises. The equivalent of sifoverlay.metrics.record.recording, which slurm may
+    not import (tests/test_layers.py: only metrics.textfile/events are shared)."""
+    if directory is None:
+        return
+    try:
+        from sifoverlay.metrics.events import record_result
+    except ImportError as exc:
+        log.warning("textfile dir %s: metrics need prometheus-client (%s)", directory, exc)
+        return
+    try:
+        record_result(directory, op, outcome, seconds=seconds)
+    except Exception:  # record_result swallows its own errors; this is the last guard
+        log.exception("recording %s metrics in %s failed", op, directory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +85,13 @@ class JobEndOutcome:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def finish_job(job_id: str, config: SlurmConfig, *, reason: str, io: FileIO = REAL_IO) -> JobEndOutcome:
-    """Steps 1-5 for `job_id`; `reason` ("epilog", "sweeper") goes into the logs."""
+def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None = None,
+               io: FileIO = REAL_IO) -> JobEndOutcome:
+    """Steps 1-5 for `job_id`; `reason` ("epilog", "sweeper") goes into the logs. The sync
+    is counted in `textfile_dir` (None: `metrics_dir()`)."""
     from sifoverlay.engine import sessions
+
+    textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
 
     start = time.monotonic()
     session = sessions.load(config.journal_dir, job_id)
@@ -91,9 +128,7 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, io: FileIO = RE
             if dev is not None and ino is not None:
                 verify_unchanged(session.image, int(dev), int(ino))
             step = "sync"
-            from sifoverlay import engine
-
-            synced = engine.sync(session.image, job=job_id, journal_dir=config.journal_dir, io=io)
+            synced = _counted_sync(session.image, job_id, config, textfile_dir, io)
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
         _release_lease(session.image, job_id, io)
@@ -107,6 +142,20 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, io: FileIO = RE
     except Exception as exc:  # the Epilog must survive anything
         log.exception("job %s: %s failed", job_id, step)
         return outcome("failed", step, f"{type(exc).__name__}: {exc}")
+
+
+def _counted_sync(image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO) -> Any:
+    """engine.sync inside the job's lease, its result or exception counted (op "sync")."""
+    from sifoverlay import engine
+
+    began = time.monotonic()
+    try:
+        synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io)
+    except Exception as exc:
+        record_event(textfile_dir, "sync", exc, seconds=time.monotonic() - began)
+        raise
+    record_event(textfile_dir, "sync", synced)  # its own .seconds is the duration
+    return synced
 
 
 def _release_lease(image: str, job_id: str, io: FileIO) -> None:

@@ -11,6 +11,11 @@ release the lease, finish the session). Jobs that are pending/running/completing
 jobs whose state cannot be read, are left alone. Mount leftovers and plugin records of
 dead jobs without a session are removed too.
 
+Once a job is finished cleanly (its own lease released), a writer lease on its image that
+is stale by the engine's rule (holder gone, expired) is broken, so the next job or sync
+does not have to. Metrics (events textfile of `jobend.metrics_dir()`, or --textfile-dir):
+every sync (jobend), every stale lease broken, and the outcomes of `recover --slurm`.
+
 Run it from a systemd timer (slurm_plugin/systemd/) and once at slurmd start.
 Exit status: 0 when nothing failed, 1 otherwise.
 """
@@ -23,16 +28,16 @@ import logging
 import socket
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TextIO
 
 from sifoverlay.errors import SifOverlayError
 
 from . import records
 from .config import SlurmConfig, load_config
-from .jobend import JobEndOutcome, finish_job
+from .jobend import JobEndOutcome, finish_job, metrics_dir, record_event
 from .jobstate import JobState, select_backend
 
-__all__ = ["SweepReport", "add_arguments", "main", "recover_slurm", "run_from_args", "sweep"]
+__all__ = ["SweepReport", "add_arguments", "break_stale_lease", "main", "recover_slurm", "run_from_args", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class SweepReport:
     backend: str
     outcomes: list[JobEndOutcome] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (job id, why)
+    stale_broken: list[str] = field(default_factory=list)  # images whose stale writer lease we broke
 
     @property
     def failed(self) -> list[JobEndOutcome]:
@@ -49,7 +55,8 @@ class SweepReport:
 
     def as_dict(self) -> dict[str, object]:
         return {"backend": self.backend, "outcomes": [o.as_dict() for o in self.outcomes],
-                "skipped": [{"job_id": j, "why": w} for j, w in self.skipped]}
+                "skipped": [{"job_id": j, "why": w} for j, w in self.skipped],
+                "stale_broken": list(self.stale_broken)}
 
 
 def _leftover_jobs(config: SlurmConfig) -> set[str]:
@@ -65,10 +72,28 @@ def _leftover_jobs(config: SlurmConfig) -> set[str]:
     return {j for j in jobs if j.isdigit()}
 
 
-def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None) -> SweepReport:
+def break_stale_lease(image: str, textfile_dir: str | None) -> bool:
+    """engine.lease.break_stale on `image`, counted (op "break-stale") when it broke one.
+    Never raises: a sweep must go on to the next job."""
+    from sifoverlay.engine import lease
+
+    try:
+        broke = lease.break_stale(image)
+    except Exception:
+        log.exception("%s: breaking a stale lease failed", image)
+        return False
+    if broke:
+        record_event(textfile_dir, "break-stale", True)
+    return broke
+
+
+def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None,
+          textfile_dir: str | None = None) -> SweepReport:
+    """Finish this host's Slurm jobs that are over; `textfile_dir` None: `metrics_dir()`."""
     from sifoverlay.engine import sessions
 
     host = host or socket.gethostname()
+    textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
     report = SweepReport(backend=jobstate.name)
     seen: set[str] = set()
     for session in sessions.open_sessions(config.journal_dir):
@@ -87,11 +112,26 @@ def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None) -
             report.skipped.append((session.job_id, "job still alive"))
             continue
         log.warning("job %s is over but its session on %s is open: finishing it", session.job_id, session.image)
-        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper"))
+        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper", textfile_dir=textfile_dir))
     for job_id in sorted(_leftover_jobs(config) - seen, key=int):
         if jobstate.is_alive(job_id) is False:
-            report.outcomes.append(finish_job(job_id, config, reason="sweeper"))
+            report.outcomes.append(finish_job(job_id, config, reason="sweeper", textfile_dir=textfile_dir))
+    _break_stale_after(report, config, textfile_dir)
     return report
+
+
+def _break_stale_after(report: SweepReport, config: SlurmConfig, textfile_dir: str | None) -> None:
+    """Break stale writer leases on the images of jobs finished cleanly in this sweep. Not
+    after a failed finish (that job's own lease must stay until it is reconciled), and not
+    while another session is open on the image (its job may be between heartbeats)."""
+    from sifoverlay.engine import sessions
+
+    busy = {s.image for s in sessions.open_sessions(config.journal_dir)}
+    failed = {o.image for o in report.outcomes if not o.ok}
+    done = {o.image for o in report.outcomes if o.ok and o.result not in ("nothing", "refused", "image-missing")}
+    for image in sorted(i for i in done - failed - busy if i is not None):
+        if break_stale_lease(image, textfile_dir):
+            report.stale_broken.append(image)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,18 +141,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job state backend (default auto: pyslurm when it matches the running Slurm)")
 
 
-def run_from_args(args: argparse.Namespace, out: object = sys.stdout) -> int:
+def run_from_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Shared by `sifoverlay recover --slurm` and `python -m sifoverlay.slurm.sweeper`."""
     config = load_config(getattr(args, "plugstack", None))
     backend = select_backend(None if args.backend == "auto" else args.backend)
     report = sweep(config, backend)
+    out = sys.stdout if out is None else out
     if getattr(args, "json", False):
-        print(json.dumps(report.as_dict(), sort_keys=True), file=out)  # type: ignore[arg-type]
+        print(json.dumps(report.as_dict(), sort_keys=True), file=out)
     else:
         for o in report.outcomes:
-            print(f"job {o.job_id}: {o.result} ({o.image}){': ' + o.detail if o.detail else ''}", file=out)  # type: ignore[arg-type]
+            print(f"job {o.job_id}: {o.result} ({o.image}){': ' + o.detail if o.detail else ''}", file=out)
         if not report.outcomes:
-            print(f"nothing to sweep ({len(report.skipped)} open session(s) left alone)", file=out)  # type: ignore[arg-type]
+            print(f"nothing to sweep ({len(report.skipped)} open session(s) left alone)", file=out)
     return 1 if report.failed else 0
 
 
@@ -124,8 +165,14 @@ def recover_slurm(args: argparse.Namespace, *, recover: Any, io: Any, out: Any =
     if getattr(args, "journal_dir", None):
         config = replace(config, journal_dir=args.journal_dir)
     backend = select_backend(None if getattr(args, "backend", "auto") == "auto" else args.backend)
-    report = sweep(config, backend)
-    outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
+    textfile_dir = getattr(args, "textfile_dir", None) or metrics_dir()
+    report = sweep(config, backend, textfile_dir=textfile_dir)
+    try:
+        outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
+    except Exception as exc:
+        record_event(textfile_dir, "recover", exc)
+        raise
+    record_event(textfile_dir, "recover", outcomes)
     if getattr(args, "json", False):
         json.dump({"slurm": report.as_dict(), "outcomes": [o.as_dict() for o in outcomes]}, out, indent=2)
         out.write("\n")
