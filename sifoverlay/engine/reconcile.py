@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sifoverlay.errors import OverlayStateError
+from sifoverlay.errors import NotAuthorized, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .journal import Journal
@@ -86,20 +86,28 @@ def sync(
     io: FileIO = REAL_IO,
     progress: Progress | None = None,
     force_hash: bool = False,
+    expect_identity: tuple[int, int] | None = None,
 ) -> SyncResult:
+    """Reconcile the overlay's digest into descriptor, manifest, config and root index.
+
+    `expect_identity` = (st_dev, st_ino) that root authorized earlier (Slurm Epilog): the
+    file opened for writing must be that inode, so a rename or symlink swap of the path
+    since the check cannot make root rewrite another image (NotAuthorized, nothing written).
+    """
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
     if not force_hash:
-        recorded = _fast_noop(image, journal)
+        recorded = _fast_noop(image, journal)  # reads only: a swapped path cannot be harmed here
         if recorded is not None:
             return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
-    return _slow_sync(image, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start)
+    return _slow_sync(image, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start,
+                      expect_identity=expect_identity)
 
 
 def _slow_sync(
     image: str, journal: Journal, *, job: str | None, io: FileIO, progress: Progress | None,
-    force_hash: bool, start: float,
+    force_hash: bool, start: float, expect_identity: tuple[int, int] | None = None,
 ) -> SyncResult:
     from sifoverlay.ext3 import Superblock, check_region_header, hash_range, replay_and_fsck
     from sifoverlay.ocisif import open_image
@@ -115,12 +123,15 @@ def _slow_sync(
     quiesce.ensure_quiet(image, *region, job=job, writers_only=True)
     with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region) as lease_held:
         with SifFile.open(image, writable=True, io=io) as sif:
+            if expect_identity is not None and (sif.stat.st_dev, sif.stat.st_ino) != tuple(expect_identity):
+                raise NotAuthorized(image, "was replaced since it was authorized (another inode): not reconciled")
             img = open_image(sif)
             overlay = img.require_overlay()
             replayed = False
             sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
             if sb.is_dirty:
-                replayed = replay_and_fsck(image, overlay.offset, overlay.size, io=io).checked  # replay and/or e2fsck -p
+                # replay and/or e2fsck -p; fd= makes it check the loop device serves this inode
+                replayed = replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io).checked
                 sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)  # fingerprint after fsck (§6)
             fingerprint = sb.fingerprint()
             old = overlay.recorded_digest

@@ -125,10 +125,11 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: s
         elif session.mode == "rw":
             step = "verify"
             dev, ino = session.details.get("dev"), session.details.get("ino")
-            if dev is not None and ino is not None:
-                verify_unchanged(session.image, int(dev), int(ino))
+            identity = (int(dev), int(ino)) if dev is not None and ino is not None else None
+            if identity is not None:
+                verify_unchanged(session.image, *identity)
             step = "sync"
-            synced = _counted_sync(session.image, job_id, config, textfile_dir, io)
+            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity)
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
         _release_lease(session.image, job_id, io)
@@ -144,13 +145,18 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: s
         return outcome("failed", step, f"{type(exc).__name__}: {exc}")
 
 
-def _counted_sync(image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO) -> Any:
-    """engine.sync inside the job's lease, its result or exception counted (op "sync")."""
+def _counted_sync(
+    image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO,
+    identity: tuple[int, int] | None = None,
+) -> Any:
+    """engine.sync inside the job's lease, its result or exception counted (op "sync").
+    `identity`: the inode the Prolog authorized; the engine re-checks it on its own fd, which
+    closes the window between verify_unchanged and the sync's open."""
     from sifoverlay import engine
 
     began = time.monotonic()
     try:
-        synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io)
+        synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io, expect_identity=identity)
     except Exception as exc:
         record_event(textfile_dir, "sync", exc, seconds=time.monotonic() - began)
         raise

@@ -245,3 +245,24 @@ def test_go_siftool_reads_and_extends_a_synced_image(overlay_image: Path, tmp_pa
         assert len(added) == 1 and added[0].offset == end
     assert_consistent(overlay_image)
     assert engine.status(overlay_image).state == "clean"
+
+
+def test_sync_refuses_a_path_swapped_since_it_was_authorized(overlay_image: Path, tmp_path: Path) -> None:
+    """The Slurm Epilog passes the inode the Prolog authorized: if the path now names
+    another image (rename swap), root must not rewrite it."""
+    from sifoverlay.errors import NotAuthorized
+
+    modify_overlay(overlay_image, tmp_path, b"swapped\n")
+    st = os.stat(overlay_image)
+    authorized = (st.st_dev, st.st_ino)
+    swapped = overlay_image.with_name("other.oci.sif")
+    swapped.write_bytes(overlay_image.read_bytes())
+    os.rename(swapped, overlay_image)  # the path now names a different inode
+    before = overlay_image.read_bytes()
+    with pytest.raises(NotAuthorized, match="was replaced since it was authorized"):
+        engine.sync(overlay_image, expect_identity=authorized)
+    assert overlay_image.read_bytes() == before  # nothing written
+    st = os.stat(overlay_image)
+    result = engine.sync(overlay_image, expect_identity=(st.st_dev, st.st_ino))
+    assert result.action == "reconciled"
+    assert_consistent(overlay_image)
