@@ -52,11 +52,9 @@ def register(sub: Any) -> None:
                             description="Reconcile the OCI metadata of IMAGE with its overlay bytes.")
     sync.add_argument("--force-hash", action="store_true", help="hash even if the fingerprint is unchanged")
     sync.add_argument("--job", metavar="ID", default=None, help="run inside the lease of job ID")
-    # HOOK (metrics) -- added by the metrics integration (sifoverlay/metrics/record.py):
     sync.add_argument("--textfile-dir", metavar="DIR", default=None,
                       help="count this reconcile in DIR/sifoverlay_events.prom for node_exporter's textfile "
                       "collector (default: $SIFOVERLAY_TEXTFILE_DIR, else none; see docs/metrics.md)")
-    # end HOOK
     _common(sync)
     sync.set_defaults(func=run, verb="sync")
 
@@ -82,9 +80,9 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
     verb = args.verb
     if verb == "sync":
         from sifoverlay.engine.reconcile import sync
-        from sifoverlay.metrics.record import recording  # HOOK (metrics): --textfile-dir
+        from sifoverlay.metrics.record import recording
 
-        with recording(args.textfile_dir, "sync") as rec:  # HOOK (metrics): counts result or error
+        with recording(args.textfile_dir, "sync") as rec:  # counts the result or the error
             result = rec.outcome = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
                                         progress=bar, force_hash=args.force_hash)
         return result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})"

@@ -21,18 +21,14 @@ def register(sub: Any) -> None:
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to recover (default: all with pending entries)")
     add_json_flag(parser)
     parser.add_argument("--journal-dir", metavar="DIR", default=None, help="journal directory (default: see `overlay sync --help`)")
-    # HOOK (metrics) -- added by the metrics integration (sifoverlay/metrics/record.py):
     parser.add_argument("--textfile-dir", metavar="DIR", default=None,
                         help="count the outcomes in DIR/sifoverlay_events.prom for node_exporter's textfile "
                         "collector (default: $SIFOVERLAY_TEXTFILE_DIR, else none; see docs/metrics.md)")
-    # end HOOK
-    # HOOK (Slurm sweeper) -- added by the Slurm integration (sifoverlay/slurm/sweeper.py):
     parser.add_argument("--slurm", action="store_true",
                         help="also finish the Slurm jobs that are over but whose Epilog never ran "
                              "(this node's open job sessions; see docs/slurm.md)")
     parser.add_argument("--plugstack", metavar="FILE", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backend", choices=("auto", "cli", "pyslurm"), default="auto", help=argparse.SUPPRESS)
-    # end HOOK
     parser.set_defaults(func=run)
 
 
@@ -40,19 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from sifoverlay.engine.recover import recover
     from sifoverlay.fsio import io_from_env
 
-    # HOOK (Slurm sweeper) -- added by the Slurm integration: sweep first, then the plain recover.
-    if getattr(args, "slurm", False):
+    if args.slurm:  # the Slurm sweeper runs first, then the plain recover (it counts its own metrics)
         from sifoverlay.slurm.sweeper import recover_slurm
 
         return recover_slurm(args, recover=recover, io=io_from_env())
-    # end HOOK
 
-    from sifoverlay.metrics.record import recording  # HOOK (metrics)
+    from sifoverlay.metrics.record import recording
 
-    with recording(args.textfile_dir, "recover") as rec:  # HOOK (metrics)
+    with recording(args.textfile_dir, "recover") as rec:
         outcomes = rec.outcome = recover(args.images or None, journal_dir=args.journal_dir, io=io_from_env())
-    # HOOK (Slurm sweeper): `if getattr(args, "slurm", False):` run sifoverlay.slurm.sweeper here
-    # and merge its report into `outcomes`.
     if args.json:
         print_json({"outcomes": [o.as_dict() for o in outcomes]})
     else:
