@@ -99,17 +99,8 @@ def ours_sync(path: str, journal: str, *, io: FileIO) -> str:
 # -- I/O: record every op with the file behind its fd; Go never fsyncs ------------------------
 class RecordingIO(CountingIO):
     def __init__(self, crash_at: int | None = None, *, fsync: bool = True) -> None:
-        super().__init__(crash_at, mode="raise", keep_log=True)
+        super().__init__(crash_at, mode="raise", keep_log=True, name_fds=True)
         self.do_fsync = fsync
-
-    def _before(self, op: str, **info: object) -> None:
-        fd = info.get("fd")
-        if isinstance(fd, int):
-            try:
-                info["path"] = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                info["path"] = None
-        super()._before(op, **info)
 
     def fsync(self, fd: int) -> None:
         if self.do_fsync:

@@ -150,18 +150,28 @@ class CountingIO(FileIO):
 
     mode "raise": raise SimulatedCrash (in-process harness);
     mode "kill": SIGKILL the current process (real-process harness, CRASH_AT=N).
-    `log` keeps (op, info) for every operation seen, for the power-loss simulator.
+    `log` keeps (op, info) for every operation seen, for the power-loss simulator; with
+    `name_fds`, each entry that has an "fd" also gets "path", the file behind it (or None).
     """
 
-    def __init__(self, crash_at: int | None = None, mode: str = "raise", keep_log: bool = False) -> None:
+    def __init__(
+        self, crash_at: int | None = None, mode: str = "raise", keep_log: bool = False, *, name_fds: bool = False
+    ) -> None:
         self.crash_at = crash_at
         self.mode = mode
         self.count = 0
         self.keep_log = keep_log
+        self.name_fds = name_fds
         self.log: list[tuple[str, dict[str, object]]] = []
 
     def _before(self, op: str, **info: object) -> None:
         self.count += 1
+        fd = info.get("fd")
+        if self.name_fds and isinstance(fd, int):
+            try:
+                info["path"] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                info["path"] = None
         if self.keep_log:
             data = info.get("data")
             if isinstance(data, (bytes, bytearray, memoryview)):  # only pwrite passes data

@@ -40,16 +40,7 @@ class RecordingIO(CountingIO):
     """CountingIO whose log also names the file behind every fd."""
 
     def __init__(self, crash_at: int | None = None) -> None:
-        super().__init__(crash_at, mode="raise", keep_log=True)
-
-    def _before(self, op: str, **info: object) -> None:
-        fd = info.get("fd")
-        if isinstance(fd, int):
-            try:
-                info["path"] = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                info["path"] = None
-        super()._before(op, **info)
+        super().__init__(crash_at, mode="raise", keep_log=True, name_fds=True)
 
 
 def copy_tree(src: Path, dst: Path) -> None:
