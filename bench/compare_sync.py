@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import check_image  # noqa: E402  (independent checker, stdlib only)
 
 from sifoverlay import engine  # noqa: E402
+from sifoverlay.crashsim import durable_flags, open_fds, replay_op  # noqa: E402
 from sifoverlay.errors import SifOverlayError  # noqa: E402
 from sifoverlay.ext3 import hash_range  # noqa: E402
 from sifoverlay.fsio import CountingIO, FileIO, SimulatedCrash  # noqa: E402
@@ -111,66 +112,7 @@ class RecordingIO(CountingIO):
             super().fsync_dir(path)
 
 
-def durable_flags(ops: list[Op]) -> list[bool]:
-    """Whether each op would survive a power cut at the end of `ops`."""
-    out = []
-    for i, (op, info) in enumerate(ops):
-        later = ops[i + 1:]
-        if op in ("pwrite", "truncate", "punch_hole"):
-            out.append(any(o == "fsync" and inf.get("path") == info.get("path") for o, inf in later))
-        elif op in ("open", "unlink", "mkdir", "rename", "link"):
-            parent = os.path.dirname(str(info.get("dst") or info.get("path")))
-            out.append(any(o == "fsync_dir" and inf.get("path") == parent for o, inf in later))
-        else:
-            out.append(True)
-    return out
-
-
-def apply_op(op: str, info: dict[str, object], *, torn: bool = False) -> None:
-    path = str(info.get("path"))
-    if op == "open":
-        flags = int(info["flags"])  # type: ignore[arg-type]
-        if flags & os.O_CREAT and not os.path.exists(path):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
-        elif flags & os.O_TRUNC and os.path.exists(path):
-            os.truncate(path, 0)
-    elif op in ("pwrite", "truncate", "punch_hole"):
-        if not os.path.exists(path):
-            return  # its creation was lost
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            if op == "pwrite":
-                data = bytes(info["data"])  # type: ignore[arg-type]
-                os.pwrite(fd, data[: len(data) // 2] if torn else data, int(info["offset"]))  # type: ignore[arg-type]
-            elif op == "truncate":
-                os.ftruncate(fd, int(info["length"]))  # type: ignore[arg-type]
-            else:
-                os.pwrite(fd, bytes(int(info["length"])), int(info["offset"]))  # type: ignore[arg-type]
-        finally:
-            os.close(fd)
-    elif op == "rename" and os.path.exists(str(info["src"])):
-        os.rename(str(info["src"]), str(info["dst"]))
-    elif op == "link" and os.path.exists(str(info["src"])) and not os.path.exists(str(info["dst"])):
-        os.link(str(info["src"]), str(info["dst"]))
-    elif op == "unlink" and os.path.exists(path):
-        os.unlink(path)
-    elif op == "mkdir" and not os.path.exists(path):
-        os.mkdir(path)
-
-
 # -- one work tree: image + journal, restorable ------------------------------------------------
-def open_fds() -> set[int]:
-    """This process's open fds (minus the one listdir used for /proc/self/fd itself)."""
-    out = set()
-    for fd in map(int, os.listdir("/proc/self/fd")):
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        out.add(fd)
-    return out
-
-
 class Tree:
     def __init__(self, root: Path, source: Path) -> None:
         self.root = root
@@ -274,7 +216,7 @@ def cut_points(tree: Tree, run: Callable[[FileIO], object], *, recover: bool, fs
                     continue  # scratch outside the tree (mkfs staging and the like)
                 if mode == "drop" and not durable[i]:
                     continue
-                apply_op(op, info, torn=(mode == "torn" and unsynced and i == unsynced[-1]))
+                replay_op(op, info, torn=bool(mode == "torn" and unsynced and i == unsynced[-1]))
             tree.kill_writer(open_fds())
             finish(counter)
         results[f"power_{mode}"] = dict(counter)
@@ -284,7 +226,7 @@ def cut_points(tree: Tree, run: Callable[[FileIO], object], *, recover: bool, fs
         tree.restore()
         for i, (op, info) in enumerate(log):
             if i != skip and str(info.get("dst") or info.get("path") or "").startswith(str(tree.root)):
-                apply_op(op, info)
+                replay_op(op, info)
         tree.kill_writer(open_fds())
         finish(lost)
     results["lost_one"] = dict(lost)

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "sifoverlay"
 
-BASE_MODULES = {"sifoverlay", "sifoverlay.errors", "sifoverlay.fsio"}
+BASE_MODULES = {"sifoverlay", "sifoverlay.errors", "sifoverlay.fsio", "sifoverlay.crashsim"}
 LAYER_OF_PACKAGE = {
     "sif": 1,
     "ocisif": 2,

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sifoverlay.crashsim import durable_flags, open_fds, replay_op
 from sifoverlay.fsio import CountingIO, FileIO, SimulatedCrash
 
 TOTALS = {"points": 0, "old_or_new": 0, "nested": 0, "nested_ok": 0}
@@ -111,18 +112,6 @@ class Scenario:
 
     def restore(self) -> None:
         copy_tree(self.snapshot, self.work)
-
-
-def open_fds() -> set[int]:
-    listed = {int(n) for n in os.listdir("/proc/self/fd")}
-    out = set()
-    for fd in listed:  # drop the fd listdir itself used
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        out.add(fd)
-    return out
 
 
 def close_leaked_fds(before: set[int], under: Path) -> None:
@@ -300,68 +289,13 @@ def _live_seal_mounts() -> list[str]:
         return [line for line in f if ".sifoverlay-seal-" in line]
 
 
-def _durable(ops: list[tuple[str, dict[str, object]]]) -> list[bool]:
-    out = []
-    for i, (op, info) in enumerate(ops):
-        later = ops[i + 1 :]
-        if op in ("pwrite", "truncate", "punch_hole"):
-            path = info.get("path")
-            out.append(any(o == "fsync" and inf.get("path") == path for o, inf in later))
-        elif op in ("open", "unlink", "mkdir", "rename", "link"):
-            target = str(info.get("dst") or info.get("path"))
-            parent = os.path.dirname(target)
-            out.append(any(o == "fsync_dir" and inf.get("path") == parent for o, inf in later))
-        else:
-            out.append(True)
-    return out
-
-
-def _apply(op: str, info: dict[str, object], *, torn: bool = False) -> None:
-    path = info.get("path")
-    if isinstance(path, str) and path.endswith(" (deleted)"):
-        return
-    if op == "open":
-        flags = int(info["flags"])  # type: ignore[arg-type]
-        if flags & os.O_CREAT and not os.path.exists(str(path)):
-            os.close(os.open(str(path), os.O_WRONLY | os.O_CREAT, int(info.get("mode", 0o644))))  # type: ignore[arg-type]
-        elif flags & os.O_TRUNC and os.path.exists(str(path)):
-            os.truncate(str(path), 0)
-    elif op in ("pwrite", "truncate", "punch_hole"):
-        if not isinstance(path, str) or not os.path.exists(path):
-            return  # its file's creation was lost
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            if op == "pwrite":
-                data = bytes(info["data"])  # type: ignore[arg-type]
-                os.pwrite(fd, data[: len(data) // 2] if torn else data, int(info["offset"]))  # type: ignore[arg-type]
-            elif op == "truncate":
-                os.ftruncate(fd, int(info["length"]))  # type: ignore[arg-type]
-            else:
-                offset, length = int(info["offset"]), int(info["length"])  # type: ignore[arg-type]
-                os.pwrite(fd, bytes(length), offset)
-        finally:
-            os.close(fd)
-    elif op == "rename":
-        if os.path.exists(str(info["src"])):
-            os.rename(str(info["src"]), str(info["dst"]))
-    elif op == "link":
-        if os.path.exists(str(info["src"])) and not os.path.exists(str(info["dst"])):
-            os.link(str(info["src"]), str(info["dst"]))
-    elif op == "unlink":
-        if os.path.exists(str(path)):
-            os.unlink(str(path))
-    elif op == "mkdir":
-        if not os.path.exists(str(path)):
-            os.mkdir(str(path), int(info.get("mode", 0o755)))  # type: ignore[arg-type]
-
-
 def power_loss(scenario: Scenario, checker: Checker, log: list[tuple[str, dict[str, object]]], mode: str) -> dict[str, int]:
     """(c): the state a power cut before op N can leave, for every N."""
     states = {"old": 0, "new": 0}
     for n in range(1, len(log) + 1):
         scenario.restore()
         ops = log[: n - 1]
-        durable = _durable(ops)
+        durable = durable_flags(ops)
         unsynced_writes = [i for i, (op, _) in enumerate(ops) if op == "pwrite" and not durable[i]]
         tear = unsynced_writes[-1] if unsynced_writes else None
         root = str(scenario.work)
@@ -370,7 +304,7 @@ def power_loss(scenario: Scenario, checker: Checker, log: list[tuple[str, dict[s
                 continue
             if not str(info.get("dst") or info.get("path") or "").startswith(root):
                 continue  # scratch outside the image's tree (mkfs staging dir)
-            _apply(op, info, torn=(mode == "torn" and i == tear))
+            replay_op(op, info, torn=(mode == "torn" and i == tear))
         kill_writer(scenario.image)
         states[_checked(checker)] += 1
     return states
