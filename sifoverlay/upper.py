@@ -332,7 +332,7 @@ def upper_to_squashfs(
         argv.append("--no-keep-time")
     argv.append(out)
     try:
-        run_tar2sqfs(argv, out, lambda tf: _write_overlayfs(tf, upper_dir))
+        io.external("tar2sqfs", [out], lambda: run_tar2sqfs(argv, out, lambda tf: _write_overlayfs(tf, upper_dir)))
     except BaseException:
         _remove(out, io)
         raise

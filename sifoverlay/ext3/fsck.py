@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 
 from sifoverlay.errors import Ext3FormatError, ExternalToolError, ImageBusy, OverlayStateError
@@ -89,12 +90,16 @@ def replay_and_fsck(
         target, offset, before.needs_recovery, before.state,
     )
     argv = ["e2fsck", "-p"] + (["-f"] if force else [])
-    with loop_device(target, offset, size) as device:
-        if not serves(loop_binding(device), expected, offset, size):
-            raise OverlayStateError(
-                target, "file replaced while preparing its fsck (another inode got attached); refusing to check it"
-            )
-        proc = run_tool([*argv, device], path=target, ok=range(0, 256))
+
+    def check_on_loop() -> subprocess.CompletedProcess[str]:
+        with loop_device(target, offset, size) as device:
+            if not serves(loop_binding(device), expected, offset, size):
+                raise OverlayStateError(
+                    target, "file replaced while preparing its fsck (another inode got attached); refusing to check it"
+                )
+            return run_tool([*argv, device], path=target, ok=range(0, 256))
+
+    proc = io.external("e2fsck", [target], check_on_loop)  # one opaque op to crash tests
     rc = proc.returncode
     tail = output_tail(proc.stdout)
     if rc & ~_FSCK_OK_BITS:

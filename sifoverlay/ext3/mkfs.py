@@ -83,7 +83,7 @@ def make_overlay_fs(
             if not sparse:
                 argv += ["-E", "nodiscard"]
             argv += ["-d", staging, target]
-            run_tool(argv, path=target)
+            io.external("mkfs.ext3", [target], lambda: run_tool(argv, path=target))  # one opaque op to crash tests
         check_region_header(target, 0)  # mkfs must have produced what SingularityCE accepts
         fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         try:

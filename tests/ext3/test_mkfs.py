@@ -96,4 +96,4 @@ def test_crash_mid_write_goes_through_the_io_seam(tmp_path: Path) -> None:
     assert [op for op, _ in io.log] == ["open", "pwrite", "pwrite"]
     counter = CountingIO()
     ext3.make_overlay_fs(tmp_path / "ok.img", 64, io=counter)
-    assert counter.count == 1 + 16 + 5 + 1  # open, 16 x 4 MiB zeros, staging chmod/mkdir x4, fsync
+    assert counter.count == 1 + 16 + 5 + 1 + 1  # open, 16 x 4 MiB zeros, staging chmod/mkdir x4, mkfs (external), fsync
