@@ -91,7 +91,8 @@ def import_image(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise UsageError(dest, "output is a directory")
     if not os.path.isdir(out_dir):
         raise UsageError(dest, "output directory does not exist")
-    staging = tempfile.mkdtemp(prefix=".sifoverlay-import-", dir=out_dir)  # scratch, removed below
+    sweep_dead_imports(dest, io=io)
+    staging = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_host_tag()}-{os.getpid()}-", dir=out_dir)  # removed below
     try:
         if os.path.isfile(src):
             return _import_native(src, dest, staging, io=io)
@@ -104,6 +105,49 @@ def import_image(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise ExternalToolError(src, exc.problem, **exc.data) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # io-seam: exempt (this import's private scratch dir, never an image)
+
+
+SCRATCH_PREFIX: Final = ".sifoverlay-import-"
+
+
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+
+
+def _pid_gone(text: str) -> bool:
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_dead_imports(out: str | os.PathLike[str], *, io: FileIO = REAL_IO) -> list[str]:
+    """Remove what a SIGKILLed import into the directory of `out` left there (a real kill
+    runs no `finally:`): staging dirs ``.sifoverlay-import-<host>-<pid>-*`` of this host
+    and the half-written ``.<out name>.sifnew.<pid>`` of `sif.create.write_new`, when that
+    process is gone. Run by every import before it stages anything."""
+    dest = os.path.abspath(os.fspath(out))
+    directory, base = os.path.split(dest)
+    mine = f"{SCRATCH_PREFIX}{_host_tag()}-"
+    partial = f".{base}.sifnew."
+    removed: list[str] = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(mine) and _pid_gone(name[len(mine):].split("-", 1)[0]) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)  # io-seam: exempt (a dead import's private scratch dir, never an image)
+            removed.append(path)
+        elif name.startswith(partial) and _pid_gone(name[len(partial):]):
+            try:
+                io.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 class _Staged:

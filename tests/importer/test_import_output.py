@@ -4,7 +4,9 @@ report, the selection of images from layouts (tags, platforms, cosign entries)."
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -195,8 +197,11 @@ def test_platform_parse(text: str, expected: Platform) -> None:
 
 
 def test_interrupted_import_never_leaves_a_partial_output(layouts: Path, tmp_path: Path) -> None:
-    """Stop the import at every I/O operation in turn: OUT is either absent or complete."""
-    from sifoverlay.fsio import CountingIO, SimulatedCrash
+    """SIGKILL a separate import process at every I/O operation in turn (no `finally:`
+    runs): OUT is absent or complete; what is left is only the dead import's scratch
+    (its staging dir, the half-written temp SIF), and the next import removes it."""
+    from sifoverlay.fsio import CountingIO
+    from sifoverlay.ocisif.importer import SCRATCH_PREFIX
 
     source = layouts / "whiteout-explicit-file"
     reference = tmp_path / "reference.oci.sif"
@@ -204,18 +209,31 @@ def test_interrupted_import_never_leaves_a_partial_output(layouts: Path, tmp_pat
     import_image(source, reference, io=counter)
     total = counter.count
     assert total > 10
-    complete = 0
+    complete = left_scratch = 0
     for crash_at in range(1, total + 1):
         work = tmp_path / f"c{crash_at}"
         work.mkdir()
         out = work / "out.oci.sif"
-        with pytest.raises(SimulatedCrash):
-            import_image(source, out, io=CountingIO(crash_at))
+        pid = os.fork()
+        if pid == 0:  # child: killed by its own CountingIO at op `crash_at`
+            try:
+                import_image(source, out, io=CountingIO(crash_at, mode="kill"))
+            finally:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (crash_at, status)
         if out.exists():
             assert out.read_bytes() == reference.read_bytes()
             complete += 1
-        assert not [p for p in work.iterdir() if p.name.startswith(".sifoverlay-import-")]  # scratch removed
-    assert complete <= 1  # only a stop after the final rename (at the directory fsync) leaves OUT
+        leftovers = sorted(p.name for p in work.iterdir() if p.name != out.name)
+        for name in leftovers:  # only the dead process's own scratch, named by its pid
+            assert (name.startswith(SCRATCH_PREFIX) and f"-{pid}-" in name) or name == f".{out.name}.sifnew.{pid}", name
+        left_scratch += bool(leftovers)
+        import_image(source, out)  # the next import cleans up after the dead one
+        assert out.read_bytes() == reference.read_bytes()
+        assert sorted(p.name for p in work.iterdir()) == [out.name]
+    assert complete <= 1  # only a kill after the final rename (at the directory fsync) leaves OUT
+    assert left_scratch >= total - 2  # a real kill leaves scratch behind at (almost) every op
 
 
 def test_identical_layers_are_stored_once(tmp_path: Path) -> None:
