@@ -2,6 +2,12 @@
 
 Embedded single-machine mode: lease, assemble, run CMD inside the image as the invoking
 user, tear down, reconcile (--writable), release. Exits with CMD's exit code.
+
+Run as root (sudo), the options that reach beyond the caller's own rights - a host path
+bound into the container, kernel mounts of a user image, another user, other state
+directories, a job id or lease TTL of our choosing - are refused unless the admin says
+`--allow-root-options` (docs/security.md, finding 9): granting sudo for `sifoverlay exec`
+must never grant root.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--mount", choices=("fuse", "kernel"), default="fuse",
                         help="fuse (default: FUSE daemons as the user) or kernel (trusted images only)")
     parser.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro]]", help="bind a host path")
-    parser.add_argument("--user", "-u", metavar="USER|UID", help="run as this user (root only)")
+    parser.add_argument("--user", "-u", metavar="USER|UID|UID:GID", help="run as this user (root only)")
     parser.add_argument("--job-id", help="job id for the lease, session and runtime dir (default exec-HOST-PID)")
     parser.add_argument("--base-dir", help="runtime directory (default $SIFOVERLAY_RUNTIME_DIR or /run/sifoverlay/jobs)")
     parser.add_argument("--journal-dir", help="journal directory (default: see `sifoverlay recover`)")
@@ -34,6 +40,9 @@ def register(sub: Any) -> None:
                         help="wait up to SECONDS for a busy image instead of failing at once (exit 75)")
     parser.add_argument("--no-sync", action="store_true", help="do not reconcile after a --writable run")
     parser.add_argument("--lease-ttl", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--allow-root-options", action="store_true",
+                        help="as root: accept --bind, --mount kernel, --user, --job-id, --base-dir, --journal-dir, "
+                        "--lease-ttl and $SIFOVERLAY_*_DIR (refused otherwise; for an admin running this on purpose)")
     parser.add_argument("image", metavar="IMAGE", help="OCI-SIF image")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help="command and arguments")
     parser.set_defaults(func=run)
@@ -50,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(None, "no command given: sifoverlay exec IMAGE -- CMD [ARGS...]")
     if os.geteuid() != 0:
         raise NotAuthorized(args.image, "sifoverlay exec needs root (mount namespace, chroot): run it with sudo")
+    refused = root_only_options(args, os.environ)
+    if refused and not args.allow_root_options:
+        raise NotAuthorized(args.image, f"as root, {', '.join(refused)} {'is' if len(refused) == 1 else 'are'} "
+                                        "refused (they reach beyond the caller's rights); an admin who means it "
+                                        "adds --allow-root-options")
     user = resolve_user(args.user)
     binds = [Bind.parse(spec) for spec in args.bind]
     outcome = run_embedded(
@@ -60,6 +74,25 @@ def run(args: argparse.Namespace) -> int:
     if outcome.sync_error:
         print(f"sifoverlay: {args.image}: not reconciled: {outcome.sync_error}", file=sys.stderr)
     return outcome.returncode
+
+
+# (option, is it in use?) for the options only an admin may use as root
+_ROOT_ONLY = (
+    ("--bind", lambda a, env: bool(a.bind)),
+    ("--mount kernel", lambda a, env: a.mount == "kernel"),
+    ("--user", lambda a, env: a.user is not None),
+    ("--job-id", lambda a, env: a.job_id is not None),
+    ("--base-dir", lambda a, env: a.base_dir is not None),
+    ("--journal-dir", lambda a, env: a.journal_dir is not None),
+    ("--lease-ttl", lambda a, env: a.lease_ttl != 60.0),
+)
+
+
+def root_only_options(args: argparse.Namespace, env: Any) -> list[str]:
+    """The admin-only options this invocation uses, and every state-directory override in
+    the environment ($SIFOVERLAY_*_DIR: runtime, journal, lease state)."""
+    used = [name for name, check in _ROOT_ONLY if check(args, env)]
+    return used + sorted(f"${k}" for k, v in env.items() if k.startswith("SIFOVERLAY_") and k.endswith("_DIR") and v)
 
 
 def resolve_user(spec: str | None) -> Any:
@@ -74,6 +107,9 @@ def resolve_user(spec: str | None) -> Any:
     if spec is None:
         uid, gid = os.getuid(), os.getgid()
         return User(uid, gid, tuple(sorted(set(os.getgroups()) | {gid})))
+    uid_text, sep, gid_text = spec.partition(":")
+    if sep and uid_text.isdigit() and gid_text.isdigit():  # UID:GID (the k8s operator): exactly these ids
+        return User(int(uid_text), int(gid_text), (int(gid_text),))
     try:
         entry = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
     except KeyError:

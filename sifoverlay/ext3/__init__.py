@@ -1,5 +1,6 @@
 """ext3 overlay filesystems as byte ranges: superblock fingerprint, SingularityCE header
-check, creation, journal replay + fsck through a loop device, hole-aware hashing.
+check, creation, journal replay + fsck as an unprivileged process (no loop device),
+hole-aware hashing.
 
 Knows nothing of SIF: everything works on (fd or path, offset, size).
 """

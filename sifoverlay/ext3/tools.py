@@ -22,6 +22,48 @@ log = logging.getLogger(__name__)
 
 TAIL_LINES = 8
 TAIL_CHARS = 600
+# PATH of every tool the unprivileged fsck child runs (root never takes PATH from a caller)
+TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def unprivileged_argv(uid: int, gid: int) -> list[str]:
+    """Prefix that runs a command as uid:gid with no supplementary groups, no capability
+    (inheritable, ambient and bounding sets emptied) and no_new_privs: nothing it execs
+    can gain privilege back (util-linux setpriv, found in TOOL_PATH only)."""
+    if uid == 0 or gid == 0:
+        raise ValueError("unprivileged_argv: refusing to run as uid/gid 0")
+    setpriv = next((os.path.join(d, "setpriv") for d in TOOL_PATH.split(":")
+                    if os.access(os.path.join(d, "setpriv"), os.X_OK)), "setpriv")
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def loops_backed_by(st: os.stat_result, offset: int, size: int, sys_block: str = "/sys/block") -> list[str]:
+    """Loop devices whose backing file is the inode `st` and whose range overlaps
+    [offset, offset+size), from sysfs (no tool, nothing opened)."""
+    found: list[str] = []
+    try:
+        names = sorted(n for n in os.listdir(sys_block) if n.startswith("loop"))
+    except OSError:
+        return found
+    for name in names:
+        base = os.path.join(sys_block, name, "loop")
+        try:
+            with open(os.path.join(base, "backing_file"), encoding="utf-8", errors="replace") as fh:
+                backing = fh.read().strip()
+            with open(os.path.join(base, "offset"), encoding="ascii") as fh:
+                lo_offset = int(fh.read().strip() or 0)
+            with open(os.path.join(base, "sizelimit"), encoding="ascii") as fh:
+                limit = int(fh.read().strip() or 0)
+            other = os.stat(backing)
+        except (OSError, ValueError):
+            continue
+        if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+            continue
+        end = lo_offset + limit if limit else other.st_size
+        if end > offset and lo_offset < offset + size:
+            found.append(f"/dev/{name}")
+    return found
 
 
 def output_tail(text: str) -> str:

@@ -95,7 +95,8 @@ def assemble(
         state.save(base_dir, current, io=io)
         try:
             if overlay is not None:
-                validate.prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"))
+                validate.prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"), uid=uid,
+                                      gid=gid)
             build = _assemble_fuse if mode == "fuse" else _assemble_kernel
             build(current, base_dir, directory, fd, layers, overlay, hold_fds, io)
         except BaseException:

@@ -76,13 +76,16 @@ def _mount_into(root_fd: int, source: str | None, dest: str, fstype: str | None,
             raise
         return  # the image has no such directory: run without it, as SingularityCE does
     try:
-        target = f"/proc/self/fd/{fd}"
-        _mount(source, target, fstype, flags, f"{what} on {dest}")
-        if readonly:
-            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & (MS_NOSUID | MS_NODEV)),
-                   f"{what} read-only on {dest}")
+        _mount(source, f"/proc/self/fd/{fd}", fstype, flags, f"{what} on {dest}")
     finally:
         os.close(fd)
+    if readonly:  # the remount must name the new mount's root: resolve the destination again
+        fd = resolve_in_root(root_fd, dest, f"{what}: destination")
+        try:
+            _mount(None, f"/proc/self/fd/{fd}", None, MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & (MS_NOSUID | MS_NODEV)),
+                   f"{what} read-only on {dest}")
+        finally:
+            os.close(fd)
 
 
 def setup_and_exec(spec: dict[str, Any]) -> None:

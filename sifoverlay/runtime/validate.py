@@ -95,15 +95,16 @@ def check_user_access(path: str, fd: int, uid: int, gid: int, writable: bool) ->
         raise NotAuthorized(path, f"uid {uid} may not {'write' if writable else 'read'} the image")
 
 
-def prepare_ext3(path: str, fd: int, overlay: Region, *, writable: bool, kernel: bool) -> None:
+def prepare_ext3(path: str, fd: int, overlay: Region, *, writable: bool, kernel: bool, uid: int, gid: int) -> None:
     """Replay/repair a dirty ext3 before a rw mount; in kernel mode also refuse an ext3
     that a read-only userspace e2fsck finds broken, before the kernel driver sees it.
-    The loop device is verified to serve `fd`'s inode, so a swapped path is never checked."""
+    Both run as the job user (uid/gid), unprivileged, on `fd` - never as root, never
+    through a loop device, never on the path (docs/security.md, finding 4)."""
     from sifoverlay.ext3 import Superblock, replay_and_fsck
 
     sb = Superblock.read(fd, overlay.offset, size=overlay.size)
     if writable and sb.is_dirty:
         log.info("%s: ext3 overlay is dirty (needs_recovery=%s): e2fsck -p first", path, sb.needs_recovery)
-        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd)
+        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd, as_user=(uid, gid))
     if kernel:
-        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd, check_only=True)
+        replay_and_fsck(path, overlay.offset, overlay.size, fd=fd, check_only=True, as_user=(uid, gid))

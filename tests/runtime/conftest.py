@@ -125,7 +125,7 @@ class Env:
     user: TestUser
 
     def argv(self, *args: str, user: str | None = None) -> list[str]:
-        return [sys.executable, "-m", "sifoverlay", "exec", "--base-dir", str(self.base), "--journal-dir",
+        return [sys.executable, "-m", "sifoverlay", "exec", "--allow-root-options", "--base-dir", str(self.base), "--journal-dir",
                 str(self.journal), "-u", user if user is not None else self.user.name, *args]
 
     def exec(self, *args: str, user: str | None = None, cwd: str = "/", timeout: float = 120
