@@ -1,4 +1,5 @@
-"""Fixtures for the engine tests: real OCI-SIF files (Go-written goldens), real 64 MiB
+"""Fixtures for the engine tests: real OCI-SIF files (the Go-written golden, or busybox-static
+imported here without the conformance set: tests/conftest.py engine_base_source), real 64 MiB
 sparse ext3 overlays made by the engine, modifications through e2fsprogs, the kernel
 and fuse2fs."""
 
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root, require_tool
+from tests.conftest import ENGINE_BASE_GOLDEN, engine_base_source, require_root, require_tool
 
-GOLDEN = "oci-sif/TestUpdate/AddLayer.golden"  # 2 layers, 7 of 12 slots free
+GOLDEN = ENGINE_BASE_GOLDEN  # for older callers: the base image is engine_base_source()
 
 
 def sh(*argv: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -32,10 +33,10 @@ def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def base_image(tmp_path: Path, vectors: Path) -> Path:
+def base_image(tmp_path: Path) -> Path:
     path = tmp_path / "img" / "image.sif"
     path.parent.mkdir()
-    shutil.copyfile(vectors / GOLDEN, path)
+    shutil.copyfile(engine_base_source(), path)
     return path
 
 

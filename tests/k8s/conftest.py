@@ -29,12 +29,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, engine_base_source, require_tool
 
 T = TypeVar("T")
 CRD_FILES = sorted(str(p) for p in (REPO / "charts" / "sifoverlay" / "crds").glob("*.yaml"))
 OPERATOR_SCRIPT = str(REPO / "operator" / "main.py")
-GOLDEN = "oci-sif/TestUpdate/AddLayer.golden"
 HOST_DIR = "/data/images"  # the hostPath the OverlayJobs name; the operator sees it at a temp dir
 WAIT = float(os.environ.get("SIFOVERLAY_K8S_TEST_WAIT", "60"))  # generous: 2 shared cores
 KUBECONFIG = """apiVersion: v1
@@ -237,7 +236,7 @@ class Site:
 
         path = self.volume / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(vectors / GOLDEN, path)
+        shutil.copyfile(engine_base_source(), path)  # `vectors`: kept for the callers' signature
         os.chmod(path, 0o644)
         engine.create_overlay(path, size_mib=64, sparse=True, journal_dir=str(self.journal))
         return path

@@ -13,7 +13,10 @@ from sifoverlay.ocisif.build import write_ocisif
 from sifoverlay.sif.constants import DataType
 from sifoverlay.sif.load import SifFile
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+from tests.conftest import VECTORS
+
+# The conformance set ($SIFOVERLAY_VECTORS): a test that reads one of these while it is
+# absent is skipped with tests/conftest.py's CONFORMANCE_SKIP reason.
 OCI_SIF = VECTORS / "oci-sif"
 HELLO = OCI_SIF / "TestWrite" / "DockerManifest.golden"  # one image, one layer, 4 slots
 EXT3_IMAGE = VECTORS / "singularity" / "extfs-for-overlay.img"

@@ -15,13 +15,15 @@ from sifoverlay.ocisif.build import update_root_index, write_ocisif
 from sifoverlay.sif.constants import DataType
 from sifoverlay.sif.load import SifFile
 
+from tests.conftest import conformance_glob, conformance_params
+
 from .support import HELLO, OCI_SIF, build_image, hello_parts, parts, sha256_file
 
-WRITE_GOLDENS = sorted((OCI_SIF / "TestWrite").glob("*.golden"))
+WRITE_GOLDENS = conformance_params(conformance_glob("oci-sif/TestWrite/*.golden"))
 UPDATE_GOLDENS = ["TestUpdate/AddLayer", "TestAppendImage/Default", "TestAppendImage/WithReference"]
 
 
-@pytest.mark.parametrize("golden", WRITE_GOLDENS, ids=[p.stem for p in WRITE_GOLDENS])
+@pytest.mark.parametrize("golden", WRITE_GOLDENS, ids=lambda p: p.stem)
 def test_write_reproduces_oci_tools_golden(golden: Path, tmp_path: Path) -> None:
     blobs, root, free = parts(golden)
     out = tmp_path / "out.sif"

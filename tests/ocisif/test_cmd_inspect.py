@@ -14,6 +14,8 @@ import pytest
 
 from sifoverlay.ocisif import OVERLAY_FINGERPRINT_ANNOTATION, mediatypes
 
+from tests.conftest import need_vectors
+
 from .support import BROKEN, EXT3_IMAGE, OCI_SIF, VECTORS, build_image, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,6 +26,7 @@ GO_ZERO_TIME = -62135596800
 
 
 def inspect(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    need_vectors(*args, cwd)
     return subprocess.run([str(CLI), "inspect", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 

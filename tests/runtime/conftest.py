@@ -95,10 +95,10 @@ def scratch(user: TestUser) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def rootfs_tree(vectors: Path, scratch: Path, user: TestUser) -> Path:
+def rootfs_tree(busybox_image: Path, scratch: Path, user: TestUser) -> Path:
     work = scratch / "build"
     work.mkdir()
-    return images.busybox_rootfs(vectors, work)
+    return images.busybox_rootfs(busybox_image, work)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -31,11 +32,11 @@ def imported_vector(vectors: Path, out: Path, journal: Path) -> Path:
     return out
 
 
-def busybox_rootfs(vectors: Path, work: Path) -> Path:
-    """The vector's rootfs unpacked, without xattrs (its files carry trusted.selinux,
-    which an unprivileged fuse-overlayfs cannot copy up: see runtime.assemble)."""
+def busybox_rootfs(image: Path, work: Path) -> Path:
+    """The rootfs of `image` (an OCI-SIF: tests/conftest.py busybox_image) unpacked, without
+    xattrs (an unprivileged fuse-overlayfs cannot copy up trusted.* ones: see runtime.assemble)."""
     imported = work / "vector.oci.sif"
-    import_image(vectors / "singularity" / "busybox_amd64.sif", imported)
+    shutil.copyfile(image, imported)
     with open_image(imported) as img:
         offset = img.layers[0].offset
     root = work / "rootfs"

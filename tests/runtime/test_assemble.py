@@ -30,7 +30,7 @@ def test_assemble_records_state_and_teardown_reverses(env: Env, mode: str) -> No
     try:
         job = env.base / "job-7"
         assert (rootfs.path, rootfs.job_id, rootfs.mode, rootfs.writable) == (str(job / "rootfs"), "job-7", mode, True)
-        assert {"bin", "etc", "tmp", ".singularity.d"} <= set(os.listdir(rootfs.path))
+        assert {"bin", "etc", "tmp"} <= set(os.listdir(rootfs.path))
         record = json.loads((job / "state.json").read_text())
         assert [s["name"] for s in record["steps"]] == ["layer.0", "ext3", "rootfs"]
         assert {s["status"] for s in record["steps"]} == {"mounted"}

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sifoverlay.sif import SifFile
-
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
+from tests.conftest import SIF_IMAGES, VECTORS, conformance_glob, conformance_params, sif_reference_images
 
 # Offsets of the int64 header fields (spec §1.1) and of descriptor fields (§1.2).
 H_FREE, H_TOTAL, H_DOFF, H_DSIZE, H_DATAOFF, H_DATASIZE = 80, 88, 96, 104, 112, 120
@@ -20,13 +19,24 @@ D_TYPE, D_USED, D_ID, D_GROUP, D_LINK, D_OFFSET, D_SIZE, D_SWP = 0, 4, 5, 9, 13,
 
 
 def sif_vectors() -> list[Path]:
-    """Every SIF among the vectors: sif/*.sif, singularity/*.sif, oci-sif/**/*.golden."""
-    found = sorted(VECTORS.glob("sif/*.sif")) + sorted(VECTORS.glob("singularity/*.sif"))
-    found += sorted(VECTORS.glob("oci-sif/**/*.golden"))
+    """Every SIF among the test data: the sylabs/sif reference images (Debian's, plus the
+    newer ones of the conformance set), and the conformance set's singularity/*.sif and
+    oci-sif/**/*.golden when it is present."""
+    found = sif_reference_images() + conformance_glob("singularity/*.sif")
+    found += conformance_glob("oci-sif/**/*.golden")
     return found
 
 
+def sif_vector_params() -> list[object]:
+    """sif_vectors() for parametrize, plus one skipped "conformance-set" parameter (with
+    the reason) when the conformance set is absent."""
+    return sif_vectors() + conformance_params([])
+
+
 def vector_id(path: Path) -> str:
+    """"sif/NAME.sif" for a reference image (wherever it was found), else the path in the set."""
+    if path.parent in (SIF_IMAGES, VECTORS / "sif"):
+        return f"sif/{path.name}"
     return str(path.relative_to(VECTORS))
 
 
@@ -117,6 +127,7 @@ HEADER_GOLDENS = {
     "EmptyID": "empty-id.sif",
     "EmptyLaunchScript": "empty-launch-script.sif",
     "OneGroup": "one-group.sif",
+    "OneGroupSigned": "one-group-signed.sif",  # Debian 12's sylabs/sif 2.8 (PGP)
     "OneGroupSignedLegacy": "one-group-signed-legacy.sif",
     "OneGroupSignedLegacyAll": "one-group-signed-legacy-all.sif",
     "OneGroupSignedLegacyGroup": "one-group-signed-legacy-group.sif",
@@ -128,6 +139,7 @@ HEADER_GOLDENS = {
     "OneObjectSBOM": "one-object-sbom.sif",
     "OneObjectTime": "one-object-time.sif",
     "TwoGroups": "two-groups.sif",
+    "TwoGroupsSigned": "two-groups-signed.sif",  # Debian 12's sylabs/sif 2.8 (PGP)
     "TwoGroupsSignedLegacy": "two-groups-signed-legacy.sif",
     "TwoGroupsSignedLegacyAll": "two-groups-signed-legacy-all.sif",
     "TwoGroupsSignedLegacyGroup": "two-groups-signed-legacy-group.sif",

@@ -19,7 +19,7 @@ from sifoverlay.sif import (
     partition_extra,
 )
 
-from .support import sif_vectors, vector_id
+from .support import sif_vector_params, vector_id
 
 DIGEST = "sha256:" + "cd" * 32
 REMOVE_BLOB = "oci-sif/TestRemoveBlob/Valid.golden"  # slot 0 free, hole at [11116, 14324)
@@ -30,7 +30,7 @@ def layout_of(path: Path) -> Layout:
         return Layout.from_file(sif)
 
 
-@pytest.mark.parametrize("path", sif_vectors(), ids=vector_id)
+@pytest.mark.parametrize("path", sif_vector_params(), ids=vector_id)
 def test_from_file_reproduces_metadata(path: Path) -> None:
     layout = layout_of(path)
     h = layout.header

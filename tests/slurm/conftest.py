@@ -13,6 +13,7 @@ import pwd
 import shutil
 import subprocess
 import time
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,11 +188,14 @@ def node_stays_idle(request: pytest.FixtureRequest) -> Iterator[None]:
 
 # -- images ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def imported_image(tmp_path_factory: pytest.TempPathFactory, vectors: Path) -> Path:
-    """busybox imported as an OCI-SIF with `sifoverlay import` (no overlay yet)."""
-    out = tmp_path_factory.mktemp("slurm-base") / "busybox.oci.sif"
-    done = sh(str(REPO / ".venv/bin/sifoverlay"), "import",
-              str(vectors / "singularity" / "busybox_amd64.sif"), str(out), check=False)
+def imported_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """busybox-static imported as an OCI-SIF with `sifoverlay import` (no overlay yet): the
+    OCI layout from scripts/busybox-layout.py, as the demo makes it."""
+    work = tmp_path_factory.mktemp("slurm-base")
+    out = work / "busybox.oci.sif"
+    done = sh(sys.executable, str(REPO / "scripts" / "busybox-layout.py"), str(work / "layout"), check=False)
+    assert done.returncode == 0, done.stderr
+    done = sh(str(REPO / ".venv/bin/sifoverlay"), "import", str(work / "layout"), str(out), check=False)
     assert done.returncode == 0, done.stderr
     return out
 

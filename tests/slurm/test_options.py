@@ -45,7 +45,7 @@ BAD_VALUES = [
 def bad_inputs(image_dir: Path, make_image, slurm_users: tuple[User, User], vectors: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     alice = slurm_users[0]
     native = image_dir / "native.sif"
-    native.write_bytes((vectors / "singularity" / "busybox_amd64.sif").read_bytes())
+    native.write_bytes((vectors / "sif" / "one-group.sif").read_bytes())  # a native SIF (Debian's sylabs/sif)
     text = image_dir / "notes.txt"
     text.write_text("hello\n" * 100)
     for path in (native, text):
