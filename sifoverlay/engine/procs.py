@@ -78,6 +78,8 @@ class MountEntry:
     fstype: str
     source: str
     options: str  # per-mount options (ro/rw, nosuid, ...)
+    device: str = ""  # "major:minor" of the mounted filesystem
+    super_options: str = ""  # per-superblock options (FUSE: user_id=, group_id=, ...)
 
 
 def unescape_mount_field(field: str) -> str:
@@ -103,5 +105,6 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
             fields, tail = left.split(), right.split()
             if sep and len(fields) >= 6 and len(tail) >= 2:
                 entries.append(MountEntry(int(fields[0]), unescape_mount_field(fields[4]), tail[0],
-                                          unescape_mount_field(tail[1]), fields[5]))
+                                          unescape_mount_field(tail[1]), fields[5], fields[2],
+                                          tail[2] if len(tail) > 2 else ""))
     return entries

@@ -10,6 +10,16 @@ Looks at what this host can see, without changing anything:
     the lock this process holds for `job` (or through `own_lease`): engine.sync(job=)
     runs inside that lease, and the lock should keep others out for the whole sync;
   * the lease file (engine.lease.inspect), when its holder is alive.
+
+Nothing a user can forge counts (docs/security.md, finding 6). Anyone may mount FUSE with
+``fsname=<somebody's image>`` or name a process "fuse2fs", so a FUSE mount or daemon is
+activity only when it belongs to a trusted uid - root, the image's owner, or the job user
+(`owners=`) - judged from what the kernel records: the mount's ``user_id=`` super option,
+the daemon's real and effective uid in /proc/<pid>/status. A daemon serves this image only
+when one of its descriptors is this inode, read from /proc/<pid>/fdinfo (mnt_id + ino) -
+never by stat()ing its fd links or its mount point, which would ask the FUSE daemon and
+could block root forever. The few stat()s left (a trusted mount's source and mount point)
+run with a deadline; one that does not answer counts as live.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import errno
 import fcntl
 import logging
 import os
+import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,16 +55,54 @@ class Activity:
     writer: bool
 
 
-def _same_file(candidate: str, st: os.stat_result) -> bool:
-    try:
-        other = os.stat(candidate)
-    except OSError:
+STAT_DEADLINE = 2.0  # seconds a stat() of a trusted FUSE mount may take before it counts as live
+
+
+def _bounded_stat(path: str, deadline: float = STAT_DEADLINE) -> os.stat_result | OSError | None:
+    """os.stat(path) in a helper thread: the result, the OSError, or None when it did not
+    answer in time (a stopped FUSE daemon). The thread is a daemon: it cannot keep us."""
+    box: list[os.stat_result | OSError] = []
+
+    def run() -> None:
+        try:
+            box.append(os.stat(path))
+        except OSError as exc:
+            box.append(exc)
+
+    worker = threading.Thread(target=run, name="quiesce-stat", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    return box[0] if box else None
+
+
+def _same_file(candidate: str, st: os.stat_result) -> bool | None:
+    """Is `candidate` the inode `st`? None = could not tell in time."""
+    other = _bounded_stat(candidate)
+    if other is None:
+        return None
+    if isinstance(other, OSError):
         return False
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> list[Activity]:
+def trusted_uids(st: os.stat_result, owners: Collection[int] | None = None) -> frozenset[int]:
+    """root, the image's owner and the given job user(s)."""
+    return frozenset({0, st.st_uid, *(owners or ())})
+
+
+def _option(options: str, key: str) -> str | None:
+    for item in options.split(","):
+        name, _, value = item.partition("=")
+        if name == key:
+            return value
+    return None
+
+
+def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo", *,
+                owners: Collection[int] | None = None) -> list[Activity]:
+    """FUSE mounts of the image made by a trusted uid (the mount's user_id=)."""
     found: list[Activity] = []
+    trusted = trusted_uids(st, owners)
     try:
         entries = procs.mountinfo(mountinfo)
     except OSError:
@@ -62,9 +112,13 @@ def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> 
         program = fstype.split(".", 1)[1] if fstype.startswith("fuse.") else fstype
         if program not in FUSE_WRITERS + FUSE_READERS and fstype != "fuse":
             continue
-        if not _same_file(entry.source, st):
+        owner = _option(entry.super_options, "user_id")
+        if owner is None or not owner.isdigit() or int(owner) not in trusted:
+            continue  # anyone can mount FUSE with fsname=<this image>: not evidence
+        same = _same_file(entry.source, st)
+        if same is False:
             continue  # (a /proc/self/fd/N source is the mounter's fd: see fuse_processes)
-        if _dead_mount(entry.target):
+        if same is not None and _dead_mount(entry.target):
             continue  # its daemon is gone: nothing can write through it
         kind = "fuse-layer" if program in FUSE_READERS else "fuse"
         writable = kind == "fuse" and "ro" not in entry.options.split(",")
@@ -73,18 +127,43 @@ def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo") -> 
 
 
 def _dead_mount(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died answers ENOTCONN."""
+    """A FUSE mount whose daemon died answers ENOTCONN (one that does not answer lives)."""
+    result = _bounded_stat(mountpoint)
+    return isinstance(result, OSError) and result.errno == errno.ENOTCONN
+
+
+def _uids(proc: str, pid: str) -> set[int]:
+    """Real, effective, saved and filesystem uid of a process (empty when unreadable)."""
+    for line in _read(os.path.join(proc, pid, "status")).splitlines():
+        if line.startswith("Uid:"):
+            return {int(v) for v in line.split()[1:] if v.isdigit()}
+    return set()
+
+
+def _mount_devices(proc: str, pid: str) -> dict[int, str]:
+    """mount id -> "major:minor", from the process's own mountinfo."""
     try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+        return {e.mount_id: e.device for e in procs.mountinfo(os.path.join(proc, pid, "mountinfo"))}
+    except OSError:
+        return {}
 
 
-def fuse_processes(st: os.stat_result, proc: str = "/proc") -> list[Activity]:
-    """FUSE daemons (fuse2fs, squashfuse) holding the image open: catches mounts whose
-    source was given as /proc/self/fd/N, which mountinfo cannot resolve for us."""
+def _fdinfo(proc: str, pid: str, fd: str) -> dict[str, str]:
+    info: dict[str, str] = {}
+    for line in _read(os.path.join(proc, pid, "fdinfo", fd)).splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def fuse_processes(st: os.stat_result, proc: str = "/proc", *, owners: Collection[int] | None = None) -> list[Activity]:
+    """FUSE daemons (fuse2fs, squashfuse) of a trusted uid holding this inode open: also
+    catches mounts whose source was given as /proc/self/fd/N, which mountinfo cannot
+    resolve. The inode is matched from fdinfo (mnt_id -> device, ino): no fd link is
+    followed, no FUSE daemon is asked anything."""
     found: list[Activity] = []
+    trusted = trusted_uids(st, owners)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
@@ -93,18 +172,26 @@ def fuse_processes(st: os.stat_result, proc: str = "/proc") -> list[Activity]:
         comm = _read(os.path.join(proc, pid, "comm"))
         if comm not in ("fuse2fs", "squashfuse", "squashfuse_ll"):
             continue
-        fd_dir = os.path.join(proc, pid, "fd")
+        uids = _uids(proc, pid)
+        if not uids or not uids <= trusted:
+            continue  # a process anyone can name "fuse2fs": only trusted uids count
         try:
-            fds = os.listdir(fd_dir)
+            fds = os.listdir(os.path.join(proc, pid, "fd"))
         except OSError:
             continue
+        devices: dict[int, str] | None = None
         for fd in fds:
-            if not _same_file(os.path.join(fd_dir, fd), st):
+            info = _fdinfo(proc, pid, fd)
+            if info.get("ino") != str(st.st_ino) or not info.get("mnt_id", "").isdigit():
                 continue
-            flags = 0
-            for line in _read(os.path.join(proc, pid, "fdinfo", fd)).splitlines():
-                if line.startswith("flags:"):
-                    flags = int(line.split()[1], 8)
+            if devices is None:
+                devices = _mount_devices(proc, pid)
+            if devices.get(int(info["mnt_id"])) != device:
+                # btrfs and the like report another device in mountinfo than in stat():
+                # ask stat, with a deadline (this daemon is trusted, but may be stopped)
+                if _same_file(os.path.join(proc, pid, "fd", fd), st) is False:
+                    continue
+            flags = int(info.get("flags", "0"), 8)
             writable = comm == "fuse2fs" and flags & os.O_ACCMODE != os.O_RDONLY
             kind = "fuse" if comm == "fuse2fs" else "fuse-layer"
             found.append(Activity(kind, f"{comm} pid {pid} has the image open ({'rw' if writable else 'ro'})", writable))
@@ -131,7 +218,7 @@ def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/
         backing = _read(os.path.join(base, "loop", "backing_file"))
         if not backing:
             continue
-        if backing.endswith(" (deleted)") or not _same_file(backing, st):
+        if backing.endswith(" (deleted)") or _same_file(backing, st) is False:
             continue
         lo_offset = int(_read(os.path.join(base, "loop", "offset")) or 0)
         limit = int(_read(os.path.join(base, "loop", "sizelimit")) or 0)
@@ -143,16 +230,21 @@ def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/
     return found
 
 
-def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, own_fd: int | None = None) -> list[Activity]:
+def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, own_fd: int | None = None,
+                    image_fd: int | None = None) -> list[Activity]:
     """A conflicting lock on [offset, offset+size) held through another open file.
     Probing through `own_fd` (the description holding our own lease's lock) leaves that
-    lock out: a description never conflicts with itself."""
+    lock out: a description never conflicts with itself. `image_fd`: probe through a new
+    description of that inode (reopened through the fd, never by name)."""
     ltype = fcntl.F_RDLCK if writers_only else fcntl.F_WRLCK
     try:
         if own_fd is not None:
             found = leaselock.probe(own_fd, offset, size, ltype=ltype)
         else:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if image_fd is not None:
+                fd = os.open(f"/proc/self/fd/{image_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             try:
                 found = leaselock.probe(fd, offset, size, ltype=ltype)
             finally:
@@ -164,7 +256,7 @@ def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, ow
     kind, pid = found
     from . import lease
 
-    info = lease.inspect(path)
+    info = lease.inspect(path, image_fd=image_fd) if image_fd is not None else lease.inspect(path)
     if pid > 0:
         who = f"pid {pid}"
     elif info is not None:
@@ -175,37 +267,41 @@ def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, ow
     return [Activity("lock", f"{what} lock on the overlay held by {who}", kind == fcntl.F_WRLCK)]
 
 
-def lease_holder(path: str, *, job: str | None = None) -> list[Activity]:
+def lease_holder(path: str, *, job: str | None = None, image_fd: int | None = None) -> list[Activity]:
     from . import lease
 
-    info = lease.inspect(path)
+    info = lease.inspect(path, image_fd=image_fd) if image_fd is not None else lease.inspect(path)
     if info is None or not info.is_alive() or (job is not None and info.job_id == str(job)):
         return []
     return [Activity("lease", info.describe(), True)]
 
 
-def _own_lock_fd(path: str, job: str | None, own_lease: Lease | None) -> int | None:
+def _own_lock_fd(path: str, job: str | None, own_lease: Lease | None, image_fd: int | None = None) -> int | None:
     if own_lease is not None and own_lease.lock_fd is not None and not own_lease.released:
         return own_lease.lock_fd
     if job is None:
         return None
     from . import lease
 
+    if image_fd is not None:
+        return lease.held_lock_fd(path, job, image_fd=image_fd)
     return lease.held_lock_fd(path, job)
 
 
 def find_activity(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
-    own_lease: Lease | None = None,
+    own_lease: Lease | None = None, fd: int | None = None, owners: Collection[int] | None = None,
 ) -> list[Activity]:
     """Every sign of use of [offset, offset+size) of `path` on this host. `job` (or
     `own_lease`, whose job it is): the caller runs inside that job's lease, so neither
-    its lease file nor the byte-range lock this process holds for it counts."""
+    its lease file nor the byte-range lock this process holds for it counts. `fd`: the
+    caller's authorized descriptor (then `path` is only a name for messages). `owners`:
+    the job user's uid(s), trusted besides root and the image's owner."""
     if own_lease is not None and job is None:
         job = own_lease.info.job_id
-    st = os.stat(path)
-    daemons = fuse_processes(st)
-    mounts = fuse_mounts(st)
+    st = os.fstat(fd) if fd is not None else os.stat(path)
+    daemons = fuse_processes(st, owners=owners)
+    mounts = fuse_mounts(st, owners=owners)
     if any(a.kind == "fuse" for a in daemons):
         # The daemons' own open modes are exact (a fuse2fs ro mount still shows "rw" in
         # mountinfo); mount entries matter only when no daemon is visible to us (another
@@ -213,19 +309,20 @@ def find_activity(
         mounts = [a for a in mounts if a.kind != "fuse"]
     found = mounts + daemons + loop_devices(st, offset, size)
     if locks:
-        own_fd = _own_lock_fd(path, job, own_lease)
-        found += byte_range_lock(path, offset, size, writers_only=writers_only, own_fd=own_fd)
-    found += lease_holder(path, job=job)
+        own_fd = _own_lock_fd(path, job, own_lease, fd)
+        found += byte_range_lock(path, offset, size, writers_only=writers_only, own_fd=own_fd, image_fd=fd)
+    found += lease_holder(path, job=job, image_fd=fd)
     return found
 
 
 def ensure_quiet(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
-    own_lease: Lease | None = None,
+    own_lease: Lease | None = None, fd: int | None = None, owners: Collection[int] | None = None,
 ) -> list[Activity]:
     """Raise ImageBusy when a writer (or, with writers_only=False, any user) is active;
     return the harmless activity seen (read-only mounts)."""
-    found = find_activity(path, offset, size, locks=locks, writers_only=writers_only, job=job, own_lease=own_lease)
+    found = find_activity(path, offset, size, locks=locks, writers_only=writers_only, job=job, own_lease=own_lease,
+                          fd=fd, owners=owners)
     blocking = [a for a in found if a.writer or (not writers_only and a.kind != "fuse-layer")]
     if blocking:
         first = blocking[0]

@@ -45,16 +45,23 @@ def test_mountinfo_sources_are_matched_by_inode(tmp_path: Path) -> None:
     other.write_bytes(b"y")
     escaped = str(image).replace(" ", "\\040")
     info = tmp_path / "mountinfo"
+    owner = image.stat().st_uid
     info.write_text(
         f"36 35 0:50 / /mnt/a rw,nosuid,nodev,relatime shared:1 - fuse.fuse2fs {escaped} rw,user_id=0\n"
-        f"37 35 0:51 / /mnt/b ro,relatime - fuse.ext4 {escaped} ro\n"
-        f"38 35 0:52 / /mnt/c ro,relatime - fuse.squashfuse {escaped} ro\n"
-        f"39 35 0:53 / /mnt/d rw,relatime - fuse.fuse2fs {other} rw\n"
-        "40 35 0:54 / /proc rw - proc proc rw\n"
+        f"37 35 0:51 / /mnt/b ro,relatime - fuse.ext4 {escaped} ro,user_id={owner},group_id=0\n"
+        f"38 35 0:52 / /mnt/c ro,relatime - fuse.squashfuse {escaped} ro,user_id=4242\n"
+        f"39 35 0:53 / /mnt/d rw,relatime - fuse.fuse2fs {other} rw,user_id=0\n"
+        f"40 35 0:55 / /mnt/e rw,relatime - fuse.fuse2fs {escaped} rw\n"
+        f"41 35 0:56 / /mnt/f rw,relatime - fuse.fuse2fs {escaped} rw,user_id=31337\n"
+        "42 35 0:54 / /proc rw - proc proc rw\n"
     )
     found = quiesce.fuse_mounts(os.stat(image), str(info))
-    assert [(a.kind, a.writer) for a in found] == [("fuse", True), ("fuse", False), ("fuse-layer", False)]
+    # /mnt/e (no owner) and /mnt/f (somebody else's FUSE named after the image) are not
+    # evidence; /mnt/c becomes evidence when its mounter is the job user
+    assert [(a.kind, a.writer) for a in found] == [("fuse", True), ("fuse", False)]
     assert found[0].detail == "fuse2fs mount at /mnt/a (rw)"
+    with_job = quiesce.fuse_mounts(os.stat(image), str(info), owners=[4242])
+    assert [(a.kind, a.writer) for a in with_job] == [("fuse", True), ("fuse", False), ("fuse-layer", False)]
 
 
 def test_posix_lock_of_another_process_blocks_sync(overlay_image: Path, tmp_path: Path) -> None:
