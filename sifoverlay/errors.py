@@ -7,8 +7,9 @@ the operator and the exporter catch `SifOverlayError` and record it.
 
 from __future__ import annotations
 
+import errno as _errno
 import os
-from typing import Any
+from typing import Any, Final
 
 # sysexits-style codes, mapped once in the CLI.
 EXIT_FAILURE = 1
@@ -77,6 +78,10 @@ class UsageError(BadInput):
     """Bad arguments or configuration (relative path, unknown key...)."""
 
 
+class FileProblem(BadInput):
+    """A path given cannot be used as it is: missing, not a directory, a loop (OSError)."""
+
+
 # --- state (exit 75 / 77 / 1) -------------------------------------------------------
 class ImageBusy(SifOverlayError):
     """A live writer holds the image (lease or mount); `holder` describes it."""
@@ -114,3 +119,27 @@ class ExternalToolError(SifOverlayError):
 
 class RegistryError(SifOverlayError):
     """A registry push/pull failed (auth, unreachable, digest mismatch)."""
+
+
+class IOFailure(SifOverlayError):
+    """Reading or writing a file failed for a reason other than permissions or a bad path
+    (disk full, I/O error...): an OSError in the error tree."""
+
+
+# errno values that mean "you may not" (exit 77) and "that path is not usable" (exit 2).
+PERMISSION_ERRNOS: Final = frozenset({_errno.EACCES, _errno.EPERM, _errno.EROFS})
+PATH_ERRNOS: Final = frozenset({_errno.ENOENT, _errno.ENOTDIR, _errno.EISDIR, _errno.ELOOP, _errno.ENAMETOOLONG,
+                                _errno.EEXIST, _errno.ENXIO, _errno.ENODEV})
+
+
+def from_os_error(exc: OSError, path: str | os.PathLike[str] | None, problem: str | None = None) -> SifOverlayError:
+    """The error tree's form of an OSError about `path`: NotAuthorized (exit 77) for a
+    permission problem, FileProblem (exit 2) for a bad path, IOFailure (exit 1) else.
+    `problem` defaults to the system's text; errno is kept as data."""
+    code = exc.errno
+    text = problem if problem is not None else (exc.strerror or str(exc))
+    if code in PERMISSION_ERRNOS:
+        return NotAuthorized(path, text, errno=code)
+    if code in PATH_ERRNOS:
+        return FileProblem(path, text, errno=code)
+    return IOFailure(path, text, errno=code)

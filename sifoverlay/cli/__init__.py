@@ -13,10 +13,23 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from sifoverlay import __version__
-from sifoverlay.errors import EXIT_BAD_INPUT, EXIT_FAILURE, SifOverlayError
+from sifoverlay.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    PERMISSION_ERRNOS,
+    NotAnOciSif,
+    NotAuthorized,
+    SifOverlayError,
+    UsageError,
+    from_os_error,
+)
+
+log = logging.getLogger(__name__)
 
 # (module name, ...) in the order they appear in --help.
 COMMAND_MODULES = (
@@ -29,11 +42,18 @@ COMMAND_MODULES = (
     "cmd_push",
     "cmd_pull",
 )
+# argparse destinations that hold paths the user typed (errors name these, not our files)
+PATH_ARGS = ("image", "images", "output", "source", "journal_dir", "textfile_dir", "scan", "base_dir")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, never a traceback
-        self.exit(EXIT_BAD_INPUT, f"sifoverlay: error: {message}\n")
+    wants_json = False  # set by main() from argv: argparse's own errors obey --json too
+
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, never a traceback
+        err = UsageError(None, message)
+        if _Parser.wants_json:
+            self.exit(EXIT_BAD_INPUT, json.dumps(err.as_dict()) + "\n")
+        self.exit(EXIT_BAD_INPUT, f"sifoverlay: error: {err.message()}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +80,106 @@ def print_error(exc: SifOverlayError, as_json: bool) -> None:
         print(f"sifoverlay: {exc.message()}", file=sys.stderr)
 
 
+# -- errors as the user should see them ------------------------------------------------------
+def typed_paths(args: argparse.Namespace) -> list[str]:
+    """The paths on the command line, in argument order."""
+    found: list[str] = []
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item:
+                found.append(item)
+    return found
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def owner_of_internal(name: str, typed: list[str]) -> str | None:
+    """The typed path that an internal working file belongs to (a hidden scratch, lease,
+    staging or temp file beside it), or None when `name` is no internal file of ours."""
+    if not typed or any(_same(name, t) for t in typed):
+        return None
+    if name.startswith("/proc/"):  # a file opened through /proc/self/fd/N: the image itself
+        return typed[0]
+    if any(os.path.abspath(name).startswith(d + os.sep) for d in scratch_dirs()):
+        return typed[0]
+    parts = os.path.abspath(name).split(os.sep)
+    for number, part in enumerate(parts):
+        if not part.startswith("."):
+            continue
+        directory = os.sep.join(parts[:number]) or os.sep
+        for candidate in typed:
+            beside = os.path.dirname(os.path.abspath(candidate)) == directory
+            if beside and part.startswith("." + os.path.basename(os.path.abspath(candidate)) + "."):
+                return candidate
+        if "sifoverlay" in part:
+            return next((t for t in typed if os.path.dirname(os.path.abspath(t)) == directory), typed[0])
+    return None
+
+
+def scratch_dirs() -> list[str]:
+    """The engine's scratch directories (this process's state directory and root's)."""
+    from sifoverlay.engine import statedir
+
+    return [statedir.scratch_dir(), os.path.join(statedir.root_dir(), statedir.SCRATCH)]
+
+
+def working_dir(name: str) -> str:
+    """The directory an internal file lives in: a scratch directory, or the parent of
+    the file's first hidden component."""
+    found = next((d for d in scratch_dirs() if os.path.abspath(name).startswith(d + os.sep)), None)
+    if found is not None:
+        return found
+    parts = os.path.abspath(name).split(os.sep)
+    hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), len(parts) - 1)
+    return os.sep.join(parts[:hidden]) or os.sep
+
+
+def for_user(exc: SifOverlayError, args: argparse.Namespace) -> SifOverlayError:
+    """The same error naming a path the user typed instead of an internal working file,
+    permission problems as NotAuthorized (exit 77), a native SIF with the import hint."""
+    typed = typed_paths(args)
+    path = exc.path
+    if path is not None:
+        owner = owner_of_internal(path, typed)
+        if owner is not None:
+            directory = working_dir(path)
+            internal = exc.data.get("errno") and not path.startswith("/proc/")
+            problem = f"{exc.problem} (working file in {directory})" if internal else exc.problem
+            exc.path, exc.problem = owner, problem  # the same error, renamed
+            exc.args = (exc.message(),)
+    if exc.data.get("errno") in PERMISSION_ERRNOS and not isinstance(exc, NotAuthorized):
+        exc = NotAuthorized(exc.path, exc.problem, **exc.data)
+    if isinstance(exc, NotAnOciSif) and "sifoverlay import" not in exc.problem and (
+        exc.data.get("native") or "native SIF" in exc.problem or "no OCI root index" in exc.problem
+    ):
+        from sifoverlay.ocisif.model import CONVERT_HINT
+
+        hint = CONVERT_HINT.format(path=exc.path or "IMAGE")
+        exc = NotAnOciSif(exc.path, f"{exc.problem}; {hint}", **exc.data)
+    return exc
+
+
+def os_error_for_user(exc: OSError, args: argparse.Namespace) -> SifOverlayError:
+    """An OSError as a one-line error of the tree, naming a path the user typed."""
+    typed = typed_paths(args)
+    name = exc.filename if isinstance(exc.filename, str) else None
+    text = exc.strerror or str(exc)
+    if name is None:
+        return from_os_error(exc, typed[0] if typed else None, text)
+    owner = owner_of_internal(name, typed)
+    if owner is not None and name.startswith("/proc/"):
+        return from_os_error(exc, owner, text)
+    if owner is not None:
+        return from_os_error(exc, owner, f"{text} (working file in {working_dir(name)})")
+    return from_os_error(exc, name, text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    _Parser.wants_json = "--json" in (words[: words.index("--")] if "--" in words else words)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -72,17 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SifOverlayError as exc:
-        print_error(exc, as_json)
-        return exc.exit_code
+        shown = for_user(exc, args)
+        print_error(shown, as_json)
+        return shown.exit_code
     except KeyboardInterrupt:
         print("sifoverlay: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return EXIT_FAILURE
     except OSError as exc:  # a file we were pointed at cannot be used: still one line
-        name = exc.filename if exc.filename is not None else ""
-        print(f"sifoverlay: {name}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        shown = os_error_for_user(exc, args)
+        print_error(shown, as_json)
+        return shown.exit_code
+    except Exception as exc:  # a bug: still one line (the traceback with -v)
+        log.info("internal error", exc_info=True)
+        typed = typed_paths(args)
+        detail = " ".join(str(exc).split())[:200]
+        shown = SifOverlayError(typed[0] if typed else None, f"internal error: {type(exc).__name__}: {detail} "
+                                "(run with -v for the traceback)")
+        print_error(shown, as_json)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ header, table, JSON and the ext3 superblock.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -26,6 +27,26 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MIN_SIZE_MIB = 64  # = sifoverlay.ext3.MIN_OVERLAY_MIB (not imported: keeps `overlay sync` start cheap)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"(\d{1,12})(?:\.(\d{1,6}))?\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`--size` in MiB: a plain number is MiB; K, M, G, T (optionally KiB/KB...) are
+    binary units. The result must be a whole number of MiB."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 64, 64M, 1G)")
+    whole, fraction, unit = match.groups()
+    scale = _UNITS[unit.upper()]
+    numerator = int(whole + (fraction or "")) * scale
+    denominator = 10 ** len(fraction or "")
+    if numerator % (denominator << 20):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB")
+    return numerator // (denominator << 20)
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser("overlay", help=HELP, description=HELP + ".")
     verbs = parser.add_subparsers(dest="overlay_command", metavar="VERB", parser_class=type(parser))
@@ -33,7 +54,9 @@ def register(sub: Any) -> None:
 
     create = verbs.add_parser("create", help="add an empty ext3 overlay as the last layer",
                               description="Add an empty ext3 overlay (upper/, work/) as the last layer of IMAGE.")
-    create.add_argument("--size", type=int, default=64, metavar="MiB", help="overlay size in MiB (>= 64, default 64)")
+    create.add_argument("--size", type=parse_size, default=64, metavar="SIZE",
+                        help="overlay size: MiB, or with a unit as SingularityCE takes it (64, 64M, 1G; >= 64 MiB, "
+                        "default 64)")
     create.add_argument("--sparse", action="store_true", help="leave the overlay sparse instead of allocating it")
     _common(create)
     create.set_defaults(func=run, verb="create")
@@ -101,6 +124,10 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
         return st.as_dict(), "\n".join(lines)
     if verb == "create":
         from sifoverlay.engine.create import create_overlay
+        from sifoverlay.errors import UsageError
+
+        if args.size < MIN_SIZE_MIB:  # checked before anything is staged
+            raise UsageError(args.image, f"overlay size must be at least {MIN_SIZE_MIB} MiB, got {args.size} MiB")
 
         op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
                             io=io_from_env())

@@ -31,7 +31,7 @@ from sifoverlay import engine
 from sifoverlay.engine import lease
 from sifoverlay.engine.journal import Journal
 from sifoverlay.engine.quiesce import byte_range_lock
-from sifoverlay.errors import OverlayStateError, SifOverlayError
+from sifoverlay.errors import OverlayStateError
 from sifoverlay.ext3 import Superblock
 from sifoverlay.ocisif import open_image
 
@@ -272,7 +272,7 @@ class Scanner:
                     known.state = vstate
             if known.state == "clean":
                 known.last_reconcile = st.st_mtime  # the reconcile's commit was the file's last write
-        except (SifOverlayError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad image is counted as an error, never stops the scan
             self._known.pop(path, None)
             # Warn once per file state, not on every scan of a file that stays broken.
             (log.debug if self._reported.get(path) == key else log.warning)("%s: cannot scan: %s", path, exc)
@@ -350,7 +350,7 @@ def run_verify_pass(scanner: Scanner, *, rate_bytes: float | None, stop: threadi
             count += 1
         except VerifyStopped:
             break
-        except (SifOverlayError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad image never stops the pass
             log.warning("%s: verify failed: %s", path, exc)
             if on_error is not None:
                 on_error(path, exc)

@@ -17,6 +17,7 @@ from . import jsonedit, mediatypes
 REF_NAME_ANNOTATION: Final = "org.opencontainers.image.ref.name"
 COSIGN_PREFIX: Final = "_cosign"  # oci-tools sourcesink.CosignPlaceholderRepo
 MAX_INDEX_DEPTH: Final = 16
+MAX_SIZE: Final = (1 << 63) - 1  # Go's int64, what ggcr reads a descriptor size into
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ def check_descriptor(obj: Any, where: str) -> None:
     if not jsonedit.is_digest(obj.get("digest")):
         raise jsonedit.JsonError(f"{where} has no valid sha256 digest ({_short(obj.get('digest'))})")
     size = obj.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_SIZE:
         raise jsonedit.JsonError(f"{where} has no valid size ({_short(size)})")
 
 

@@ -47,6 +47,7 @@ TAR_TYPES: Final = frozenset({mt.OCI_LAYER_TAR, mt.OCI_LAYER_TAR_GZIP, mt.DOCKER
                               "application/vnd.docker.image.rootfs.diff.tar"})
 DEFAULT_PATH_ENV: Final = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CHUNK: Final = 4 << 20
+TAR_BLOCK: Final = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +198,12 @@ def _import_layout(src: str, image: SourceImage, dest: str, staging: str, *, squ
                 continue
             if ref.media_type not in TAR_TYPES:
                 raise OciFormatError(layout.path, f"layer {index} has unsupported media type {ref.media_type}")
-            tar_path = _stage_tar(layout, ref, diff_ids[index], os.path.join(staging, f"{index}.tar"), io)
+            tar_path, tar_size = _stage_tar(layout, ref, diff_ids[index], os.path.join(staging, f"{index}.tar"), io)
             try:
                 readers[index] = reader = tarfile.open(tar_path, "r:")  # noqa: SIM115 - closed below
-                scan = scan_layer(reader.getmembers(), where=where)
+                members = reader.getmembers()
+                _check_complete(members, tar_size)
+                scan = scan_layer(members, where=where)
             except tarfile.TarError as exc:
                 raise OciFormatError(layout.path, f"layer {index} ({ref.digest}) is not a valid tar: {exc}") from exc
             if not squash:
@@ -287,8 +290,21 @@ def _stage_verified(layout: OciLayout, ref: BlobRef, dest: str, io: FileIO) -> S
     return SquashfsFile(dest, ref.digest, size)
 
 
-def _stage_tar(layout: OciLayout, ref: BlobRef, diff_id: object, dest: str, io: FileIO) -> str:
-    """Decompress a (gzip) tar layer into staging; check the blob digest and the diff_id."""
+def _check_complete(members: list[tarfile.TarInfo], size: int) -> None:
+    """Every member's data lies inside the layer as it was stored (before `_stage_tar`'s
+    padding): a tar may end without the padding of its last member and without the two
+    zero end-of-archive blocks (`umoci insert` writes such layers; GNU tar and Go's
+    archive/tar read them), but not in the middle of a member's data."""
+    for member in members:
+        if member.isreg() and not member.issparse() and member.offset_data + member.size > size:
+            raise tarfile.ReadError(f"truncated in the data of {member.name!r}")
+
+
+def _stage_tar(layout: OciLayout, ref: BlobRef, diff_id: object, dest: str, io: FileIO) -> tuple[str, int]:
+    """Decompress a (gzip) tar layer into staging; check the blob digest and the diff_id.
+    Returns the staged path and the tar's own length; the staged file is padded with
+    zeros to whole 512-byte tar blocks (Python's tarfile insists on them, see
+    `_check_complete`)."""
     blob_hash, tar_hash, blob_size = hashlib.sha256(), hashlib.sha256(), 0
     with layout.open_blob(ref.digest) as src, _Staged(dest, io) as out:
         gzipped = src.read(2) == b"\x1f\x8b"
@@ -316,11 +332,13 @@ def _stage_tar(layout: OciLayout, ref: BlobRef, diff_id: object, dest: str, io: 
         except (zlib.error, gzip.BadGzipFile) as exc:
             check_digest(layout.path, ref, blob_hash.hexdigest(), blob_size + _remaining(src))
             raise OciFormatError(layout.path, f"layer {ref.digest} is not valid gzip: {exc}") from exc
+        tar_size = out.position
+        out.write(bytes(-tar_size % TAR_BLOCK))
     check_digest(layout.path, ref, blob_hash.hexdigest(), blob_size)
     if isinstance(diff_id, str) and diff_id != f"sha256:{tar_hash.hexdigest()}":
         raise OciFormatError(layout.path, f"layer {ref.digest} uncompresses to sha256:{tar_hash.hexdigest()}, "
                                           f"but the config's diff_id is {diff_id}")
-    return dest
+    return dest, tar_size
 
 
 def _remaining(handle: Any) -> int:

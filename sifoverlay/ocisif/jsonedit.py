@@ -36,22 +36,71 @@ class JsonError(ValueError):
     """The bytes are not the JSON document they should be (the caller adds the file name)."""
 
 
+# Limits on crafted documents (every value of an OCI JSON document is attacker-chosen):
+# Python refuses int() of more than 4300 digits with a bare ValueError, and deep nesting
+# exhausts the stack of every recursive consumer (json.dumps, copy.deepcopy).
+MAX_INT_DIGITS: Final = 4300
+MAX_DEPTH: Final = 128
+
+
 def _reject_constant(name: str) -> Any:
     raise JsonError(f"invalid JSON number {name}")
 
 
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise JsonError(f"not valid JSON (an integer of {digits} digits, the limit is {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > MAX_INT_DIGITS:
+        raise JsonError(f"not valid JSON (a number of {len(text)} characters, the limit is {MAX_INT_DIGITS})")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise JsonError(f"not valid JSON (number {text[:40]} is out of range)")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def parse(raw: bytes) -> Any:
-    """Strict parse: UTF-8 only (no BOM), no NaN/Infinity, nothing after the value."""
+    """Strict parse: UTF-8 only (no BOM), no NaN/Infinity or out-of-range numbers,
+    integers of at most MAX_INT_DIGITS digits, at most MAX_DEPTH nested containers,
+    nothing after the value. Every refusal is a JsonError (one line)."""
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JsonError(f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float)
     except json.JSONDecodeError as exc:
         raise JsonError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
-        raise JsonError("not valid JSON (nested too deeply)") from None
+        raise JsonError(f"not valid JSON (nested deeper than {MAX_DEPTH} levels)") from None
+    except JsonError:
+        raise
+    except ValueError as exc:  # a conversion refused by the interpreter itself
+        raise JsonError(f"not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if _depth_exceeds(value, MAX_DEPTH):
+        raise JsonError(f"not valid JSON (nested deeper than {MAX_DEPTH} levels)")
+    return value
 
 
 def canonical(obj: Any) -> bytes:

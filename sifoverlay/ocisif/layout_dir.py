@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
 from ..errors import OciFormatError, UsageError
+from . import jsonedit
 from . import mediatypes as mt
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,9 @@ class OciLayout:
 
     def _parse(self, raw: bytes, what: str) -> dict[str, Any]:
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise OciFormatError(self.path, f"{what} is not valid JSON: {exc}") from exc
+            data = jsonedit.parse(raw)
+        except jsonedit.JsonError as exc:
+            raise OciFormatError(self.path, f"{what} is {exc}") from None
         if not isinstance(data, dict):
             raise OciFormatError(self.path, f"{what} is not a JSON object")
         return data

@@ -23,11 +23,14 @@ from ..sif.descriptor import Descriptor
 from ..sif.load import SifFile
 from . import jsonedit, mediatypes
 from .graph import (  # re-exported: the selection rules belong to the image model's API
+    MAX_INDEX_DEPTH as MAX_INDEX_DEPTH,
     COSIGN_PREFIX as COSIGN_PREFIX,
     REF_NAME_ANNOTATION as REF_NAME_ANNOTATION,
     Ref as Ref,
     check_bytes as check_bytes,
+    check_descriptor as check_descriptor,
     check_index as check_index,
+    check_manifest as check_manifest,
     is_cosign_entry as is_cosign_entry,
     is_json_type as is_json_type,
     parse_json as parse_json,
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 OVERLAY_FINGERPRINT_ANNOTATION: Final = "dev.sifoverlay.overlay.fingerprint"
 MAX_JSON_SIZE: Final = 8 << 20  # manifests/configs/indexes are KiB; refuse absurd ones
+CONVERT_HINT: Final = "convert it with `sifoverlay import {path} OUT.oci.sif`"
+NATIVE_HINT: Final = "a native SIF: " + CONVERT_HINT
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,8 @@ def root_index_descriptor(sif: SifFile) -> Descriptor:
     """The one OCIRootIndex object (NotAnOciSif if none, OciFormatError if several)."""
     roots = [d for d in sif.used() if d.datatype == DataType.OCI_ROOT_INDEX]
     if not roots:
-        raise NotAnOciSif(sif.path, "not an OCI-SIF: no OCI root index object")
+        raise NotAnOciSif(sif.path, f"not an OCI-SIF: no OCI root index object ({NATIVE_HINT.format(path=sif.path)})",
+                          native=True)
     if len(roots) > 1:
         ids = ", ".join(str(d.id) for d in roots)
         raise OciFormatError(sif.path, f"{len(roots)} OCI root index objects (ids {ids}), expected one")
@@ -193,23 +199,13 @@ def read_root_index(sif: SifFile) -> Blob:
     return Blob(desc, raw, obj, digest)
 
 
-class _Graph:
-    """The validated graph of one SIF: root index, referenced blobs, parsed documents."""
+class _Store:
+    """The OCI blobs of one SIF by digest: resolve a reference, read a small blob."""
 
     def __init__(self, sif: SifFile) -> None:
         self.sif = sif
         self.table = oci_blob_table(sif)
         self.unique = {digest: descs[0] for digest, descs in self.table.items() if len(descs) == 1}
-        self.root = read_root_index(sif)
-        self._configs_checked: set[str] = set()
-        self.refs, self.docs = walk_index(self.root.json, self.fetch, sif.path, check=self._check)
-
-    def _check(self, ref: Ref) -> None:
-        """Every reference resolves with its size; JSON configs also match their digest."""
-        self.lookup(ref)
-        if ref.kind == "config" and is_json_type(ref.media_type) and ref.digest not in self._configs_checked:
-            parse_json(self.fetch(ref), ref, "config", self.sif.path)
-            self._configs_checked.add(ref.digest)
 
     def lookup(self, ref: Ref) -> Descriptor:
         path = self.sif.path
@@ -240,6 +236,23 @@ class _Graph:
         ref = Ref(descriptor["digest"], descriptor["size"], descriptor["mediaType"], kind)
         raw = self.fetch(ref)
         return Blob(self.unique[ref.digest], raw, parse_json(raw, ref, kind, self.sif.path), ref.digest)
+
+
+class _Graph(_Store):
+    """The validated graph of one SIF: root index, referenced blobs, parsed documents."""
+
+    def __init__(self, sif: SifFile) -> None:
+        super().__init__(sif)
+        self.root = read_root_index(sif)
+        self._configs_checked: set[str] = set()
+        self.refs, self.docs = walk_index(self.root.json, self.fetch, sif.path, check=self._check)
+
+    def _check(self, ref: Ref) -> None:
+        """Every reference resolves with its size; JSON configs also match their digest."""
+        self.lookup(ref)
+        if ref.kind == "config" and is_json_type(ref.media_type) and ref.digest not in self._configs_checked:
+            parse_json(self.fetch(ref), ref, "config", self.sif.path)
+            self._configs_checked.add(ref.digest)
 
 
 def _pick_entry(root: Blob, manifest_digest: str | None, path: str) -> dict[str, Any]:
@@ -276,11 +289,22 @@ def _fingerprint(annotations: Mapping[str, Any], path: str) -> dict[str, Any] | 
 
 
 def _build(sif: SifFile, manifest_digest: str | None, *, owns_sif: bool) -> OciSifImage:
-    path = sif.path
     graph = _Graph(sif)
-    entry = _pick_entry(graph.root, manifest_digest, path)
-    manifest = graph.blob(entry, "manifest")
-    config = graph.blob(manifest.json["config"], "config")
+    entry = _pick_entry(graph.root, manifest_digest, sif.path)
+    return _image_of(graph, graph.root, entry, owns_sif=owns_sif)
+
+
+def _image_of(store: _Store, root: Blob, entry: Mapping[str, Any], *, owns_sif: bool) -> OciSifImage:
+    """The image of one (checked) image-manifest descriptor: only its own blobs are
+    resolved and checked, so one broken image does not hide the others."""
+    sif = store.sif
+    path = sif.path
+    manifest = store.blob(entry, "manifest")
+    try:
+        check_manifest(manifest.json, entry["mediaType"], f"manifest {manifest.digest}")
+    except jsonedit.JsonError as exc:
+        raise OciFormatError(path, str(exc)) from None
+    config = store.blob(manifest.json["config"], "config")
     if not isinstance(config.json, dict):
         raise OciFormatError(path, f"config {config.digest} of the image is not a JSON object")
     layers: list[Layer] = []
@@ -288,7 +312,7 @@ def _build(sif: SifFile, manifest_digest: str | None, *, owns_sif: bool) -> OciS
     entries = manifest.json["layers"]
     for number, item in enumerate(entries):
         annotations = item.get("annotations") if isinstance(item.get("annotations"), dict) else {}
-        descriptor = graph.lookup(Ref(item["digest"], item["size"], item["mediaType"], "layer"))
+        descriptor = store.lookup(Ref(item["digest"], item["size"], item["mediaType"], "layer"))
         layer = Layer(item["mediaType"], item["digest"], item["size"], descriptor, dict(annotations))
         layers.append(layer)
         if layer.media_type == mediatypes.EXT3_LAYER:
@@ -296,7 +320,7 @@ def _build(sif: SifFile, manifest_digest: str | None, *, owns_sif: bool) -> OciS
                 problem = f"ext3 overlay layer {layer.digest} is layer {number} of {len(entries)}; it must be the last"
                 raise OciFormatError(path, problem)
             overlay = Overlay(layer.descriptor, layer.offset, layer.size, layer.digest, _fingerprint(annotations, path))
-    return OciSifImage(sif, graph.root, dict(entry), manifest, config, layers, overlay, graph.unique, owns_sif=owns_sif)
+    return OciSifImage(sif, root, dict(entry), manifest, config, layers, overlay, store.unique, owns_sif=owns_sif)
 
 
 def open_image(source: str | os.PathLike[str] | SifFile, *, manifest_digest: str | None = None) -> OciSifImage:
@@ -322,3 +346,132 @@ def iter_refs(sif: SifFile) -> Iterator[Ref]:
     """Every blob referenced from the root index, in oci-tools write order, after
     validating the whole graph (as open_image does, but without selecting an image)."""
     yield from _Graph(sif).refs
+
+
+# -- a tolerant survey (inspect) ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SurveyedImage:
+    """One image manifest named by the root index (or an index below it). `image` is the
+    opened image when its own blobs are valid, else `error` says why (one line, no path)."""
+
+    position: tuple[int, ...]  # entry numbers from the root index down
+    entry: Mapping[str, Any]
+    image: OciSifImage | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What an OCI-SIF holds, as far as it is valid. `selected` is the image SingularityCE
+    (and every overlay verb) would use, when there is exactly one valid candidate."""
+
+    root_index: Blob | None
+    images: tuple[SurveyedImage, ...]
+    selected: SurveyedImage | None
+    warnings: tuple[str, ...]
+
+
+def _problem(exc: Exception) -> str:
+    """The one-line reason of a SifOverlayError or JsonError, without the file name."""
+    problem = getattr(exc, "problem", None)
+    return " ".join(str(problem if problem is not None else exc).split())
+
+
+def _position(position: tuple[int, ...]) -> str:
+    return "/".join(map(str, position))
+
+
+def survey(sif: SifFile) -> Survey:
+    """Every image of an OCI-SIF with the reason when one is invalid, never raising for
+    the OCI content (inspect shows what it can). NotAnOciSif when there is no root index."""
+    from ..errors import SifOverlayError
+
+    desc = root_index_descriptor(sif)
+    warnings: list[str] = []
+    images: list[SurveyedImage] = []
+    digest = desc.digest or ""
+    if desc.size > MAX_JSON_SIZE:
+        warnings.append(f"root index is {desc.size} bytes, over the {MAX_JSON_SIZE} byte limit: not read")
+        return Survey(None, (), None, tuple(warnings))
+    try:
+        raw = sif.read(desc, limit=MAX_JSON_SIZE)
+    except SifOverlayError as exc:
+        warnings.append(f"root index: {_problem(exc)}")
+        return Survey(None, (), None, tuple(warnings))
+    try:
+        check_bytes(raw, Ref(digest, desc.size, mediatypes.OCI_INDEX, "root index"), sif.path)
+    except SifOverlayError as exc:
+        warnings.append(_problem(exc))
+    try:
+        obj = parse_json(raw, None, "root index", sif.path)
+    except SifOverlayError as exc:
+        warnings.append(_problem(exc))
+        return Survey(None, (), None, tuple(warnings))
+    root = Blob(desc, raw, obj, digest)
+    if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
+        try:
+            check_index(obj, "root index")
+        except jsonedit.JsonError as exc:
+            warnings.append(_problem(exc))
+        return Survey(root, (), None, tuple(warnings))
+    store = _Store(sif)
+    seen_indexes: set[str] = set()  # each nested index is read once (a DAG may name one many times)
+
+    def visit(index: Mapping[str, Any], where: tuple[int, ...], label: str) -> None:
+        for number, entry in enumerate(index.get("manifests") or []):
+            position = (*where, number)
+            what = f"{label} entry {number}"
+            media_type = entry.get("mediaType") if isinstance(entry, dict) else None
+            try:
+                check_descriptor(entry, what)
+            except jsonedit.JsonError as exc:
+                if mediatypes.is_image_manifest(media_type):
+                    images.append(SurveyedImage(position, entry, None, _problem(exc)))
+                else:
+                    warnings.append(_problem(exc))
+                continue
+            if mediatypes.is_image_manifest(media_type):
+                try:
+                    image = _image_of(store, root, entry, owns_sif=False)
+                except (SifOverlayError, jsonedit.JsonError) as exc:
+                    images.append(SurveyedImage(position, entry, None, _problem(exc)))
+                else:
+                    images.append(SurveyedImage(position, entry, image, None))
+            elif mediatypes.is_index(media_type):
+                if len(position) >= MAX_INDEX_DEPTH:
+                    warnings.append(f"{what}: indexes nested deeper than {MAX_INDEX_DEPTH} levels: not read")
+                    continue
+                if entry["digest"] in seen_indexes:
+                    continue
+                seen_indexes.add(entry["digest"])
+                try:
+                    child = store.blob(entry, "index")
+                    check_index(child.json, f"index {child.digest}")
+                except (SifOverlayError, jsonedit.JsonError) as exc:
+                    warnings.append(f"{what}: {_problem(exc)}")
+                    continue
+                visit(child.json, position, f"index {_position(position)}")
+            else:
+                try:
+                    store.lookup(Ref(entry["digest"], entry["size"], str(media_type), "blob"))
+                except SifOverlayError as exc:
+                    warnings.append(f"{what}: {_problem(exc)}")
+
+    try:
+        check_index({**obj, "manifests": []}, "root index")  # its entries are judged one by one below
+    except jsonedit.JsonError as exc:
+        warnings.append(_problem(exc))
+    visit(obj, (), "root index")
+    candidates = select_image_entries(obj)
+    top = [item for item in images if len(item.position) == 1 and any(item.entry is c for c in candidates)]
+    selected = None
+    if not candidates:
+        warnings.append("the root index lists no image")
+    elif len(candidates) > 1:
+        warnings.append(f"{len(candidates)} images in the root index; SingularityCE needs exactly one "
+                        "(the overlay verbs refuse this file)")
+    elif top and top[0].image is not None:
+        selected = top[0]
+    else:
+        warnings.append("the only image is invalid (the overlay verbs refuse this file)")
+    return Survey(root, tuple(images), selected, tuple(warnings))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from sifoverlay.sif.constants import DataType, FsType, PartType, arch_code
 from sifoverlay.sif.create import write_new
 from sifoverlay.sif.descriptor import partition_extra
 from sifoverlay.sif.writeout import ObjectInput
+
+from tests.conftest import require_tool
 
 from .reftree import entry, make_tar, write_layout
 
@@ -204,3 +207,77 @@ def test_truncated_gzip_layer(capsys, out_dir: Path, tmp_path: Path) -> None:
     whole = gzip.compress(make_tar([(entry("f"), b"x" * 5000)]), mtime=0)
     source = write_layout(tmp_path / "l", [{"layers": [("application/vnd.oci.image.layer.v1.tar+gzip", whole[:60])]}])
     _assert_refused(capsys, out_dir, str(source), names=str(source), says="ends early")
+
+
+# -- tars that end early, as `umoci insert` writes them ------------------------------------------------
+def _unterminated(tar: bytes) -> bytes:
+    """`tar` without its zero end-of-archive blocks and without the padding of its last
+    member: what `umoci insert` stores (GNU tar and Go's archive/tar read it)."""
+    end = len(tar)
+    while tar[end - 512:end] == bytes(512):
+        end -= 512
+    while end > 0 and tar[end - 1] == 0:
+        end -= 1
+    return tar[:end]
+
+
+LAST_DATA = b"the last member's data, not a multiple of 512 bytes\n" * 7
+
+
+def _entries() -> list[tuple[object, bytes | None]]:
+    return [(entry("etc", "dir", mode=0o755), None), (entry("etc/a"), b"first\n"), (entry("etc/b"), LAST_DATA)]
+
+
+def _layer_digest(capsys: pytest.CaptureFixture[str], layout: Path, out: Path) -> str:
+    assert main(["import", "--json", str(layout), str(out)]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    return str(report["layers"][0]["digest"])
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_layer_without_end_blocks_imports_like_a_terminated_one(capsys, tmp_path: Path, gzipped: bool) -> None:
+    full = make_tar(_entries())  # type: ignore[arg-type]
+    short = _unterminated(full)
+    assert len(short) % 512 != 0 and len(short) < len(full) - 1024
+    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzipped else "")
+    pack = gzip.compress if gzipped else (lambda b: b)
+    digests = []
+    for name, tar in (("full", full), ("short", short)):
+        layout = write_layout(tmp_path / name, [{"layers": [(media, pack(tar))]}])
+        digests.append(_layer_digest(capsys, layout, tmp_path / f"{name}.oci.sif"))
+    assert digests[0] == digests[1]  # the same squashfs: nothing was lost or added
+
+
+def test_layer_cut_inside_member_data_is_refused(capsys, out_dir: Path, tmp_path: Path) -> None:
+    short = _unterminated(make_tar(_entries()))  # type: ignore[arg-type]
+    layout = write_layout(tmp_path / "cut", [{"layers": [("application/vnd.oci.image.layer.v1.tar", short[:-10])]}])
+    line = _assert_refused(capsys, out_dir, str(layout), names=str(layout), says="is not a valid tar")
+    assert "truncated in the data of 'etc/b'" in line
+
+
+def test_layer_written_by_umoci_insert(capsys, out_dir: Path, tmp_path: Path) -> None:
+    require_tool("umoci", "unsquashfs")
+    layout = tmp_path / "umoci"
+    for argv in (["init", "--layout", str(layout)], ["new", "--image", f"{layout}:t"]):
+        subprocess.run(["umoci", *argv], check=True, capture_output=True)
+    payload = tmp_path / "payload"
+    (payload / "bin").mkdir(parents=True)
+    (payload / "bin" / "tool").write_bytes(LAST_DATA * 3)
+    subprocess.run(["umoci", "insert", "--image", f"{layout}:t", str(payload / "bin"), "/bin"], check=True,
+                   capture_output=True)
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads(_blob(layout, index["manifests"][0]["digest"]).read_bytes())
+    tar = gzip.decompress(_blob(layout, manifest["layers"][0]["digest"]).read_bytes())
+    assert len(tar) % 512 != 0  # this umoci stores its layers unterminated: the case under test
+    out = out_dir / "umoci.oci.sif"
+    assert main(["import", f"{layout}:t", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    from sifoverlay.ocisif import open_image
+
+    with open_image(out) as img:
+        layer = img.layers[0]
+        squashfs = tmp_path / "layer.sqfs"
+        squashfs.write_bytes(b"".join(img.sif.iter_chunks(layer.descriptor)))
+    listing = subprocess.run(["unsquashfs", "-d", str(tmp_path / "x"), str(squashfs)], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert (tmp_path / "x" / "bin" / "tool").read_bytes() == LAST_DATA * 3

@@ -215,3 +215,31 @@ def test_rw_fuse_mount_is_in_use(image: Path, tmp_path: Path, relative: bool) ->
     with fuse2fs_mounted(image, tmp_path / "mnt", source=image.name if relative else None):
         assert [r.state for r in scanner.scan().images] == [engine.status(image).state] == ["in-use"]
     assert [r.state for r in scanner.scan().images] == ["modified"]  # the rw mount moved the fingerprint
+
+
+def test_one_crafted_image_never_stops_the_scan(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OCI-SIF whose config holds a 5000-digit integer, and an image whose reading
+    raises something unforeseen: each is one error, the others are exported."""
+    from sifoverlay.metrics import scan
+    from tests.cli.test_cli_errors import HUGE_INT, crafted
+
+    crafted_image = crafted(image.parent / "crafted.sif", config=b'{"os":"linux","x":' + HUGE_INT + b"}")
+    odd = clone(image, image.parent / "odd.sif")
+    good = clone(image, image.parent / "z.sif")
+    real_open = scan.open_image
+
+    def open_image(path: str) -> object:
+        if path == str(odd):
+            raise RuntimeError("an unforeseen bug")
+        return real_open(path)
+
+    monkeypatch.setattr(scan, "open_image", open_image)
+    scanner = Scanner([str(image.parent)])
+    snapshot = scanner.scan()
+    assert [(r.image, r.state, r.error) for r in snapshot.images] == [
+        (str(image), "clean", None), (str(crafted_image), "unknown", "OciFormatError"),
+        (str(odd), "unknown", "RuntimeError"), (str(good), "clean", None)]
+    got = _collect(scanner)
+    assert got[("sifoverlay_exporter_images", (("result", "error"),))] == 2
+    assert got[("sifoverlay_exporter_images", (("result", "ok"),))] == 2
+    assert _state(got, good) == "clean" and _state(got, crafted_image) == "unknown"

@@ -86,7 +86,9 @@ def test_json_of_add_layer_golden() -> None:
         {"mediaType": l["mediaType"], "digest": l["digest"], "size": l["size"], "offset": off, "descriptor": i + 1}
         for i, (l, off) in enumerate(zip(manifest["layers"], [11116, 14324]))
     ]
-    assert oci["overlay"] is None and report["oci_note"] is None
+    assert oci["overlay"] is None and report["warnings"] == [] and report["hint"] is None
+    assert report["images"] == [{"position": [0], "manifest_media_type": root["manifests"][0]["mediaType"], "platform": None,
+                                 "ref_name": None, "selected": True, "error": None, **oci}]
 
 
 def overlay_image(directory: Path) -> Path:
@@ -118,14 +120,16 @@ def test_json_overlay_values(tmp_path: Path) -> None:
 
 def test_empty_oci_sif_prints_the_sif_part(vectors: Path) -> None:
     report = inspect_json(vectors / "singularity" / "empty.oci.sif")
-    assert report["oci"] is None and report["oci_note"] == "the root index lists no image"
+    assert report["oci"] is None and report["images"] == [] and report["warnings"] == ["the root index lists no image"]
     assert [(d["id"], d["datatype"], d["offset"], d["size"]) for d in report["descriptors"]] == [(1, 16394, 32176, 3)]
     assert report["descriptors"][0]["digest"] == region_digest(vectors / "singularity" / "empty.oci.sif", 32176, 3)
 
 
 def test_native_sif_has_no_oci_part(vectors: Path) -> None:
-    report = inspect_json(vectors / "singularity" / "busybox_amd64.sif")
-    assert report["oci"] is None and report["oci_note"] is None
+    path = vectors / "singularity" / "busybox_amd64.sif"
+    report = inspect_json(path)
+    assert report["oci"] is None and report["images"] == [] and report["warnings"] == []
+    assert report["hint"] == f"not an OCI-SIF; a native SIF: convert it with `sifoverlay import {path} OUT.oci.sif`"
     assert report["header"]["arch"] == "amd64" and not report["header"]["deterministic"]
     partition = next(d for d in report["descriptors"] if d["datatype"] == 16388)
     assert partition["extra"] == {"fs_type": 1, "fs_type_name": "Squashfs", "part_type": 2, "part_type_name": "*System", "arch": "amd64"}
@@ -163,27 +167,39 @@ def test_human_output_golden_with_overlay(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_bad_input_is_one_line_exit_2_file_untouched(case: str, tmp_path: Path) -> None:
+def test_broken_oci_part_is_shown_with_the_reason_exit_0(case: str, tmp_path: Path) -> None:
+    """inspect is a diagnostic: the Go siftool lists these files, so inspect shows them,
+    the reason in `warnings` or in the error of the image concerned; exit 0, file untouched."""
     builder, _, pattern = BROKEN[case]
     path = builder(tmp_path)
     before = sha256_file(path)
-    result = inspect(str(path))
-    assert (result.returncode, result.stdout) == (2, "")
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith(f"sifoverlay: {path}: ")
-    assert re.search(pattern, lines[0]), lines[0]
+    result = inspect("--json", str(path))
+    assert (result.returncode, result.stderr) == (0, "")
+    report = json.loads(result.stdout)
+    reasons = report["warnings"] + [image["error"] for image in report["images"] if image["error"]]
+    assert [r for r in reasons if re.search(pattern, r)], reasons
+    assert report["oci"] is None and report["descriptors"]
+    text = inspect(str(path))
+    assert (text.returncode, text.stderr) == (0, "")
+    assert [line for line in text.stdout.splitlines() if line.startswith(("Warning:", "Invalid:")) and re.search(pattern, line)]
     assert sha256_file(path) == before
 
 
 @pytest.mark.parametrize("case", ["digest-mismatch", "two-images"])
-def test_bad_input_with_json_reports_the_error_class(case: str, tmp_path: Path) -> None:
-    builder, error_name, _ = BROKEN[case]
+def test_overlay_verbs_refuse_them_with_the_error_class(case: str, tmp_path: Path) -> None:
+    builder, error_name, pattern = BROKEN[case]
     path = builder(tmp_path)
-    result = inspect("--json", str(path))
-    assert (result.returncode, result.stdout) == (2, "")
-    error = json.loads(result.stderr)
-    assert error["error"] == error_name and error["path"] == str(path)
+    for json_flag in (["--json"], []):
+        result = subprocess.run([str(CLI), "overlay", "status", *json_flag, str(path)], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "SIFOVERLAY_JOURNAL_DIR": str(tmp_path / "j"),
+                                                 "SIFOVERLAY_STATE_DIR": str(tmp_path / "state")})
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert result.stderr.count("\n") == 1
+        if json_flag:
+            error = json.loads(result.stderr)
+            assert error["error"] == error_name and error["path"] == str(path) and re.search(pattern, error["message"])
+        else:
+            assert result.stderr.startswith(f"sifoverlay: {path}: ") and re.search(pattern, result.stderr)
 
 
 def test_not_a_sif_and_missing_file(tmp_path: Path) -> None:
@@ -217,15 +233,111 @@ def siftool_list(siftool: str, path: Path) -> list[tuple[int, int | None, int | 
 def test_go_siftool_lists_what_inspect_reports(siftool: str, vectors: Path, tmp_path: Path) -> None:
     files = sorted((vectors / "oci-sif").glob("*/*.golden")) + [vectors / "singularity" / "empty.oci.sif", vectors / "singularity" / "busybox_amd64.sif", overlay_image(tmp_path)]
     for path in files:
-        result = inspect("--json", str(path))
-        if result.returncode != 0:  # multi-image / removed-blob goldens: SIF part via the library
-            from sifoverlay.cli.cmd_inspect import descriptor_info
-            from sifoverlay.sif.load import SifFile
-
-            assert result.returncode == 2
-            with SifFile.open(path) as sif:
-                rows = [descriptor_info(d) for d in sif.used()]
-        else:
-            rows = json.loads(result.stdout)["descriptors"]
+        rows = inspect_json(path)["descriptors"]
         ours = [(d["id"], d["group"], d["link"], d["link_is_group"], d["offset"], d["offset"] + d["size"]) for d in rows]
         assert ours == siftool_list(siftool, path), path
+
+
+# -- every SIF the Go siftool lists, inspect shows ------------------------------------------------
+def _is_sif(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(41)
+    return head[32:41] == b"SIF_MAGIC"
+
+
+def upstream_sifs() -> list[Path]:
+    """The sylabs/sif reference images and goldens Debian ships (every file with SIF
+    magic under its source tree) plus the conformance set's SIF and OCI-SIF files."""
+    from tests.conftest import SIF_SOURCE, conformance_glob, sif_reference_images
+
+    found = {str(p): p for p in sif_reference_images()}
+    for pattern in ("**/*.sif", "**/*.golden"):
+        for p in sorted(SIF_SOURCE.glob(pattern)):
+            if p.is_file() and p.stat().st_size >= 128 and _is_sif(p):
+                found.setdefault(str(p), p)
+    for pattern in ("oci-sif/*/*.golden", "singularity/*.sif", "sif/siftool-golden/*/*.sif"):
+        for p in conformance_glob(pattern):
+            found.setdefault(str(p), p)
+    return [found[k] for k in sorted(found)]
+
+
+UPSTREAM_SIFS = upstream_sifs()
+
+
+def _vector_id(path: Path) -> str:
+    return "/".join(path.parts[-3:])
+
+
+@pytest.mark.parametrize("path", UPSTREAM_SIFS, ids=_vector_id)
+def test_inspect_accepts_every_sif_the_go_siftool_lists(path: Path, siftool: str) -> None:
+    listed = subprocess.run([siftool, "list", str(path)], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    result = inspect("--json", str(path))
+    if listed.returncode != 0:
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        return
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    report = json.loads(result.stdout)
+    assert [(d["id"], d["group"], d["link"], d["link_is_group"], d["offset"], d["offset"] + d["size"])
+            for d in report["descriptors"]] == siftool_list(siftool, path)
+    text = inspect(str(path))
+    assert (text.returncode, text.stderr) == (0, "") and text.stdout.startswith(f"Image:        {path}\n")
+
+
+def test_upstream_set_is_complete() -> None:
+    """Guards the glob above: Debian's reference images and goldens, and with the
+    conformance set its 31 SIF / OCI-SIF vectors (multi-image, broken index...)."""
+    from tests.conftest import HAVE_VECTORS, VECTORS
+
+    names = {_vector_id(p) for p in UPSTREAM_SIFS}
+    assert "images/one-group.sif" in {"/".join(p.parts[-2:]) for p in UPSTREAM_SIFS}
+    assert len([n for n in names if "testdata" in n]) >= 40
+    if HAVE_VECTORS:
+        assert {"TestAppendImage/Default.golden", "TestRemoveBlob/Valid.golden", "TestWrite/DockerManifestList.golden"} <= {
+            "/".join(p.parts[-2:]) for p in UPSTREAM_SIFS}
+        assert VECTORS / "sif" / "one-object-oci-root-index.sif" in UPSTREAM_SIFS
+
+
+@pytest.mark.parametrize(
+    "relative, images, valid, selected, warning",
+    [
+        ("oci-sif/TestAppendImage/Default.golden", 2, 2, False, r"2 images in the root index; SingularityCE needs exactly one"),
+        ("oci-sif/TestAppendImage/WithReference.golden", 2, 2, False, r"2 images in the root index"),
+        ("oci-sif/TestWrite/DockerManifestList.golden", 9, 9, False, r"9 images in the root index"),
+        ("oci-sif/TestRemoveBlob/Valid.golden", 1, 0, False, r"the only image is invalid"),
+        ("sif/one-object-oci-root-index.sif", 2, 0, False, r"2 images in the root index"),
+        ("oci-sif/TestWrite/DockerManifest.golden", 1, 1, True, None),
+    ],
+)
+def test_every_image_of_the_index_with_its_reason(relative: str, images: int, valid: int, selected: bool,
+                                                  warning: str | None, vectors: Any) -> None:
+    report = inspect_json(vectors / relative)
+    assert len(report["images"]) == images
+    assert len([i for i in report["images"] if i["error"] is None and i["layers"]]) == valid
+    assert (report["oci"] is not None) == selected == any(i["selected"] for i in report["images"])
+    if warning is None:
+        assert report["warnings"] == []
+    else:
+        assert [w for w in report["warnings"] if re.search(warning, w)], report["warnings"]
+
+
+def test_multi_image_details(vectors: Any) -> None:
+    report = inspect_json(vectors / "oci-sif" / "TestAppendImage" / "WithReference.golden")
+    first, second = report["images"]
+    assert (first["position"], first["platform"], first["ref_name"]) == ([0], "linux/arm64/v8", None)
+    assert (second["position"], second["platform"], second["ref_name"]) == ([1], None, "myimage:v1")
+    assert [l["descriptor"] for l in first["layers"]] == [1] and [l["descriptor"] for l in second["layers"]] == [4]
+    assert first["config"] == "sha256:46331d942d6350436f64e614d75725f6de3bb5c63e266e236e04389820a234c4"
+    removed = inspect_json(vectors / "oci-sif" / "TestRemoveBlob" / "Valid.golden")["images"]
+    assert removed[0]["error"] == ("layer sha256:7050e35b49f5e348c4809f5eff915842962cb813f32062d3bbdd35c750dd7d01 "
+                                   "is referenced but not stored in the SIF")
+    assert "layers" not in removed[0] and removed[0]["manifest"] == (
+        "sha256:432f982638b3aefab73cc58ab28f5c16e96fdb504e8c134fc58dff4bae8bf338")
+
+
+def test_human_output_golden_multi_image() -> None:
+    result = inspect("oci-sif/TestAppendImage/WithReference.golden", cwd=VECTORS)
+    assert result.returncode == 0 and result.stderr == ""
+    check_golden("inspect-multi-image.txt", result.stdout)
+    broken = inspect("sif/one-object-oci-root-index.sif", cwd=VECTORS)
+    assert broken.returncode == 0 and broken.stderr == ""
+    check_golden("inspect-invalid-index.txt", broken.stdout)
