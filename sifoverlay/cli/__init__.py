@@ -24,6 +24,7 @@ from sifoverlay.errors import (
     PERMISSION_ERRNOS,
     NotAnOciSif,
     NotAuthorized,
+    OciFormatError,
     SifOverlayError,
     UsageError,
     from_os_error,
@@ -204,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         print_error(shown, as_json)
         return shown.exit_code
     except Exception as exc:  # a bug: still one line (the traceback with -v)
-        log.info("internal error", exc_info=True)
+        from sifoverlay.ocisif.jsonedit import JsonError
+
         typed = typed_paths(args)
+        if isinstance(exc, JsonError):  # an OCI document of the image that a layer below did not wrap
+            shown = OciFormatError(typed[0] if typed else None, str(exc))
+            print_error(shown, as_json)
+            return shown.exit_code
+        log.info("internal error", exc_info=True)
         detail = " ".join(str(exc).split())[:200]
         shown = SifOverlayError(typed[0] if typed else None, f"internal error: {type(exc).__name__}: {detail} "
                                 "(run with -v for the traceback)")

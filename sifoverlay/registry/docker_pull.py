@@ -12,7 +12,6 @@ Either way OUT appears atomically (temp + rename) and the layout is removed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -77,8 +76,8 @@ def pull_image(ref: Reference, out: str, *, plain_http: bool = False, platform: 
 
 def _json(raw: bytes, client: RegistryClient) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
-    except ValueError:
+        value = jsonedit.parse(raw)  # limits on crafted values: digits, range, depth
+    except jsonedit.JsonError:
         raise client.fail("the registry sent a manifest that is not JSON") from None
     if not isinstance(value, dict):
         raise client.fail("the registry sent a manifest that is not a JSON object")

@@ -8,7 +8,6 @@ the directory fsynced): OUT is either the old file or the complete, verified new
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from typing import Any, Final
 
 from sifoverlay.errors import RegistryError
 from sifoverlay.fsio import REAL_IO, FileIO
+from sifoverlay.ocisif import jsonedit
 from sifoverlay.ocisif import mediatypes as mt
 
 from .blobs import ProgressTotal, output_directory, receive
@@ -87,8 +87,8 @@ def _manifest(registry: OrasRegistry, container: str, ref: Reference) -> tuple[b
         raise RegistryError(str(ref), f"GET manifest answered {response.status_code}")
     raw = response.content
     try:
-        manifest = json.loads(raw)
-    except ValueError:
+        manifest = jsonedit.parse(raw)  # limits on crafted values: digits, range, depth
+    except jsonedit.JsonError:
         raise RegistryError(str(ref), "the manifest is not valid JSON") from None
     if not isinstance(manifest, dict):
         raise RegistryError(str(ref), "the manifest is not a JSON object")

@@ -280,3 +280,24 @@ def test_native_sif_gets_the_import_hint(tmp_path: Path, env: dict[str, str]) ->
         assert line.startswith(f"sifoverlay: {native}: ") and hint in line, line
     report = json.loads(run_cli("inspect", "--json", str(native)).stdout)
     assert report["hint"] == f"not an OCI-SIF; a native SIF: {hint}"
+
+
+@pytest.mark.parametrize("raw", [b'{"n":' + HUGE_INT + b"}", b"[" * 100000 + b"]" * 100000, b'{"n":1e999}'])
+def test_registry_manifests_with_crafted_values_are_a_registry_error(raw: bytes) -> None:
+    from sifoverlay.errors import RegistryError
+    from sifoverlay.registry import docker_pull
+
+    class Client:
+        def fail(self, problem: str) -> RegistryError:
+            return RegistryError("docker://host/repo:tag", problem)
+
+    with pytest.raises(RegistryError, match="the registry sent a manifest that is not JSON"):
+        docker_pull._json(raw, Client())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("config", [b'{"rootfs":{"diff_ids":"x"}}', b'{"rootfs":"x"}', b'{"history":"x"}'])
+def test_config_of_the_wrong_shape_is_bad_input(config: bytes, tmp_path: Path, env: dict[str, str]) -> None:
+    path = crafted(tmp_path / "shape.oci.sif", config=config)
+    error = one_json(run_cli("overlay", "create", "--json", "--sparse", str(path), env=env))
+    assert (error["error"], error["path"]) == ("OciFormatError", str(path))
+    assert "config" in error["message"] and "internal error" not in error["message"]
