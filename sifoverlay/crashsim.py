@@ -213,7 +213,7 @@ def replay_unit(u: Unit, *, torn: object = None) -> None:
         return
     op = u.op
     if op == "create":
-        if not os.path.lexists(path):
+        if not os.path.lexists(path) and os.path.isdir(os.path.dirname(path)):
             mode = int(info.get("mode", 0o644))  # type: ignore[call-overload]
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))  # io-seam: exempt (power-loss replay)
     elif op == "otrunc":
@@ -235,15 +235,16 @@ def replay_unit(u: Unit, *, torn: object = None) -> None:
         if not isinstance(snapshots, dict):
             raise UnmodelledOp(f"external {info.get('tool')} logged without a snapshot of its files")
         for target, snap in snapshots.items():
-            restore_file(snap, _s(target))
+            if os.path.isdir(os.path.dirname(_s(target))):  # else its directory's creation was lost
+                restore_file(snap, _s(target))
     elif op == "rename":
-        if os.path.lexists(_s(info["src"])):
+        if os.path.lexists(_s(info["src"])) and os.path.isdir(_parent(_s(info["dst"]))):
             os.rename(_s(info["src"]), _s(info["dst"]))  # io-seam: exempt (power-loss replay)
     elif op == "link":
-        if os.path.lexists(_s(info["src"])) and not os.path.lexists(_s(info["dst"])):
+        if os.path.lexists(_s(info["src"])) and not os.path.lexists(_s(info["dst"])) and os.path.isdir(_parent(_s(info["dst"]))):
             os.link(_s(info["src"]), _s(info["dst"]))  # io-seam: exempt (power-loss replay)
     elif op == "symlink":
-        if not os.path.lexists(_s(info["dst"])):
+        if not os.path.lexists(_s(info["dst"])) and os.path.isdir(_parent(_s(info["dst"]))):
             os.symlink(_s(info["src"]), _s(info["dst"]))  # io-seam: exempt (power-loss replay)
     elif op == "unlink":
         if os.path.lexists(path) and not os.path.isdir(path):

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from sifoverlay import engine
 from sifoverlay.fsio import CountingIO, SimulatedCrash
-from tests.conftest import VECTORS, require_tool
+from tests.conftest import engine_base_source, require_tool
 from tests.crash import harness
-from tests.engine.conftest import GOLDEN, debugfs_write, region
+from tests.engine.conftest import debugfs_write, region
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
@@ -50,10 +50,18 @@ def test_random_interleavings_keep_invariants(plan: list[tuple[str, bytes]]) -> 
     require_tool("mkfs.ext3", "debugfs")
     base = Path(tempfile.mkdtemp(prefix="sifoverlay-prop-"))
     try:
+        with harness.scenario_env(base):  # lease records in base/work/state
+            _interleave(base, plan)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _interleave(base: Path, plan: list[tuple[str, bytes]]) -> None:
+    if True:
         (base / "img").mkdir()
         image = base / "img" / "image.sif"
         journal = base / "journal"
-        shutil.copyfile(VECTORS / GOLDEN, image)
+        shutil.copyfile(engine_base_source(), image)
         engine.create_overlay(image, sparse=True, journal_dir=journal)
         for n, (action, arg) in enumerate(plan):
             offset, size = region(image)
@@ -73,12 +81,10 @@ def test_random_interleavings_keep_invariants(plan: list[tuple[str, bytes]]) -> 
                 except SimulatedCrash:
                     pass
                 harness.close_leaked_fds(fds, base)
-                harness.kill_writer(image)
+                harness.drop_leases(base)
                 outcomes = engine.recover([str(image)], journal_dir=journal)
                 assert all(o.outcome != "failed" for o in outcomes), outcomes
             assert region(image) == (offset, size)
             assert harness.content_id(image, offset, size) == overlay_before
             _blobs_intact(image)
             assert engine.recover(journal_dir=journal) == []
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
