@@ -47,6 +47,37 @@ def _build_staging(root: str, uid: int | None, gid: int | None, io: FileIO) -> N
             os.chown(path, owner, group)  # io-seam: exempt (throw-away staging dir; FileIO has no chown)
 
 
+STAGING_PREFIX = ".sifoverlay-mkfs-"
+
+
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
+
+
+def sweep_dead_staging() -> list[str]:
+    """Remove staging dirs ``<tmp>/.sifoverlay-mkfs-<host>-<pid>-*`` whose process is gone
+    from this host: a SIGKILLed create runs no cleanup (TemporaryDirectory's included)."""
+    import shutil
+
+    directory = tempfile.gettempdir()
+    mine = f"{STAGING_PREFIX}{_host_tag()}-"
+    removed = []
+    for name in os.listdir(directory):
+        pid = name[len(mine):].split("-", 1)[0] if name.startswith(mine) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's: EPERM below)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)  # io-seam: exempt (a dead create's throw-away staging dir)
+        removed.append(os.path.join(directory, name))
+    return removed
+
+
 def make_overlay_fs(
     path: str | os.PathLike[str],
     size_mib: int,
@@ -77,7 +108,8 @@ def make_overlay_fs(
                 _write_zeros(fd, size, io)
         finally:
             io.close(fd)
-        with tempfile.TemporaryDirectory(prefix=".sifoverlay-mkfs-") as staging:
+        sweep_dead_staging()
+        with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-") as staging:
             _build_staging(staging, uid, gid, io)
             argv = ["mkfs.ext3", "-q", "-F"]
             if not sparse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,29 @@ def test_crash_points(name: str) -> None:
     assert not failures, f"{len(failures)} failing cases:\n" + "\n".join(failures[:20])
     assert int(harness.TOTALS["old"]) > int(before["old"]) or name == "seal-unclean"  # type: ignore[call-overload]
     assert int(harness.TOTALS["new"]) > int(before["new"])  # type: ignore[call-overload]
+
+
+def test_killed_create_leaves_its_mkfs_staging_dir_and_the_next_create_removes_it() -> None:
+    """A real kill inside make_overlay_fs leaves <tmp>/.sifoverlay-mkfs-<host>-<pid>-* (no
+    cleanup runs); `recover` restores the image, and the next create removes the dead
+    process's staging dir before making its own."""
+    import tempfile
+
+    from sifoverlay.ext3.mkfs import STAGING_PREFIX
+
+    base = harness.base_dir()
+    try:
+        with harness.scenario_env(base):
+            s = scenarios.make("create", base)
+            at = next(i for i, (op, info) in enumerate(s.log) if op == "chmod") + 2  # inside the staging dir build
+            s.restore()
+            pid = harness.kill_at(s, at, lambda io: s.run(s.image, s.journal, io))
+            tmp = Path(tempfile.gettempdir())
+            left = [p for p in tmp.iterdir() if p.name.startswith(STAGING_PREFIX) and f"-{pid}-" in p.name]
+            assert len(left) == 1 and left[0].is_dir(), left
+            assert harness.judge(s, harness.Case("create", "kill", at)) == "old"
+            s.run(s.image, s.journal, harness.HarnessIO(tools=s.tools))
+            assert not left[0].exists()
+            assert harness.crashsim.file_id(str(s.image)) == s.new_id
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
