@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -342,7 +343,7 @@ def _check_read_only(target: str, image_fd: int, st: os.stat_result, offset: int
 def _findings(output: str) -> str:
     """A tool's output without its version banner (``e2fsck 1.47.0 (5-Feb-2023)``)."""
     lines = (line for line in output.splitlines() if not line.startswith(("e2fsck 1.", "dumpe2fs 1.")))
-    return output_tail("\n".join(lines).replace("/proc/self/fd/", "fd "))
+    return output_tail(re.sub(r"/proc/self/fd/\d+(\?offset=\d+)?", "the overlay", "\n".join(lines)))
 
 
 if __name__ == "__main__":

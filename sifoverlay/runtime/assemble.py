@@ -214,7 +214,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
     if current.writable:
         from .copyup import prepare_upper
 
-        prepare_upper(upper, lowers, io=io)
+        prepare_upper(upper, lowers, uid=current.uid, gid=current.gid, io=io)  # as the job user
     target = _mountpoint(directory, "rootfs", owner, io)
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},allow_other"
     if not current.writable and current.uid != 0:

@@ -9,21 +9,37 @@ Before fuse-overlayfs starts, the runtime therefore copies such directories up i
 with their exact mode, owner and times: every directory of the lower layers, at most
 `MAX_DEPTH` levels deep, that grants write to group or others, plus its parents. Copies
 left 022-masked by earlier runs (exactly the lower mode minus 022) are repaired.
+
+Both trees are served by the job user's own FUSE daemons: whatever they answer is hers to
+choose, a directory now and a symlink to /etc a moment later (docs/security.md, finding
+3). So, as root, the copy-up runs in a child process as the job user (setpriv: her uid and
+gid, no groups, no capabilities, no_new_privs) - it can do nothing she could not do
+herself - and even there every step works on descriptors: each component is opened with
+``openat(parent, name, O_DIRECTORY|O_NOFOLLOW)``, created with ``mkdirat`` and set with
+fchown/fchmod/futimens on the opened directory, so no name is ever followed.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+from sifoverlay.errors import ExternalToolError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 3
 _MASKED = 0o022
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+TIMEOUT = 300.0
 
 
 def _lower_stat(lowers: Sequence[str], rel: str) -> os.stat_result | None:
@@ -56,46 +72,148 @@ def _shared_dirs(lowers: Sequence[str]) -> Iterator[tuple[str, os.stat_result]]:
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
 
 
-def prepare_upper(upper: str, lowers: Sequence[str], *, io: FileIO = REAL_IO) -> list[str]:
-    """Copy up / repair the shared directories in `upper`; returns what was changed."""
-    changed = []
-    for rel, st in _shared_dirs(lowers):
-        if _ensure_dir(upper, rel, lowers, io):
-            changed.append(rel)
+def prepare_upper(upper: str, lowers: Sequence[str], *, uid: int | None = None, gid: int | None = None,
+                  io: FileIO = REAL_IO) -> list[str]:
+    """Copy up / repair the shared directories in `upper`; returns what was changed.
+    As root with a job user (`uid`/`gid`, not 0) the work runs as that user in a child."""
+    if os.geteuid() == 0 and uid is not None and gid is not None and uid != 0 and gid != 0:
+        changed = [str(c) for c in run_as_user(upper, lowers, uid, gid)["changed"]]
+    else:
+        changed = prepare_here(upper, lowers, io=io)
     if changed:
         log.info("prepared shared directories in the upper: %s", ", ".join(changed))
     return changed
 
 
-def _ensure_dir(upper: str, rel: str, lowers: Sequence[str], io: FileIO) -> bool:
+def run_as_user(upper: str, lowers: Sequence[str], uid: int, gid: int, *, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """Run the copy-up as uid:gid (no groups, no capabilities, no_new_privs); returns the
+    child's report: {"changed": [...], "uid", "euid", "cap_eff", "no_new_privs"}."""
+    from sifoverlay.ext3.tools import TOOL_PATH, unprivileged_argv
+
+    argv = [*unprivileged_argv(uid, gid), sys.executable, "-I", "-m", "sifoverlay.runtime.copyup",
+            json.dumps({"upper": upper, "lowers": list(lowers)})]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", cwd="/", env={"PATH": TOOL_PATH, "LC_ALL": "C",
+                                                             "PYTHONDONTWRITEBYTECODE": "1"},
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise ExternalToolError(upper, f"copy-up as uid {uid} timed out after {timeout:.0f} s (killed)",
+                                tool="copyup", returncode=-1, output_tail="") from None
+    lines = out.strip().splitlines()
+    try:
+        report: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        report = {}
+    if proc.returncode != 0 or "changed" not in report:
+        tail = " | ".join((err or out).strip().splitlines()[-3:])
+        raise ExternalToolError(upper, f"copy-up as uid {uid} failed (exit {proc.returncode}): {tail or 'no output'}",
+                                tool="copyup", returncode=proc.returncode, output_tail=tail)
+    for line in (err or "").strip().splitlines():
+        log.warning("copy-up: %s", line)
+    return report
+
+
+def prepare_here(upper: str, lowers: Sequence[str], *, io: FileIO = REAL_IO) -> list[str]:
+    """The copy-up in this process, on descriptors only (see the module docstring)."""
+    changed = []
+    parent, name = os.path.split(os.path.abspath(upper))
+    try:
+        top = os.open(parent, _DIR_FLAGS)  # the ext3 mount point: a mount root, not a link
+        try:
+            upper_fd = os.open(name, _DIR_FLAGS, dir_fd=top)
+        finally:
+            os.close(top)
+    except OSError as exc:
+        log.warning("upper %s: %s: nothing copied up", upper, exc.strerror)
+        return []
+    try:
+        for rel, _st in _shared_dirs(lowers):
+            try:
+                if _ensure_dir(upper_fd, rel, lowers, io):
+                    changed.append(rel)
+            except OSError as exc:  # a name that changed under us: leave it
+                log.warning("copy-up of %s skipped: %s", rel, exc.strerror)
+    finally:
+        os.close(upper_fd)
+    return changed
+
+
+def _child(parent: int, name: str) -> int | None:
+    """openat(parent, name, O_DIRECTORY|O_NOFOLLOW); None when absent."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+
+
+def _exists(parent: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _ensure_dir(upper_fd: int, rel: str, lowers: Sequence[str], io: FileIO) -> bool:
     parts = rel.split("/")
     touched = False
-    for end in range(1, len(parts) + 1):
-        sub = "/".join(parts[:end])
-        st = _lower_stat(lowers, sub)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            return touched
-        path = os.path.join(upper, sub)
-        wanted = stat.S_IMODE(st.st_mode)
-        try:
-            current = os.lstat(path)
-        except FileNotFoundError:
-            if _whited_out(upper, sub):
-                return touched  # deleted in the overlay: leave it deleted
-            io.mkdir(path, 0o700)
-            os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-            io.chmod(path, wanted)
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-            touched = True
-            continue
-        if not stat.S_ISDIR(current.st_mode) or os.path.lexists(os.path.join(path, ".wh..wh..opq")):
-            return touched  # replaced or made opaque in the overlay: not ours to fix
-        if end == len(parts) and stat.S_IMODE(current.st_mode) == wanted & ~_MASKED and wanted != wanted & ~_MASKED:
-            io.chmod(path, wanted)  # the 022-masked copy-up of an earlier run
-            touched = True
-    return touched
+    opened: list[int] = []
+    parent = upper_fd
+    try:
+        for end in range(1, len(parts) + 1):
+            name = parts[end - 1]
+            st = _lower_stat(lowers, "/".join(parts[:end]))
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                return touched
+            wanted = stat.S_IMODE(st.st_mode)
+            fd = _child(parent, name)
+            if fd is None:
+                if _exists(parent, f".wh.{name}"):
+                    return touched  # deleted in the overlay: leave it deleted
+                os.mkdir(name, 0o700, dir_fd=parent)  # io-seam: exempt (upper of a FUSE mount, not journaled)
+                fd = _child(parent, name)
+                if fd is None:
+                    raise OSError(errno.ENOENT, "vanished right after mkdir", name)
+                opened.append(fd)
+                try:
+                    os.chown(fd, st.st_uid, st.st_gid)  # fchown: the directory we opened, nothing else
+                except PermissionError:  # not fuse2fs -o fakeroot: the user keeps it, mode still set
+                    log.warning("copy-up of %s: cannot give it to %d:%d", rel, st.st_uid, st.st_gid)
+                os.chmod(fd, wanted)  # io-seam: exempt (fchmod of the fd just opened)
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                touched = True
+                parent = fd
+                continue
+            opened.append(fd)
+            if _exists(fd, ".wh..wh..opq"):
+                return touched  # made opaque in the overlay: not ours to fix
+            current = os.fstat(fd)
+            if end == len(parts) and stat.S_IMODE(current.st_mode) == wanted & ~_MASKED and wanted != wanted & ~_MASKED:
+                os.chmod(fd, wanted)  # io-seam: exempt (fchmod: the 022-masked copy-up of an earlier run)
+                touched = True
+            parent = fd
+        return touched
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
-def _whited_out(upper: str, rel: str) -> bool:
-    parent, name = os.path.split(rel)
-    return os.path.lexists(os.path.join(upper, parent, f".wh.{name}"))
+def _identity() -> dict[str, Any]:
+    status = {}
+    with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    return {"uid": os.getuid(), "euid": os.geteuid(), "cap_eff": int(status.get("CapEff", "0"), 16),
+            "no_new_privs": int(status.get("NoNewPrivs", "0"))}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    spec = json.loads(sys.argv[1])
+    report = {"changed": prepare_here(spec["upper"], spec["lowers"]), **_identity()}
+    print(json.dumps(report))
