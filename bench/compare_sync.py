@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import check_image  # noqa: E402  (independent checker, stdlib only)
 
 from sifoverlay import engine  # noqa: E402
-from sifoverlay.crashsim import durable_flags, open_fds, replay_op  # noqa: E402
+from sifoverlay.crashsim import durable_flags, open_fds, replay_op, restore_file  # noqa: E402
 from sifoverlay.errors import SifOverlayError  # noqa: E402
 from sifoverlay.ext3 import hash_range  # noqa: E402
 from sifoverlay.fsio import CountingIO, FileIO, SimulatedCrash  # noqa: E402
@@ -124,9 +124,23 @@ class Tree:
         self.journal = str(root / "journal")
 
     def restore(self) -> None:
+        """Back to the snapshot, rewriting the image in place: its inode is its identity
+        (lease and journal records in the state directory are keyed by it)."""
+        image = Path(self.image)
         if self.root.exists():
-            shutil.rmtree(self.root)
-        subprocess.run(["cp", "-a", "--sparse=always", str(self.snapshot), str(self.root)], check=True)
+            for entry in self.root.iterdir():
+                if entry == image:
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            self.root.mkdir(parents=True)
+        for entry in self.snapshot.iterdir():
+            if entry.name == image.name:
+                restore_file(str(entry), str(image))  # bytes, length and holes; same inode
+            elif entry.is_dir():
+                shutil.copytree(entry, self.root / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, self.root / entry.name)
 
     def kill_writer(self, fds_before: set[int]) -> None:
         """What a dead process leaves: its fds close; its lease files stay until they
@@ -137,10 +151,12 @@ class Tree:
                     os.close(fd)
             except OSError:
                 pass
-        prefix = ".image.oci.sif.sifoverlay-lease"
-        for name in os.listdir(self.root):
-            if name.startswith(prefix):
-                os.unlink(self.root / name)
+        state = os.environ.get("SIFOVERLAY_STATE_DIR")
+        for top in [self.root] + ([Path(state)] if state else []):
+            for dirpath, _, names in os.walk(top):
+                for name in names:
+                    if "lease" in name:  # beside the image (old layout) or <state>/leases/
+                        os.unlink(os.path.join(dirpath, name))
 
 
 class Classifier:
@@ -344,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="compare-sync-", dir=os.environ.get("TMPDIR", "/var/tmp")))
+    os.environ["SIFOVERLAY_STATE_DIR"] = str(work / "state")  # lease records of this run, never the host's
     try:
         source = make_modified_image(work, "start.oci.sif", size_mib=64, sparse=True)
         result: dict[str, Any] = {"image": "busybox_amd64.sif imported, 64 MiB sparse ext3 overlay, 48 KiB file written"}
