@@ -138,7 +138,9 @@ def _copy_file(src_path: str, dst_fd: int, dst_offset: int, size: int, io: FileI
     truncate). Not sparse: every byte, so the filesystem allocates the whole range."""
     from sifoverlay.ext3.hashing import next_data, next_hole  # lazy: keeps the no-op sync import light
 
-    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    from sifoverlay.fsio import open_regular
+
+    src = open_regular(src_path, os.O_RDONLY)  # our scratch file in the state dir: still checked
     try:
         pos = 0
         while pos < size:
@@ -191,6 +193,8 @@ def _zero(fd: int, start: int, end: int, io: FileIO) -> None:
 
 # --- the protocol ------------------------------------------------------------------------
 def make_intent(image: str, fd: int, plan: CommitPlan, *, job: str | None) -> Intent:
+    from .statedir import identity_key
+
     st = os.fstat(fd)
     small = {
         b.source.digest: b.source.data
@@ -198,14 +202,20 @@ def make_intent(image: str, fd: int, plan: CommitPlan, *, job: str | None) -> In
         if b.source.data is not None and len(b.source.data) <= SMALL_BLOB_LIMIT
     }
     return Intent(
-        op_id=new_op_id(), op=plan.op, image=os.path.realpath(image), dev=st.st_dev, ino=st.st_ino,
+        op_id=new_op_id(), op=plan.op, image=_display_path(image), dev=st.st_dev, ino=st.st_ino,
         old_length=plan.old_length, new_length=plan.new_length,
         old_root_digest=plan.old_root_digest, new_root_digest=plan.new_root_digest,
         appended=tuple(BlobPlacement(b.offset, b.source.size, b.source.digest) for b in plan.blobs),
         freed=plan.freed, before=plan.before, after=plan.after, small_blobs=small,
         job=job, host=os.uname().nodename, pid=os.getpid(), created=time.time(),
         extra={k: v for k, v in plan.extra.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        key=identity_key(fd),
     )
+
+
+def _display_path(image: str) -> str:
+    """The image's path for the record (recovery re-checks the inode: never trusted)."""
+    return os.path.abspath(image) if os.geteuid() == 0 else os.path.realpath(image)
 
 
 def commit(image: str, fd: int, plan: CommitPlan, journal: Journal, *, job: str | None = None, io: FileIO = REAL_IO) -> Intent:
@@ -227,18 +237,18 @@ def commit(image: str, fd: int, plan: CommitPlan, journal: Journal, *, job: str 
         # An I/O error (ENOSPC, EIO...): finish or undo now, under the caller's lease,
         # so nothing stays half-written; if that fails too the entry waits for recover.
         writer.abandon()
-        _recover_now(image, journal, io)
+        _recover_now(image, journal, io, fd)
         raise
     writer.finish()
     log.info("%s: %s committed (root index %s -> %s)", image, plan.op, plan.old_root_digest, plan.new_root_digest)
     return intent
 
 
-def _recover_now(image: str, journal: Journal, io: FileIO) -> None:
+def _recover_now(image: str, journal: Journal, io: FileIO, fd: int) -> None:
     from .recover import recover_image
 
     try:
-        for outcome in recover_image(image, journal, io=io):
+        for outcome in recover_image(image, journal, io=io, image_fd=fd):
             log.warning("%s: after a failed %s: %s", image, outcome.op, outcome.outcome)
     except Exception as exc:  # noqa: BLE001 - the original error matters more
         log.error("%s: immediate recovery failed (%s); run `sifoverlay recover`", image, exc)

@@ -74,23 +74,36 @@ def create_overlay(
 
     from . import plan
 
+    from . import statedir
+
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
     check_can_add_overlay(image)
-    st = os.stat(image)
-    owner_uid = st.st_uid if uid is None else uid
-    owner_gid = st.st_gid if gid is None else gid
-    with exclusive(image, journal=journal, job=None, source="create", io=io):
-        with scratch_file(image, "ext3", io=io) as scratch:
-            make_overlay_fs(scratch, size_mib, sparse=sparse, uid=owner_uid, gid=owner_gid, io=io)
-            size = os.stat(scratch).st_size
-            fingerprint = Superblock.read(scratch, 0, size=size).fingerprint()
-            digest = hash_range(scratch, 0, size)
-            with SifFile.open(image, writable=True, io=io) as sif:
-                img = open_image(sif)
-                planned = plan.plan_create(img, ext3=BlobSource(digest, size, path=scratch, sparse=sparse), fingerprint=fingerprint, now=now)
-                commit(image, sif.fd, planned, journal, io=io)
+    try:
+        fd = statedir.open_image_checked(image)  # every step below works on this inode
+    except OSError as exc:
+        from sifoverlay.errors import SifFormatError
+
+        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
+    try:
+        st = os.fstat(fd)
+        owner_uid = st.st_uid if uid is None else uid
+        owner_gid = st.st_gid if gid is None else gid
+        with exclusive(image, journal=journal, job=None, source="create", io=io, image_fd=fd):
+            with scratch_file(image, "ext3", io=io) as scratch:
+                make_overlay_fs(scratch, size_mib, sparse=sparse, uid=owner_uid, gid=owner_gid, io=io)
+                size = os.stat(scratch).st_size
+                fingerprint = Superblock.read(scratch, 0, size=size).fingerprint()
+                digest = hash_range(scratch, 0, size)
+                with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
+                    sif.writable = True
+                    img = open_image(sif)
+                    planned = plan.plan_create(img, ext3=BlobSource(digest, size, path=scratch, sparse=sparse),
+                                               fingerprint=fingerprint, now=now)
+                    commit(image, sif.fd, planned, journal, io=io)
+    finally:
+        os.close(fd)
     offset = next(b.offset for b in planned.blobs if b.source.digest == digest)
     log.info("%s: created a %d MiB overlay at offset %d (%s)", image, size_mib, offset, digest)
     return OpResult("created", image, planned.old_root_digest, planned.new_root_digest, digest, offset, size,

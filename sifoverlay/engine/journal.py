@@ -48,20 +48,24 @@ class Kind(enum.IntEnum):
 
 
 def default_journal_dir() -> str:
-    """$SIFOVERLAY_JOURNAL_DIR, else /var/lib/sifoverlay/journal for root, else
-    $XDG_STATE_HOME/sifoverlay/journal (XDG default ~/.local/state)."""
+    """$SIFOVERLAY_JOURNAL_DIR, else ``journal/`` in the state directory
+    (engine/statedir.py: /var/lib/sifoverlay/journal for root, else
+    $XDG_STATE_HOME/sifoverlay/journal, XDG default ~/.local/state)."""
+    from . import statedir
+
     env = os.environ.get(ENV_JOURNAL_DIR)
     if env:
         return os.path.abspath(env)
-    if os.geteuid() == 0:
-        return ROOT_JOURNAL_DIR
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "sifoverlay", "journal")
+    return os.path.join(statedir.default_dir(), "journal")
 
 
 def image_key(image: str | os.PathLike[str]) -> str:
-    """Stable short key of an image's real path: entry names start with it."""
-    return hashlib.sha256(os.path.realpath(os.fspath(image)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """The identity key of an image (engine/statedir.py): entry names start with it, so a
+    rename or hard link of the image keeps its entries, and two images never share them.
+    The image is opened checked (no symlink followed); OSError when it cannot be."""
+    from . import statedir
+
+    return statedir.key_of_path(os.fspath(image))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,7 @@ class Intent:
     pid: int = 0
     created: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. new overlay digest
+    key: str = ""  # identity key of the image (engine/statedir.py); the entry name starts with it
 
     def encode(self) -> bytes:
         sections: list[tuple[str, bytes]] = [("before", self.before), ("after", self.after)]
@@ -112,7 +117,7 @@ class Intent:
             "freed": [list(r) for r in self.freed],
             "before_sha256": hashlib.sha256(self.before).hexdigest(),
             "job": self.job, "host": self.host, "pid": self.pid, "created": self.created,
-            "extra": self.extra,
+            "extra": self.extra, "key": self.key,
             "sections": [[name, len(raw)] for name, raw in sections],
         }
         text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -139,6 +144,7 @@ class Intent:
             small_blobs={k[5:]: v for k, v in raw_sections.items() if k.startswith("blob:")},
             job=meta.get("job"), host=meta.get("host", ""), pid=int(meta.get("pid", 0)),
             created=float(meta.get("created", 0.0)), extra=dict(meta.get("extra") or {}),
+            key=str(meta.get("key") or ""),
         )
 
 
@@ -233,20 +239,22 @@ class Journal:
         self.directory = os.path.abspath(os.fspath(directory)) if directory is not None else default_journal_dir()
         self.io = io
 
-    def entry_path(self, image: str, op_id: str) -> str:
-        return os.path.join(self.directory, f"{image_key(image)}.{op_id}{SUFFIX}")
+    def entry_path(self, key: str, op_id: str) -> str:
+        return os.path.join(self.directory, f"{key}.{op_id}{SUFFIX}")
 
     def begin(self, intent: Intent) -> EntryWriter:
         """Write the INTENT durably: record, fsync(file), fsync(dir) (R1)."""
+        from . import statedir
+
         io = self.io
         try:
-            io.makedirs(self.directory, 0o700)
+            statedir.ensure(self.directory, io=io, mode=0o700)
         except OSError as exc:
             raise JournalError(self.directory, f"cannot create the journal directory: {exc.strerror}") from exc
-        path = self.entry_path(intent.image, intent.op_id)
+        path = self.entry_path(intent.key or image_key(intent.image), intent.op_id)
         record = encode_record(Kind.INTENT, intent.encode())
         try:
-            fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise JournalError(path, f"cannot create journal entry: {exc.strerror}") from exc
         try:
@@ -262,7 +270,9 @@ class Journal:
     def append(self, entry: Entry, kind: Kind) -> Entry:
         """Append a marker to an entry found on disk (recovery), over any torn tail."""
         record = encode_record(kind, json.dumps({"op_id": entry.op_id}).encode())
-        fd = self.io.open(entry.path, os.O_WRONLY | os.O_CLOEXEC)
+        from sifoverlay.fsio import open_regular
+
+        fd = open_regular(entry.path, os.O_WRONLY, io=self.io)
         try:
             self.io.pwrite(fd, record, entry.valid_end)
             self.io.fsync(fd)
@@ -280,12 +290,21 @@ class Journal:
     # -- reading -----------------------------------------------------------------------
     def read_entry(self, path: str) -> Entry | None:
         name = os.path.basename(path)
+        from sifoverlay.fsio import open_regular
+
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-                mtime = os.fstat(f.fileno()).st_mtime
+            fd = open_regular(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            log.warning("journal entry %s: not a regular file (%s): ignored", path, exc.strerror)
+            return None
+        try:
+            mtime = os.fstat(fd).st_mtime
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read()
+        finally:
+            os.close(fd)
         records, valid_end = decode_records(raw)
         key = name.split(".", 1)[0]
         intent: Intent | None = None
@@ -301,13 +320,19 @@ class Journal:
             valid_end = 0
         return Entry(path, key, intent, state, valid_end, mtime)
 
-    def pending(self, image: str | os.PathLike[str] | None = None) -> list[Entry]:
-        """Entries not yet finished, oldest first; only those of `image` when given."""
+    def pending(self, image: str | os.PathLike[str] | None = None, *, key: str | None = None) -> list[Entry]:
+        """Entries not yet finished, oldest first; only those of the image named by `key`
+        (or by the path `image`, opened checked) when given."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        prefix = f"{image_key(image)}." if image is not None else ""
+        if key is None and image is not None:
+            try:
+                key = image_key(image)
+            except OSError:
+                return []
+        prefix = f"{key}." if key is not None else ""
         out = []
         for name in sorted(names):
             if name.endswith(SUFFIX) and name.startswith(prefix) and not name.startswith("."):

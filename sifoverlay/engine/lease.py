@@ -3,7 +3,9 @@ byte-range lock over the ext3 region.
 
 Two locks, because each covers what the other cannot (crash-safety.md R13):
 
-* The lease file ``.<image name>.sifoverlay-lease`` is the cross-node lock. It is created
+* The lease file ``<state dir>/leases/<key>.lease`` is the cross-node lock (the state
+  directory is root's, or the caller's own, never the image's directory; `<key>` is the
+  image's identity: engine/statedir.py, docs/security.md). It is created
   atomically by writing a complete record to a unique temp file and ``link()``-ing it to
   the lease name: link fails with EEXIST when the name is taken, on local filesystems and
   on NFS alike (where O_EXCL historically was not). The record is JSON: host, pid, job_id,
@@ -15,7 +17,7 @@ Two locks, because each covers what the other cannot (crash-safety.md R13):
   whole file is locked.
 
 Readers (``acquire_shared``, for ``:ro`` jobs) take an OFD *read* lock and write their own
-reader file ``.<image name>.sifoverlay-lease.r.<token>``; readers never conflict with
+reader file ``<key>.lease.r.<token>``; readers never conflict with
 each other. A writer and a reader each create their own file first and then look for the
 other's, backing off on conflict, so at least one of two racing parties sees the other.
 
@@ -48,7 +50,10 @@ from sifoverlay.errors import ImageBusy
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from . import leaselock
-from .leasefile import DEFAULT_GRACE, DEFAULT_TTL, LeaseInfo, Region, lease_path, link_record, read_info, reader_infos, replace_record
+from .leasefile import (
+    DEFAULT_GRACE, DEFAULT_TTL, LeaseInfo, Region, lease_path, lease_paths, link_record, read_info, reader_infos,
+    replace_record,
+)
 from .leasestale import break_file, remove_if_ours, sweep_temp_files
 from .procs import boot_id, process_start_ticks
 
@@ -95,22 +100,29 @@ class Holder:
         return cls(socket.gethostname(), pid, str(job_id), source, os.getuid(), process_start_ticks(pid))
 
 
-def inspect(image_path: str | os.PathLike[str]) -> LeaseInfo | None:
-    """The writer lease of an image, or None. Never modifies anything."""
-    return read_info(lease_path(image_path))
+def inspect(image_path: str | os.PathLike[str] | None = None, *, image_fd: int | None = None,
+            key: str | None = None, state_dir: str | None = None) -> LeaseInfo | None:
+    """The writer lease of an image, or None. Never modifies anything. The image is named
+    by `key`, an open `image_fd`, or a path opened with statedir.open_image_checked."""
+    for path in lease_paths(image_path, fd=image_fd, key=key, state_dir=state_dir):
+        info = read_info(path)
+        if info is not None:
+            return info
+    return None
 
 
-def readers(image_path: str | os.PathLike[str]) -> list[LeaseInfo]:
+def readers(image_path: str | os.PathLike[str] | None = None, *, image_fd: int | None = None,
+            key: str | None = None, state_dir: str | None = None) -> list[LeaseInfo]:
     """Reader (``:ro``) leases of an image, oldest first."""
-    return reader_infos(image_path)
+    return reader_infos(lease_paths(image_path, fd=image_fd, key=key, state_dir=state_dir))
 
 
-def held_lock_fd(image_path: str | os.PathLike[str], job_id: str) -> int | None:
+def held_lock_fd(image_path: str | os.PathLike[str] | None, job_id: str, *, image_fd: int | None = None) -> int | None:
     """The fd through which THIS process holds `job_id`'s byte-range lock on the image,
     or None. quiesce probes through it, so the caller's own lock is not activity."""
     try:
-        st = os.stat(image_path)
-    except OSError:
+        st = os.fstat(image_fd) if image_fd is not None else os.stat(image_path)  # type: ignore[arg-type]
+    except (OSError, TypeError):
         return None
     for held in list(_HELD):
         fd = held.lock_fd
@@ -149,6 +161,11 @@ class Lease:
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def key(self) -> str:
+        """The image's identity key (the lease file's name without suffix)."""
+        return os.path.basename(self.file_path).split(".", 1)[0]
 
     def heartbeat(self, *, ttl: float | None = None) -> LeaseInfo:
         """Extend the expiry: the record is rewritten (temp + rename) after checking that
@@ -202,13 +219,14 @@ def acquire(
     image_fd: int | None = None,
     grace: float = DEFAULT_GRACE,
     io: FileIO = REAL_IO,
+    state_dir: str | None = None,
 ) -> Lease:
     """Take the exclusive (writer) lease. `wait=None` refuses at once when held; with
     `wait=seconds` it polls until free or the time is up. `region` = (offset, size) of
     the ext3 overlay; looked up with sifoverlay.ocisif when omitted. `image_fd`: an fd
     the caller opened (O_NOFOLLOW) — it is reopened through /proc/self/fd so the lock
     lands on that very inode even if the path was swapped since."""
-    return _acquire(os.fspath(image_path), holder, "exclusive", ttl, wait, region, image_fd, grace, io)
+    return _acquire(os.fspath(image_path), holder, "exclusive", ttl, wait, region, image_fd, grace, io, state_dir)
 
 
 def acquire_shared(
@@ -221,15 +239,16 @@ def acquire_shared(
     image_fd: int | None = None,
     grace: float = DEFAULT_GRACE,
     io: FileIO = REAL_IO,
+    state_dir: str | None = None,
 ) -> Lease:
     """Take a reader lease (``:ro`` jobs): never conflicts with other readers, conflicts
     with a writer in both directions."""
-    return _acquire(os.fspath(image_path), holder, "shared", ttl, wait, region, image_fd, grace, io)
+    return _acquire(os.fspath(image_path), holder, "shared", ttl, wait, region, image_fd, grace, io, state_dir)
 
 
 def _acquire(
     image: str, holder: Holder, mode: str, ttl: float, wait: float | None,
-    region: Region | None, image_fd: int | None, grace: float, io: FileIO,
+    region: Region | None, image_fd: int | None, grace: float, io: FileIO, state_dir: str | None = None,
 ) -> Lease:
     if ttl <= 0:
         raise ValueError("ttl must be positive")
@@ -239,7 +258,7 @@ def _acquire(
     deadline = None if wait is None else time.monotonic() + wait
     while True:
         try:
-            return _try_once(image, holder, mode, ttl, region, image_fd, grace, io)
+            return _try_once(image, holder, mode, ttl, region, image_fd, grace, io, state_dir)
         except ImageBusy:
             if deadline is None or time.monotonic() >= deadline:
                 raise
@@ -248,22 +267,32 @@ def _acquire(
 
 def _try_once(
     image: str, holder: Holder, mode: str, ttl: float, region: Region | None,
-    image_fd: int | None, grace: float, io: FileIO,
+    image_fd: int | None, grace: float, io: FileIO, state_dir: str | None = None,
 ) -> Lease:
+    from . import statedir
+
     exclusive = mode == "exclusive"
     lock_fd = leaselock.open_for_lock(image, image_fd, exclusive=exclusive, io=io)
     try:
+        key = statedir.identity_key(lock_fd)
+        targets = lease_paths(key=key, state_dir=state_dir)
+        target = targets[0]
+        statedir.ensure(os.path.dirname(target), io=io)
         if region is None:
             region = leaselock.overlay_region(image, lock_fd)
-        leaselock.lock_region(image, lock_fd, region, exclusive=exclusive)
+        locked = leaselock.lock_region(image, lock_fd, region, exclusive=exclusive, targets=targets)
+        st = os.fstat(lock_fd)
         now = time.time()
         record: dict[str, Any] = {
-            "version": 1, **asdict(holder), "job_id": str(holder.job_id), "acquired": now,
+            "version": 2, **asdict(holder), "job_id": str(holder.job_id), "acquired": now,
             "heartbeat": now, "expires": now + ttl, "ttl": float(ttl), "boot_id": boot_id(),
             "mode": mode, "token": secrets.token_hex(16), "region": list(region), "image": image,
+            "key": key, "dev": st.st_dev, "ino": st.st_ino, "byte_lock": locked,
         }
-        create = _create_writer_file if exclusive else _create_reader_file
-        file_path = create(image, record, grace, io)
+        if exclusive:
+            file_path = _create_writer_file(image, targets, record, grace, io)
+        else:
+            file_path = _create_reader_file(image, targets, record, grace, io)
         info = LeaseInfo.from_record(record, file_path, os.stat(file_path).st_ino)
         log.debug("acquired %s lease on %s for %s", mode, image, info.describe())
         return Lease(image, info, file_path, lock_fd, io)
@@ -277,21 +306,37 @@ def _busy(image: str, current: LeaseInfo | None, *, what: str = "held") -> Image
     return ImageBusy(image, f"{what} by {who}", holder=current.as_dict() if current is not None else None)
 
 
-def _create_writer_file(image: str, record: dict[str, Any], grace: float, io: FileIO) -> str:
-    target = lease_path(image)
+def _others_live(image: str, targets: list[str], grace: float, *, readers_too: bool) -> LeaseInfo | None:
+    """A live holder recorded in the other (read-only to us) state directories."""
+    for other in targets[1:]:
+        info = read_info(other)
+        if info is not None and info.is_alive(grace=grace):
+            return info
+        if readers_too:
+            for reader in reader_infos(other):
+                if reader.is_alive(grace=grace):
+                    return reader
+    return None
+
+
+def _create_writer_file(image: str, targets: list[str], record: dict[str, Any], grace: float, io: FileIO) -> str:
+    target = targets[0]
+    foreign = _others_live(image, targets, grace, readers_too=True)
+    if foreign is not None:
+        raise _busy(image, foreign, what="held read-only" if foreign.mode == "shared" else "held")
     for _ in range(3):  # link, or break a stale holder and link again
         if link_record(target, record, io=io):
             break
-        current = inspect(image)
+        current = read_info(target)
         if current is None:
             continue  # released between our link and our look
-        if current.is_alive(grace=grace) or not break_stale(image, grace=grace, io=io):
+        if current.is_alive(grace=grace) or not _break_stale_at(image, target, grace, io):
             raise _busy(image, current)
     else:
-        raise _busy(image, inspect(image))
-    sweep_temp_files(image, io=io)
+        raise _busy(image, read_info(target))
+    sweep_temp_files(target, io=io)
     # Writers must not coexist with live readers on other nodes (same node: the OFD lock).
-    for reader in readers(image):
+    for reader in reader_infos(target):
         if reader.is_alive(grace=grace):
             remove_if_ours(target, record["token"], io=io)
             raise _busy(image, reader, what="held read-only")
@@ -299,35 +344,47 @@ def _create_writer_file(image: str, record: dict[str, Any], grace: float, io: Fi
     return target
 
 
-def _create_reader_file(image: str, record: dict[str, Any], grace: float, io: FileIO) -> str:
-    path = f"{lease_path(image)}.r.{record['token']}"
+def _create_reader_file(image: str, targets: list[str], record: dict[str, Any], grace: float, io: FileIO) -> str:
+    target = targets[0]
+    foreign = _others_live(image, targets, grace, readers_too=False)
+    if foreign is not None:
+        raise _busy(image, foreign)
+    path = f"{target}.r.{record['token']}"
     if not link_record(path, record, io=io):  # token is random: cannot happen twice
         raise ImageBusy(image, "reader lease name collision", holder=None)
-    writer = inspect(image)
-    if writer is not None and (writer.is_alive(grace=grace) or not break_stale(image, grace=grace, io=io)):
+    writer = read_info(target)
+    if writer is not None and (writer.is_alive(grace=grace) or not _break_stale_at(image, target, grace, io)):
         remove_if_ours(path, record["token"], io=io)
         raise _busy(image, writer)
     return path
 
 
-def break_stale(image_path: str | os.PathLike[str], *, grace: float = DEFAULT_GRACE, io: FileIO = REAL_IO) -> bool:
-    """Remove the writer lease of `image_path` if it is stale (engine/leasestale.py).
-    Returns True when this call removed it; False when there was none, it is live, or
-    another breaker/heartbeat won the race."""
-    image = os.fspath(image_path)
-    info = inspect(image)
+def _break_stale_at(image: str, target: str, grace: float, io: FileIO) -> bool:
+    info = read_info(target)
     if info is None or info.is_alive(grace=grace):
         return False
     log.warning("%s: breaking stale lease %s", image, info.describe())
     return break_file(info.path, info.inode, io=io)
 
 
-def resume(image_path: str | os.PathLike[str], job_id: str, *, io: FileIO = REAL_IO) -> Lease | None:
-    """The lease of `job_id` on `image_path` as a `Lease` object, for a process other than
-    the one that acquired it (Slurm: Prolog acquires, Epilog releases). Holds no
-    byte-range lock. None when the job holds no lease there."""
-    image = os.fspath(image_path)
-    for info in (inspect(image), *readers(image)):
+def break_stale(image_path: str | os.PathLike[str] | None = None, *, grace: float = DEFAULT_GRACE,
+                io: FileIO = REAL_IO, image_fd: int | None = None, key: str | None = None,
+                state_dir: str | None = None) -> bool:
+    """Remove the writer lease of the image if it is stale (engine/leasestale.py), in our
+    own state directory only. Returns True when this call removed it; False when there
+    was none, it is live, or another breaker/heartbeat won the race."""
+    target = lease_path(image_path, fd=image_fd, key=key, state_dir=state_dir)
+    return _break_stale_at(os.fspath(image_path) if image_path is not None else target, target, grace, io)
+
+
+def resume(image_path: str | os.PathLike[str] | None, job_id: str, *, io: FileIO = REAL_IO,
+           image_fd: int | None = None, key: str | None = None, state_dir: str | None = None) -> Lease | None:
+    """The lease of `job_id` on the image as a `Lease` object, for a process other than
+    the one that acquired it (Slurm: Prolog acquires, Epilog releases: by `key`, without
+    touching the image path). Holds no byte-range lock. None when the job holds none."""
+    target = lease_path(image_path, fd=image_fd, key=key, state_dir=state_dir)
+    image = os.fspath(image_path) if image_path is not None else target
+    for info in (read_info(target), *reader_infos(target)):
         if info is not None and info.job_id == str(job_id):
-            return Lease(image, info, info.path, None, io)
+            return Lease(str(info.record.get("image", image)), info, info.path, None, io)
     return None

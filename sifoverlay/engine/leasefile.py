@@ -1,11 +1,15 @@
-"""Lease records on disk: the ``.<image name>.sifoverlay-lease`` writer file and the
-``….r.<token>`` reader files beside an image (format and rules: engine/lease.py).
+"""Lease records on disk: the writer file ``<state>/leases/<key>.lease`` and the reader
+files ``<key>.lease.r.<token>`` in the state directory (engine/statedir.py), never beside
+the image: the image's directory belongs to its owner (docs/security.md). `<key>` is the
+image's identity (``<fsid>-<ino>``), so a rename or hard link can neither split one
+image's records nor alias two images.
 
 A record is created complete or not at all: written to a unique temp file, fsynced, then
 ``link()``-ed to its name (fails with EEXIST when taken, on local filesystems and NFS
 alike). A heartbeat rewrites it by temp file + rename. Temp and tomb files carry the
 host and pid of their writer (``<lease>.<kind>.<host>.<pid>.<random>``) so that a
-killed writer's leftovers can be swept (engine/leasestale.py).
+killed writer's leftovers can be swept (engine/leasestale.py). Records are read with
+O_NOFOLLOW|O_NONBLOCK and must be regular files: nothing placed there can block a reader.
 """
 
 from __future__ import annotations
@@ -90,18 +94,56 @@ class LeaseInfo:
         return out
 
 
-def lease_path(image_path: str | os.PathLike[str]) -> str:
-    """The lease file of an image: ``.<image name>.sifoverlay-lease`` in its directory."""
-    image = os.path.abspath(os.fspath(image_path))
-    return os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.sifoverlay-lease")
+LEASE_SUFFIX = ".lease"
+
+
+def lease_path(
+    image_path: str | os.PathLike[str] | None = None, *, fd: int | None = None, key: str | None = None,
+    state_dir: str | None = None,
+) -> str:
+    """The writer lease file of an image in the state directory: ``<leases>/<key>.lease``.
+    The key comes from `key`, else from the open `fd`, else from a checked open of
+    `image_path` (statedir.open_image_checked: no symlink followed)."""
+    from . import statedir
+
+    if key is None:
+        if fd is not None:
+            key = statedir.identity_key(fd)
+        elif image_path is not None:
+            key = statedir.key_of_path(os.fspath(image_path))
+        else:
+            raise ValueError("lease_path needs an image, an fd or a key")
+    return os.path.join(statedir.leases_dir(state_dir), f"{key}{LEASE_SUFFIX}")
+
+
+def lease_paths(
+    image_path: str | os.PathLike[str] | None = None, *, fd: int | None = None, key: str | None = None,
+    state_dir: str | None = None,
+) -> list[str]:
+    """The writer lease file of an image in every state directory whose records count
+    (ours first; an unprivileged caller also reads the root one)."""
+    from . import statedir
+
+    try:
+        own = lease_path(image_path, fd=fd, key=key, state_dir=state_dir)
+    except FileNotFoundError:
+        return []  # no image, no lease of it
+    name = os.path.basename(own)
+    return [own] + [os.path.join(d, statedir.LEASES, name) for d in statedir.read_dirs(state_dir)[1:]]
 
 
 def read_info(path: str) -> LeaseInfo | None:
-    """The record at `path` (never follows a symlink), None when there is none. Torn or
-    foreign content reads as a record of an unknown holder heartbeating at the mtime."""
+    """The record at `path`, None when there is none. Opened O_NOFOLLOW|O_NONBLOCK and only
+    a regular file counts (a FIFO or device there never blocks us). Torn or foreign
+    content reads as a record of an unknown holder heartbeating at the mtime."""
+    from sifoverlay.fsio import open_regular
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("%s: not a lease record (%s): ignored", path, exc.strerror)
         return None
     try:
         st = os.fstat(fd)
@@ -119,11 +161,16 @@ def read_info(path: str) -> LeaseInfo | None:
     return LeaseInfo.from_record(record, path, st.st_ino)
 
 
-def reader_infos(image_path: str | os.PathLike[str]) -> list[LeaseInfo]:
-    """Reader records of an image, oldest first."""
-    base = lease_path(image_path)
-    directory, prefix = os.path.dirname(base), os.path.basename(base) + ".r."
-    found = [read_info(os.path.join(directory, name)) for name in os.listdir(directory) if name.startswith(prefix)]
+def reader_infos(targets: str | list[str]) -> list[LeaseInfo]:
+    """Reader records beside the writer lease file(s) `targets`, oldest first."""
+    found: list[LeaseInfo | None] = []
+    for base in [targets] if isinstance(targets, str) else targets:
+        directory, prefix = os.path.dirname(base), os.path.basename(base) + ".r."
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found += [read_info(os.path.join(directory, name)) for name in names if name.startswith(prefix)]
     return sorted((info for info in found if info is not None), key=lambda i: i.acquired)
 
 
@@ -133,9 +180,9 @@ def temp_name(target: str, kind: str) -> str:
     return os.path.join(directory, f"{name}.{kind}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
-def parse_temp_name(image_path: str, name: str) -> tuple[str, str, int] | None:
-    """(kind, host, pid) of a temp/tomb file name of this image's lease, else None."""
-    prefix = os.path.basename(lease_path(image_path)) + "."
+def parse_temp_name(target: str, name: str) -> tuple[str, str, int] | None:
+    """(kind, host, pid) of a temp/tomb file name of the lease file `target`, else None."""
+    prefix = os.path.basename(target) + "."
     parts = name[len(prefix):].rsplit(".", 3) if name.startswith(prefix) else []
     if len(parts) != 4 or parts[0] not in TEMP_KINDS or not parts[2].isdigit():
         return None
@@ -145,7 +192,7 @@ def parse_temp_name(image_path: str, name: str) -> tuple[str, str, int] | None:
 def write_record(path: str, record: dict[str, Any], *, io: FileIO = REAL_IO) -> None:
     """A new file holding the record, fsynced (O_EXCL: temp names are unique)."""
     data = json.dumps(record, sort_keys=True).encode() + b"\n"
-    fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = io.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         io.pwrite(fd, data, 0)
         io.fsync(fd)

@@ -20,7 +20,7 @@ from typing import Any
 from sifoverlay.errors import ImageBusy
 from sifoverlay.fsio import REAL_IO, FileIO
 
-from .leasefile import Region, lease_path, read_info, reader_infos
+from .leasefile import Region, read_info, reader_infos
 
 _FLOCK = "hhqqi4x"  # struct flock on LP64 Linux: l_type, l_whence, l_start, l_len, l_pid
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
@@ -44,10 +44,13 @@ def open_for_lock(image: str, image_fd: int | None, *, exclusive: bool, io: File
     """A new open file description of the image to hold the lock. A write lock needs one
     opened for writing (else EBADF); nothing is written through it. `image_fd` is
     reopened through /proc/self/fd so the lock lands on that very inode."""
-    flags = (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC
+    from . import statedir
+
     if image_fd is not None:
-        return io.open(f"/proc/self/fd/{image_fd}", flags)
-    return io.open(image, flags | os.O_NOFOLLOW)
+        return statedir.reopen(image_fd, writable=exclusive, io=io)
+    fd = statedir.open_image_checked(image, writable=exclusive, io=io)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def overlay_region(image: str, fd: int) -> Region:
@@ -63,28 +66,78 @@ def overlay_region(image: str, fd: int) -> Region:
     return (0, 0) if overlay is None else (overlay.offset, overlay.size)
 
 
-def lock_region(image: str, fd: int, region: Region, *, exclusive: bool) -> None:
-    """Take the OFD lock now or raise ImageBusy naming whoever holds a conflicting one."""
+def lock_region(image: str, fd: int, region: Region, *, exclusive: bool, targets: list[str] | None = None) -> bool:
+    """Take the OFD lock now or raise ImageBusy naming whoever holds a conflicting one.
+
+    Readers cannot block the image owner's writer beyond their own job (docs/security.md):
+    when only READ locks conflict with our write lock and no live reader record exists in
+    the state directories `targets` are in, and no such lock belongs to a process of root
+    or of the image's owner, the writer goes ahead without the byte-range lock (returns
+    False; True when the lock is held). Anyone who can read a file can take a read lock
+    on it; only root's records (ro jobs) and the owner's own readers are honoured."""
     offset, size = region
     ltype = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
     try:
         fcntl.fcntl(fd, F_OFD_SETLK, flock_struct(ltype, offset, size))
+        return True
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        who, holder = _lock_holder(image, fd, region, ltype)
+        if exclusive and targets is not None and _only_foreign_readers(fd, region, targets):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: read lock(s) of other users without a reader lease: ignored, writer proceeds", image)
+            return False
+        who, holder = _lock_holder(image, fd, region, ltype, targets or [])
         raise ImageBusy(image, f"held {who}", holder=holder) from None
 
 
-def _lock_holder(image: str, fd: int, region: Region, ltype: int) -> tuple[str, dict[str, Any] | None]:
+def _only_foreign_readers(fd: int, region: Region, targets: list[str]) -> bool:
+    found = probe(fd, *region, ltype=fcntl.F_WRLCK)
+    if found is None or found[0] != fcntl.F_RDLCK:
+        return False  # a write lock (or gone: let the caller retry)
+    if any(read_info(t) is not None for t in targets) or any(r.is_alive() for r in reader_infos(targets)):
+        return False
+    owner = os.fstat(fd).st_uid
+    for pid in _read_lock_pids(fd):
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            continue
+        if uid in (0, owner):
+            return False
+    return True
+
+
+def _read_lock_pids(fd: int) -> list[int]:
+    """Pids of POSIX locks on the file behind `fd` (/proc/locks; OFD locks show -1)."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:  # no-path-open: ok (procfs)
+            for line in fh:
+                words = line.split()
+                if len(words) >= 6 and words[5] == want and words[4].lstrip("-").isdigit() and int(words[4]) > 0:
+                    pids.append(int(words[4]))
+    except OSError:
+        pass
+    return pids
+
+
+def _lock_holder(image: str, fd: int, region: Region, ltype: int, targets: list[str]) -> tuple[str, dict[str, Any] | None]:
     """Name whoever holds a conflicting byte-range lock: our lease record if there is
     one, else the pid the kernel reports (POSIX locks: e.g. SingularityCE native mode)."""
     for _ in range(20):  # an OFD holder may be between its lock and its link(): let it finish
-        info = read_info(lease_path(image))
-        if info is not None:
-            return f"by {info.describe()}", info.as_dict()
-        for reader in reader_infos(image):
+        for target in targets:
+            info = read_info(target)
+            if info is not None:
+                return f"by {info.describe()}", info.as_dict()
+        for reader in reader_infos(targets):
             return f"read-only by {reader.describe()}", reader.as_dict()
+        if not targets:
+            break
         time.sleep(0.05)
     found = probe(fd, *region, ltype=ltype)
     kind, pid = found if found is not None else (ltype, 0)

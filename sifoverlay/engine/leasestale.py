@@ -23,7 +23,7 @@ import time
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from . import procs
-from .leasefile import DEFAULT_GRACE, DEFAULT_TTL, LeaseInfo, lease_path, parse_temp_name, read_info, temp_name, unlink_quietly
+from .leasefile import DEFAULT_GRACE, DEFAULT_TTL, LeaseInfo, parse_temp_name, read_info, temp_name, unlink_quietly
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,15 @@ def remove_if_ours(path: str, token: str, *, io: FileIO = REAL_IO) -> bool:
     return break_file(path, info.inode, io=io)
 
 
-def sweep_temp_files(image: str, *, io: FileIO = REAL_IO) -> list[str]:
-    """Remove temp/tomb files that a killed acquirer, heartbeat or breaker left behind:
-    on this host when their process is gone, from other hosts when older than ttl+grace."""
-    directory = os.path.dirname(lease_path(image))
+def sweep_temp_files(target: str, *, io: FileIO = REAL_IO) -> list[str]:
+    """Remove temp/tomb files of the lease file `target` that a killed acquirer, heartbeat
+    or breaker left behind: on this host when their process is gone, from other hosts
+    when older than ttl+grace."""
+    directory = os.path.dirname(target)
     removed = []
     now, me = time.time(), socket.gethostname()
     for name in os.listdir(directory):
-        parsed = parse_temp_name(image, name)
+        parsed = parse_temp_name(target, name)
         if parsed is None:
             continue
         _, host, pid = parsed

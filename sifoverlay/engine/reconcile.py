@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 HEARTBEAT_EVERY = 20.0  # seconds between lease heartbeats while hashing
+DEFAULT_SLACK = 64 << 20  # bytes an overlay region may exceed the ext3 it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +56,25 @@ class SyncResult:
         }
 
 
-def _fast_noop(path: str, journal: Journal) -> str | None:
-    """The recorded digest when the no-op path applies, else None."""
+class HashDeadline(OverlayStateError):
+    """Hashing ran past the caller's deadline (Slurm Epilog): nothing was committed, the
+    session and lease stay for the sweeper, which has no deadline."""
+
+
+def _fast_noop(fd: int, image: str, journal: Journal) -> str | None:
+    """The recorded digest when the no-op path applies, else None. Reads through the
+    caller's checked fd only."""
     from sifoverlay.errors import SifOverlayError
     from sifoverlay.ext3.superblock import Superblock
     from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
 
-    if journal.pending(path):
+    from .statedir import identity_key
+
+    if journal.pending(key=identity_key(fd)):
         return None
     try:
-        with open_image(path) as img:
+        with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
             overlay = img.require_overlay()
             if overlay.fingerprint is None:
                 return None
@@ -78,6 +88,29 @@ def _fast_noop(path: str, journal: Journal) -> str | None:
         return None  # e.g. a commit in flight elsewhere: the slow path will sort it out
 
 
+def check_overlay_bounds(image: str, fd: int, *, max_bytes: int | None = None, slack: int = DEFAULT_SLACK) -> None:
+    """Refuse work that costs more than it may (docs/security.md, bounded work): an overlay
+    region larger than `max_bytes`, or larger than the ext3 it holds plus `slack` bytes
+    (hashing reads holes as zeros: a sparse 16 TiB region costs hours of CPU). Reads
+    only the SIF metadata and the superblock; raises OverlayStateError naming the sizes."""
+    from sifoverlay.ext3.superblock import Superblock
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
+
+    with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
+        overlay = img.overlay
+        if overlay is None:
+            return
+        if max_bytes is not None and overlay.size > max_bytes:
+            raise OverlayStateError(image, f"overlay is {overlay.size} bytes, more than the configured limit "
+                                    f"of {max_bytes} bytes (max_overlay)")
+        sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+        fs_bytes = int(sb.blocks_count) * int(sb.block_size)
+        if overlay.size > fs_bytes + slack:
+            raise OverlayStateError(image, f"overlay region is {overlay.size} bytes but its ext3 is only {fs_bytes} "
+                                    f"bytes: refused (more than {slack} bytes of slack)")
+
+
 def sync(
     path: str | os.PathLike[str],
     *,
@@ -87,44 +120,73 @@ def sync(
     progress: Progress | None = None,
     force_hash: bool = False,
     expect_identity: tuple[int, int] | None = None,
+    image_fd: int | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> SyncResult:
     """Reconcile the overlay's digest into descriptor, manifest, config and root index.
 
-    `expect_identity` = (st_dev, st_ino) that root authorized earlier (Slurm Epilog): the
-    file opened for writing must be that inode, so a rename or symlink swap of the path
-    since the check cannot make root rewrite another image (NotAuthorized, nothing written).
+    Every step works on one checked descriptor of the image (docs/security.md): the
+    caller's `image_fd` (root's authorized fd; reopened writable through /proc/self/fd,
+    never by path), else the path opened once with statedir.open_image_checked (no
+    symlink, O_NONBLOCK, regular file only). `expect_identity` = (st_dev, st_ino) that
+    root authorized earlier (Slurm Epilog): the descriptor must be that inode, so a
+    rename or symlink swap of the path cannot make root touch another image
+    (NotAuthorized, nothing written). `deadline` (time.monotonic() value): hashing stops
+    with HashDeadline past it, nothing committed. `max_bytes`: check_overlay_bounds
+    before any hashing.
     """
+    from . import statedir
+
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
-    if not force_hash:
-        recorded = _fast_noop(image, journal)  # reads only: a swapped path cannot be harmed here
-        if recorded is not None:
-            return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
-    return _slow_sync(image, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start,
-                      expect_identity=expect_identity)
+    if image_fd is not None:
+        fd = statedir.reopen(image_fd, writable=False)
+        if expect_identity is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != tuple(expect_identity):
+                os.close(fd)
+                raise NotAuthorized(image, "the descriptor is not the authorized inode: not reconciled")
+    else:
+        try:
+            fd = statedir.open_image_checked(image, expect_identity=expect_identity)
+        except OSError as exc:
+            from sifoverlay.errors import SifFormatError
+
+            raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
+    try:
+        if not force_hash:
+            recorded = _fast_noop(fd, image, journal)
+            if recorded is not None:
+                return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
+        check_overlay_bounds(image, fd, max_bytes=max_bytes)
+        return _slow_sync(image, fd, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start,
+                          deadline=deadline)
+    finally:
+        os.close(fd)
 
 
 def _slow_sync(
-    image: str, journal: Journal, *, job: str | None, io: FileIO, progress: Progress | None,
-    force_hash: bool, start: float, expect_identity: tuple[int, int] | None = None,
+    image: str, fd: int, journal: Journal, *, job: str | None, io: FileIO, progress: Progress | None,
+    force_hash: bool, start: float, deadline: float | None = None,
 ) -> SyncResult:
     from sifoverlay.ext3 import Superblock, check_region_header, hash_range, replay_and_fsck
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
 
-    from . import plan, quiesce
+    from . import plan, quiesce, statedir
     from .commit import commit
     from .recover import exclusive
 
-    with open_image(image) as img:  # locate the overlay for quiesce and the lock range
+    with open_image(SifFile.from_fd(os.dup(fd), image)) as img:  # locate the overlay for quiesce and the lock range
         located = img.require_overlay()
         region = (located.offset, located.size)
     quiesce.ensure_quiet(image, *region, job=job, writers_only=True)
-    with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region) as lease_held:
-        with SifFile.open(image, writable=True, io=io) as sif:
-            if expect_identity is not None and (sif.stat.st_dev, sif.stat.st_ino) != tuple(expect_identity):
-                raise NotAuthorized(image, "was replaced since it was authorized (another inode): not reconciled")
+    with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region, image_fd=fd) as lease_held:
+        wfd = statedir.reopen(fd, writable=True, io=io)
+        with SifFile.from_fd(wfd, image) as sif:
+            sif.writable = True
             img = open_image(sif)
             overlay = img.require_overlay()
             replayed = False
@@ -138,7 +200,8 @@ def _slow_sync(
             if fingerprint == overlay.fingerprint and not force_hash and not replayed:
                 return SyncResult("noop", image, old, old, 0, time.monotonic() - start, False)
             check_region_header(sif.fd, overlay.offset)
-            new = hash_range(sif.fd, overlay.offset, overlay.size, progress=_with_heartbeat(progress, lease_held))
+            new = hash_range(sif.fd, overlay.offset, overlay.size,
+                             progress=_with_deadline(_with_heartbeat(progress, lease_held), deadline, image))
             planned = plan.plan_sync(img, new_digest=new, fingerprint=fingerprint)
             if planned is not None:
                 commit(image, sif.fd, planned, journal, job=job, io=io)
@@ -149,6 +212,20 @@ def _slow_sync(
     log.info("%s: sync %s (%s -> %s)", image, action, old, new)
     return SyncResult(action, image, old, new, overlay.size, time.monotonic() - start, replayed,
                       fingerprint_refreshed=(new == old and planned is not None))
+
+
+def _with_deadline(progress: Progress | None, deadline: float | None, image: str) -> Progress | None:
+    if deadline is None:
+        return progress
+
+    def tick(done: int, total: int) -> None:
+        if time.monotonic() > deadline:
+            raise HashDeadline(image, f"hashing stopped after {done} of {total} bytes: past the deadline "
+                               "(left for the sweeper)")
+        if progress is not None:
+            progress(done, total)
+
+    return tick
 
 
 def _with_heartbeat(progress: Progress | None, held: object | None) -> Progress | None:

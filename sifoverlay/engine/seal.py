@@ -44,11 +44,13 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def mounted_ro(image: str, offset: int) -> Iterator[str]:
-    """fuse2fs read-only mount of the ext3 at `offset` on a private temp directory."""
+def mounted_ro(image: str, offset: int, *, fd: int | None = None) -> Iterator[str]:
+    """fuse2fs read-only mount of the ext3 at `offset` on a private temp directory. With
+    `fd`, fuse2fs opens that very inode (/dev/fd/N, inherited), never the path."""
     mountpoint = tempfile.mkdtemp(prefix=f"{MOUNT_PREFIX}{os.getpid()}-")
+    source = image if fd is None else f"/dev/fd/{fd}"
     proc = subprocess.Popen(
-        ["fuse2fs", "-f", "-o", f"ro,offset={offset}", image, mountpoint],
+        ["fuse2fs", "-f", "-o", f"ro,offset={offset}", source, mountpoint], pass_fds=() if fd is None else (fd,),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 - a single prctl, no locks involved
     )
@@ -124,29 +126,45 @@ def seal(
     io: FileIO = REAL_IO,
     now: int | None = None,
 ) -> OpResult:
+    from . import statedir
+
+    start = time.monotonic()
+    image = os.fspath(path)
+    journal = Journal(journal_dir, io=io)
+    try:
+        fd = statedir.open_image_checked(image)  # every step below works on this inode
+    except OSError as exc:
+        from sifoverlay.errors import SifFormatError
+
+        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
+    try:
+        return _seal_fd(image, fd, journal, io, now, start)
+    finally:
+        os.close(fd)
+
+
+def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None, start: float) -> OpResult:
     from sifoverlay.ext3 import Superblock, replay_and_fsck
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
     from sifoverlay.upper import upper_to_squashfs
 
-    from . import plan, quiesce
+    from . import plan, quiesce, statedir
 
-    start = time.monotonic()
-    image = os.fspath(path)
-    journal = Journal(journal_dir, io=io)
-    with open_image(image) as img:
+    with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
         located = img.require_overlay()
         region = (located.offset, located.size)
     sweep_dead_mounts()
     quiesce.ensure_quiet(image, *region, writers_only=False)
-    with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region):
-        with SifFile.open(image, writable=True, io=io) as sif:
+    with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region, image_fd=fd):
+        with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
+            sif.writable = True
             img = open_image(sif)
             overlay = img.require_overlay()
             if Superblock.read(sif.fd, overlay.offset, size=overlay.size).is_dirty:
-                replay_and_fsck(image, overlay.offset, overlay.size, io=io)
+                replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io)
             with scratch_file(image, "sqfs", io=io) as scratch:
-                with mounted_ro(image, overlay.offset) as mountpoint:
+                with mounted_ro(image, overlay.offset, fd=sif.fd) as mountpoint:
                     upper = os.path.join(mountpoint, "upper")
                     if not os.path.isdir(upper):
                         raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")

@@ -129,11 +129,25 @@ def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io:
 def load(journal_dir: str | os.PathLike[str], job_id: str) -> Session | None:
     path = session_path(journal_dir, job_id)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = _read_regular(path)
     except FileNotFoundError:
         return None
     return Session.from_json(raw, path)
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of a regular file, opened O_NOFOLLOW|O_NONBLOCK (fsio.open_regular): a
+    FIFO or symlink in the sessions directory is refused, never waited on or followed."""
+    from sifoverlay.fsio import open_regular
+
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise JournalError(path, f"unreadable session record: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
 
 
 def open_sessions(journal_dir: str | os.PathLike[str]) -> list[Session]:
@@ -150,8 +164,7 @@ def open_sessions(journal_dir: str | os.PathLike[str]) -> list[Session]:
             continue
         path = os.path.join(directory, name)
         try:
-            with open(path, "rb") as fh:
-                found.append(Session.from_json(fh.read(), path))
+            found.append(Session.from_json(_read_regular(path), path))
         except FileNotFoundError:
             continue
         except JournalError as exc:

@@ -56,41 +56,70 @@ def status(
     journal_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Status:
-    from sifoverlay.ext3 import Superblock, hash_range
     from sifoverlay.ocisif import open_image
 
-    from . import quiesce
+    from sifoverlay.sif.load import SifFile
+
+    from . import statedir
 
     image = os.fspath(path)
-    pending = len(Journal(journal_dir).pending(image))
     try:
-        img = open_image(image)
-    except SifOverlayError as exc:
-        if pending:
-            raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
-        raise
-    with img:
-        overlay = img.require_overlay()
-        sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
-        now = sb.fingerprint()
-        busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size) if a.writer]
-        recorded_fp = overlay.fingerprint
-        want_hash = verify is True or (verify is None and recorded_fp is None)
-        actual = None
-        if want_hash and not busy:
-            actual = hash_range(img.sif.fd, overlay.offset, overlay.size, progress=progress)
-        if busy:
-            state = "in-use"
-        elif actual is not None:
-            state = "clean" if actual == overlay.recorded_digest else "drift"
-        elif recorded_fp is None:
-            state = "unknown"
+        fd = statedir.open_image_checked(image)
+    except OSError as exc:
+        from sifoverlay.errors import SifFormatError
+
+        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
+    try:
+        pending = len(Journal(journal_dir).pending(key=statedir.identity_key(fd)))
+        try:
+            img = open_image(SifFile.from_fd(os.dup(fd), image))
+        except SifOverlayError as exc:
+            if pending:
+                raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
+            raise
+        with img:
+            return _status(image, fd, img, verify, progress, pending)
+    finally:
+        os.close(fd)
+
+
+def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callable[[int, int], None] | None,
+            pending: int) -> Status:
+    from sifoverlay.errors import ImageBusy
+    from sifoverlay.ext3 import Superblock, hash_range
+
+    from . import lease, quiesce
+
+    overlay = img.require_overlay()
+    sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+    now = sb.fingerprint()
+    busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size) if a.writer]
+    recorded_fp = overlay.fingerprint
+    want_hash = verify is True or (verify is None and recorded_fp is None)
+    actual = None
+    holder = {"kind": busy[0].kind, "detail": busy[0].detail} if busy else None
+    if want_hash and not busy:
+        # Readers hold a lease too: no writer may change the bytes while they are hashed.
+        try:
+            shared = lease.acquire_shared(image, lease.Holder.current(f"status-{os.getpid()}", "status"),
+                                          ttl=300.0, region=(overlay.offset, overlay.size), image_fd=fd)
+        except ImageBusy as exc:
+            busy_holder: dict[str, Any] = {"kind": "lease", "detail": exc.problem}
+            holder = busy_holder
         else:
-            state = "clean" if now == recorded_fp else "modified"
-        holder = {"kind": busy[0].kind, "detail": busy[0].detail} if busy else None
-        return Status(
-            state=state, image=image, recorded_digest=overlay.recorded_digest, actual_digest=actual,
-            fingerprint_recorded=recorded_fp, fingerprint_now=now, overlay_size=overlay.size,
-            free_bytes=sb.free_bytes, holder=holder, journal_pending=pending,
-            overlay_offset=overlay.offset, dirty=sb.is_dirty,
-        )
+            with shared:
+                actual = hash_range(img.sif.fd, overlay.offset, overlay.size, progress=progress)
+    if busy or (want_hash and actual is None):
+        state = "in-use"
+    elif actual is not None:
+        state = "clean" if actual == overlay.recorded_digest else "drift"
+    elif recorded_fp is None:
+        state = "unknown"
+    else:
+        state = "clean" if now == recorded_fp else "modified"
+    return Status(
+        state=state, image=image, recorded_digest=overlay.recorded_digest, actual_digest=actual,
+        fingerprint_recorded=recorded_fp, fingerprint_now=now, overlay_size=overlay.size,
+        free_bytes=sb.free_bytes, holder=holder, journal_pending=pending,
+        overlay_offset=overlay.offset, dirty=sb.is_dirty,
+    )

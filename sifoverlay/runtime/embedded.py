@@ -74,7 +74,15 @@ def run_embedded(
     job = job_id or f"exec-{host}-{os.getpid()}"
     base = os.path.abspath(base_dir) if base_dir else default_base_dir()
     journal = journal_dir or _default_journal_dir()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    from sifoverlay.engine import statedir
+
+    try:  # one checked fd for every step (no symlink, O_NONBLOCK, regular file): docs/security.md
+        fd = statedir.open_image_checked(path)
+    except OSError as exc:
+        from sifoverlay.errors import SifFormatError
+
+        raise SifFormatError(path, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
+    os.set_blocking(fd, True)
     try:
         with SifFile.from_fd(os.dup(fd), path) as sif, open_image(sif) as img:
             region = (img.overlay.offset, img.overlay.size) if img.overlay is not None else (0, 0)
@@ -93,7 +101,7 @@ def run_embedded(
             # The byte-range lock stays held through the sync (quiesce ignores this
             # process's own lock for `job`): SingularityCE cannot slip in meanwhile.
             if writable and sync and not isinstance(failure, (BadInput, NotAuthorized)):
-                action, error = _reconcile(path, job, journal, io)
+                action, error = _reconcile(path, job, journal, io, fd)
             if error is None:
                 result = f"exit {returncode}" if failure is None else f"not started: {failure.message()}"
                 sessions.finish(journal, job, result + (f", sync {action}" if action else ""), io=io)
@@ -127,11 +135,13 @@ def _assemble_and_run(
             teardown(job, base_dir=base, io=io)
 
 
-def _reconcile(image: str, job: str, journal: str, io: FileIO) -> tuple[str | None, str | None]:
+def _reconcile(image: str, job: str, journal: str, io: FileIO, fd: int) -> tuple[str | None, str | None]:
     from sifoverlay import engine
 
     try:
-        result = engine.sync(image, job=job, journal_dir=journal, io=io)
+        st = os.fstat(fd)  # the inode the run used, through its fd: never the path again
+        result = engine.sync(image, job=job, journal_dir=journal, io=io, image_fd=fd,
+                             expect_identity=(st.st_dev, st.st_ino))
     except SifOverlayError as exc:
         log.error("reconcile after the run failed, left for `sifoverlay recover`: %s", exc)
         return None, exc.message()

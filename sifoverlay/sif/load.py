@@ -7,6 +7,7 @@ being half-read or, worse, written through.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -155,14 +156,25 @@ class SifFile:
     # -- construction ---------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False, io: FileIO = REAL_IO) -> SifFile:
-        """Open and validate `path`; SifFormatError on any problem (the fd is then closed)."""
+        """Open and validate `path`; SifFormatError on any problem (the fd is then closed).
+        Never follows a symlink at the last component (O_NOFOLLOW) and never blocks on a
+        FIFO or device (O_NONBLOCK; only a regular file is accepted). Root-side callers
+        open images through engine.statedir.open_image_checked (no symlink anywhere)
+        and hand the fd to `from_fd`."""
         name = os.fspath(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = io.open(name, flags) if writable else os.open(name, flags)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SifFormatError(name, "cannot open: is a symbolic link (give the image's real path)",
+                                     errno=exc.errno) from exc
             raise SifFormatError(name, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
         sif = cls.from_fd(fd, name)
+        try:
+            os.set_blocking(sif.fd, True)
+        except OSError:
+            pass
         sif.writable = writable
         return sif
 

@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass
 
 from sifoverlay.errors import NotAuthorized, UsageError
+from sifoverlay.fsio import open_beneath
 
 __all__ = ["ImageIdentity", "authorize", "canonical_path", "under_roots", "verify_unchanged"]
 
@@ -115,10 +116,14 @@ def authorize(
     if not image_roots:
         log.warning("%s: no image_roots configured: any path is accepted", path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        # Directory resolved component by component without following symlinks, the
+        # image itself O_NOFOLLOW|O_NONBLOCK and a regular file (fsio.open_beneath).
+        fd = open_beneath(path, os.O_RDONLY)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise NotAuthorized(path, "is a symbolic link: give the image's real path") from None
+        if exc.errno == errno.EINVAL:
+            raise UsageError(path, "not a regular file") from None
         raise UsageError(path, f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -30,6 +30,18 @@ ENV_PLUGSTACK: Final = "SIFOVERLAY_PLUGSTACK"
 _MAX_INCLUDE_DEPTH: Final = 4
 _MODES: Final = ("rw", "ro")
 _MOUNTS: Final = ("fuse", "kernel")
+DEFAULT_MAX_OVERLAY: Final = 256 << 30
+DEFAULT_HASH_DEADLINE: Final = 600.0
+_UNITS: Final = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(key: str, value: str, source: str, *, units: bool = True) -> int:
+    """A positive decimal with an optional K/M/G/T binary suffix (config.c check_size)."""
+    digits, unit = (value[:-1], value[-1]) if units and value[-1:] in _UNITS else (value, "")
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 15 or int(digits) == 0:
+        raise UsageError(source, f"plugstack: {key}={value}: expected a positive number"
+                         + (" (optionally with K, M, G or T)" if units else ""))
+    return int(digits) * _UNITS.get(unit, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +52,9 @@ class SlurmConfig:
     default_mode: str = "rw"
     sifoverlay: str | None = None  # the Python/executable running Prolog, Epilog, sweeper
     mount: str = "fuse"
+    state_dir: str = "/var/lib/sifoverlay"  # root's lease records + scratch (engine/statedir.py)
+    max_overlay: int = DEFAULT_MAX_OVERLAY  # bytes; bigger overlay regions are refused at Prolog
+    hash_deadline: float = DEFAULT_HASH_DEADLINE  # seconds the Epilog may hash; then the sweeper
     source: str = "<defaults>"  # where the values came from, for messages
 
     @property
@@ -73,7 +88,7 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             raise UsageError(source, f"plugstack: argument {arg!r} is not key=value")
         if not value:
             raise UsageError(source, f"plugstack: {key}: empty value")
-        if key in ("journal_dir", "runtime_dir", "sifoverlay"):
+        if key in ("journal_dir", "runtime_dir", "sifoverlay", "state_dir"):
             config = replace(config, **{key: _abs_path(key, value, source)})
         elif key == "image_roots":
             roots = tuple(_abs_path(key, part, source) for part in value.split(":") if part)
@@ -84,6 +99,10 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             if value not in _MODES:
                 raise UsageError(source, f"plugstack: default_mode={value}: expected rw or ro")
             config = replace(config, default_mode=value)
+        elif key == "max_overlay":
+            config = replace(config, max_overlay=parse_size(key, value, source))
+        elif key == "hash_deadline":
+            config = replace(config, hash_deadline=float(parse_size(key, value, source, units=False)))
         elif key == "mount":
             if value not in _MOUNTS:
                 raise UsageError(source, f"plugstack: mount={value}: expected fuse or kernel")

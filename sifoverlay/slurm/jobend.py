@@ -88,7 +88,16 @@ class JobEndOutcome:
 def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None = None,
                io: FileIO = REAL_IO) -> JobEndOutcome:
     """Steps 1-5 for `job_id`; `reason` ("epilog", "sweeper") goes into the logs. The sync
-    is counted in `textfile_dir` (None: `metrics_dir()`)."""
+    is counted in `textfile_dir` (None: `metrics_dir()`). Lease records: the configured
+    root state directory (plugstack state_dir=)."""
+    from sifoverlay.engine import statedir
+
+    with statedir.using(config.state_dir):
+        return _finish_job(job_id, config, reason=reason, textfile_dir=textfile_dir, io=io)
+
+
+def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None,
+                io: FileIO) -> JobEndOutcome:
     from sifoverlay.engine import sessions
 
     textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
@@ -129,10 +138,13 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: s
             if identity is not None:
                 verify_unchanged(session.image, *identity)
             step = "sync"
-            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity)
+            # The Epilog hashes for at most hash_deadline seconds (a timed-out Epilog drains
+            # the node); past it the session and lease stay for the sweeper, which has none.
+            deadline = time.monotonic() + config.hash_deadline if reason == "epilog" else None
+            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline)
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
-        _release_lease(session.image, job_id, io)
+        _release_lease(session.image, job_id, io, session.details.get("key"), config.state_dir)
         step = "session"
         sessions.finish(config.journal_dir, job_id, result, io=io)
         step = "record"
@@ -147,7 +159,7 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: s
 
 def _counted_sync(
     image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO,
-    identity: tuple[int, int] | None = None,
+    identity: tuple[int, int] | None = None, deadline: float | None = None,
 ) -> Any:
     """engine.sync inside the job's lease, its result or exception counted (op "sync").
     `identity`: the inode the Prolog authorized; the engine re-checks it on its own fd, which
@@ -156,7 +168,8 @@ def _counted_sync(
 
     began = time.monotonic()
     try:
-        synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io, expect_identity=identity)
+        synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io, expect_identity=identity,
+                             deadline=deadline, max_bytes=config.max_overlay)
     except Exception as exc:
         record_event(textfile_dir, "sync", exc, seconds=time.monotonic() - began)
         raise
@@ -164,12 +177,17 @@ def _counted_sync(
     return synced
 
 
-def _release_lease(image: str, job_id: str, io: FileIO) -> None:
+def _release_lease(image: str, job_id: str, io: FileIO, key: str | None = None, state_dir: str | None = None) -> None:
+    """Release the job's lease by the identity key the Prolog recorded (no path lookup);
+    sessions of older versions (no key) fall back to a checked open of the path."""
     from sifoverlay.engine import lease
 
     try:
-        held = lease.resume(image, job_id, io=io)
-    except FileNotFoundError:  # the image's directory is gone too
+        if key is not None:
+            held = lease.resume(None, job_id, io=io, key=str(key), state_dir=state_dir)
+        else:
+            held = lease.resume(image, job_id, io=io, state_dir=state_dir)
+    except FileNotFoundError:  # the image (or its directory) is gone too
         held = None
     if held is None:
         log.info("job %s: no lease of its own on %s (already released)", job_id, image)

@@ -52,20 +52,21 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
 
     holder = lease.Holder(socket.gethostname(), os.getpid(), job.job_id, "slurm", uid=job.uid)
     take = lease.acquire if job.mode == "rw" else lease.acquire_shared
+    where = {"image_fd": identity.fd, "state_dir": config.state_dir}
     try:
-        return take(identity.path, holder, ttl=LEASE_TTL, image_fd=identity.fd)
+        return take(identity.path, holder, ttl=LEASE_TTL, **where)
     except ImageBusy:
         # A requeued job (same id) whose previous run was not cleaned up yet: its lease.
-        again = lease.resume(identity.path, job.job_id)
+        again = lease.resume(identity.path, job.job_id, **where)
         if again is not None:
             log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
             return again
-        if not _finish_dead_holders(identity.path, config):
+        if not _finish_dead_holders(identity, config):
             raise
-    return take(identity.path, holder, ttl=LEASE_TTL, image_fd=identity.fd)
+    return take(identity.path, holder, ttl=LEASE_TTL, **where)
 
 
-def _finish_dead_holders(image: str, config: SlurmConfig) -> bool:
+def _finish_dead_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
     """The image is held by Slurm jobs of THIS node that slurmctld says are over (their
     Epilog never ran, no sweep since): do their job end now, as the sweeper would.
     True when every such holder was finished (worth retrying the lease)."""
@@ -74,8 +75,10 @@ def _finish_dead_holders(image: str, config: SlurmConfig) -> bool:
     from .jobend import finish_job
     from .jobstate import select_backend
 
+    image = identity.path
     host = socket.gethostname()
-    holders = [h for h in [lease.inspect(image), *lease.readers(image)] if h is not None]
+    where = {"image_fd": identity.fd, "state_dir": config.state_dir}
+    holders = [h for h in [lease.inspect(image, **where), *lease.readers(image, **where)] if h is not None]
     if not holders or any(h.source != "slurm" or h.host != host for h in holders):
         return False
     backend = select_backend()
@@ -90,8 +93,11 @@ def _finish_dead_holders(image: str, config: SlurmConfig) -> bool:
     return True
 
 
-def _check_image(identity: ImageIdentity, writable: bool) -> None:
-    """A valid OCI-SIF, with an ext3 overlay when the job wants to write."""
+def _check_image(identity: ImageIdentity, writable: bool, config: SlurmConfig | None = None) -> None:
+    """A valid OCI-SIF, with an ext3 overlay when the job wants to write; for rw jobs the
+    overlay is within the configured bounds (max_overlay, region vs ext3 size) BEFORE any
+    hashing can happen (docs/security.md, bounded work)."""
+    from sifoverlay.engine.reconcile import check_overlay_bounds
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
 
@@ -99,6 +105,8 @@ def _check_image(identity: ImageIdentity, writable: bool) -> None:
         if writable and img.overlay is None:
             raise OverlayStateError(identity.path, "has no writable ext3 overlay: add one with "
                                     "'sifoverlay overlay create' or run the job with :ro")
+    if writable:
+        check_overlay_bounds(identity.path, identity.fd, max_bytes=(config or SlurmConfig()).max_overlay)
 
 
 def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> None:
@@ -117,16 +125,29 @@ def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfi
         except Ext3FormatError as exc:  # name the image, not the fd
             raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
     if dirty:
+        import time
+
         log.warning("%s: overlay left dirty by an earlier job: reconciling before job %s", image, job.job_id)
-        result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir)
+        # On root's authorized fd, never by path: a rename/symlink swap cannot redirect it.
+        result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir, image_fd=identity.fd,
+                             expect_identity=(identity.dev, identity.ino), max_bytes=config.max_overlay,
+                             deadline=time.monotonic() + config.hash_deadline)
         log.info("%s: %s (%s)", image, result.action, result.new_digest)
 
 
 def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
     """Steps 1-7 of the module docstring; returns the rootfs path. Raises a
-    SifOverlayError on refusal, after undoing whatever it had done."""
+    SifOverlayError on refusal, after undoing whatever it had done. Lease records and
+    scratch files go to the configured root state directory (plugstack state_dir=)."""
+    from sifoverlay.engine import statedir
+
+    with statedir.using(config.state_dir):
+        return _prepare(job, config, io=io)
+
+
+def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
     from sifoverlay import runtime
-    from sifoverlay.engine import sessions
+    from sifoverlay.engine import sessions, statedir
 
     assert job.image is not None and job.mode is not None
     writable = job.mode == "rw"
@@ -138,11 +159,12 @@ def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
         started = assembled = False
         try:
             verify_unchanged(image, identity.dev, identity.ino)
-            _check_image(identity, writable)
+            _check_image(identity, writable, config)
             sessions.start(config.journal_dir, job.job_id, image, mode=job.mode, host=socket.gethostname(),
                            uid=job.uid, source="slurm", io=io,
                            details={"dev": identity.dev, "ino": identity.ino, "gid": job.gid,
-                                    "user": job.user, "mount": config.mount})
+                                    "user": job.user, "mount": config.mount,
+                                    "key": statedir.identity_key(identity.fd), "state_dir": config.state_dir})
             started = True
             if writable:
                 _reconcile_if_dirty(identity, job, config)

@@ -82,9 +82,14 @@ def write_refused(records_dir: str, job_id: str, image: str, message: str, *, io
 
 def read(records_dir: str, job_id: str) -> JobRecord | None:
     path = os.path.join(job_dir(records_dir, job_id), STATE_FILE)
+    from sifoverlay.fsio import open_regular
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(path, os.O_RDONLY)  # O_NOFOLLOW|O_NONBLOCK, regular files only
     except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("%s: not a job record (%s): ignored", path, exc.strerror)
         return None
     try:
         raw = os.read(fd, 65536).decode("utf-8", "replace")

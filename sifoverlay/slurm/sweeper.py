@@ -90,6 +90,13 @@ def break_stale_lease(image: str, textfile_dir: str | None) -> bool:
 def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None,
           textfile_dir: str | None = None) -> SweepReport:
     """Finish this host's Slurm jobs that are over; `textfile_dir` None: `metrics_dir()`."""
+    from sifoverlay.engine import statedir
+
+    with statedir.using(config.state_dir):
+        return _sweep(config, jobstate, host=host, textfile_dir=textfile_dir)
+
+
+def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfile_dir: str | None) -> SweepReport:
     from sifoverlay.engine import sessions
 
     host = host or socket.gethostname()
@@ -167,8 +174,11 @@ def recover_slurm(args: argparse.Namespace, *, recover: Any, io: Any, out: Any =
     backend = select_backend(None if getattr(args, "backend", "auto") == "auto" else args.backend)
     textfile_dir = getattr(args, "textfile_dir", None) or metrics_dir()
     report = sweep(config, backend, textfile_dir=textfile_dir)
+    from sifoverlay.engine import statedir
+
     try:
-        outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
+        with statedir.using(config.state_dir):
+            outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
     except Exception as exc:
         record_event(textfile_dir, "recover", exc)
         raise

@@ -6,6 +6,11 @@
  *   journal_dir=/var/lib/sifoverlay/journal   runtime_dir=/run/sifoverlay
  *   image_roots=/shared/images:/scratch       default_mode=rw|ro
  *   sifoverlay=/opt/sifoverlay/bin/python     mount=fuse|kernel
+ *   state_dir=/var/lib/sifoverlay              (root's lease/journal state, docs/security.md)
+ *   max_overlay=256G                           (bytes, or K/M/G/T binary units)
+ *   hash_deadline=600                          (seconds the Epilog may hash; then the sweeper)
+ * The last three are used by the Python side only; they are checked here with the same
+ * rules so both halves accept exactly the same lines.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -15,6 +20,29 @@
 #include "sifoverlay.h"
 
 struct sifo_config sifo_config;
+static char state_dir[PATH_MAX]; /* validated only: the Prolog/Epilog read it themselves */
+
+/* A positive decimal number with an optional K/M/G/T (binary) suffix; -1 when invalid. */
+static int check_size(const char *key, const char *value, int allow_suffix)
+{
+	const char *p = value;
+	size_t digits = 0;
+
+	while (*p >= '0' && *p <= '9') {
+		p++;
+		digits++;
+	}
+	if (digits == 0 || digits > 15 || (*p && (!allow_suffix || p[1] || !strchr("KMGT", *p)))) {
+		sifo_error("plugstack: %s=%s: expected a positive number%s", key, value,
+			   allow_suffix ? " (optionally with K, M, G or T)" : "");
+		return -1;
+	}
+	for (const char *q = value; q < value + digits; q++)
+		if (*q != '0')
+			return 0;
+	sifo_error("plugstack: %s=%s: must be positive", key, value);
+	return -1;
+}
 
 static int copy_abs_path(const char *key, const char *value, char *dst, size_t dstlen)
 {
@@ -84,6 +112,12 @@ static int parse_one(const char *arg)
 		return copy_abs_path(key, value, sifo_config.journal_dir, sizeof(sifo_config.journal_dir));
 	if (!strcmp(key, "runtime_dir"))
 		return copy_abs_path(key, value, sifo_config.runtime_dir, sizeof(sifo_config.runtime_dir));
+	if (!strcmp(key, "state_dir"))
+		return copy_abs_path(key, value, state_dir, sizeof(state_dir));
+	if (!strcmp(key, "max_overlay"))
+		return check_size(key, value, 1);
+	if (!strcmp(key, "hash_deadline"))
+		return check_size(key, value, 0);
 	if (!strcmp(key, "sifoverlay"))
 		return copy_abs_path(key, value, sifo_config.sifoverlay, sizeof(sifo_config.sifoverlay));
 	if (!strcmp(key, "image_roots"))

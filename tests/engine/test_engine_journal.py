@@ -20,6 +20,7 @@ def _intent(image: str, **kw: object) -> Intent:
         appended=(BlobPlacement(100, 20, "sha256:" + hashlib.sha256(b"x" * 20).hexdigest()),),
         freed=((50, 10),), before=b"B" * 64, after=b"A" * 64, small_blobs={"sha256:" + "c" * 64: b"{}"},
         job="42", host="h", pid=7, created=1.5, extra={"overlay_digest": "sha256:" + "d" * 64},
+        key="00000000000000aa-2-0",
     )
     values.update(kw)
     return Intent(**values)  # type: ignore[arg-type]
@@ -31,10 +32,19 @@ def test_intent_round_trips_exactly() -> None:
 
 
 def test_entry_states_follow_markers_and_finish_removes(tmp_path: Path) -> None:
+    from sifoverlay.engine import statedir
+
     journal = Journal(tmp_path / "j")
-    intent = _intent(str(tmp_path / "image.sif"))
+    (tmp_path / "image.sif").write_bytes(b"x")
+    (tmp_path / "other.sif").write_bytes(b"y")
+    key = statedir.key_of_path(str(tmp_path / "image.sif"))
+    intent = _intent(str(tmp_path / "image.sif"), key=key)
     writer = journal.begin(intent)
+    assert os.path.basename(writer.path).startswith(key + ".")  # entries are named by image identity
     [entry] = journal.pending(tmp_path / "image.sif")
+    os.rename(tmp_path / "image.sif", tmp_path / "renamed.sif")  # a rename keeps the image's entries
+    assert [e.path for e in journal.pending(tmp_path / "renamed.sif")] == [entry.path]
+    assert journal.pending(key=key)[0].path == entry.path
     assert (entry.state, entry.intent) == (Kind.INTENT, intent)
     writer.mark(Kind.BLOBS_DURABLE, intent.op_id)
     assert journal.pending()[0].state == Kind.BLOBS_DURABLE
@@ -107,6 +117,7 @@ def test_default_journal_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setenv("SIFOVERLAY_JOURNAL_DIR", str(tmp_path / "env"))
     assert jr.default_journal_dir() == str(tmp_path / "env")
     monkeypatch.delenv("SIFOVERLAY_JOURNAL_DIR")
+    monkeypatch.delenv("SIFOVERLAY_STATE_DIR", raising=False)  # the journal is <state dir>/journal
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert jr.default_journal_dir() == "/var/lib/sifoverlay/journal"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

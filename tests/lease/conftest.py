@@ -14,6 +14,14 @@ CHILD = Path(__file__).with_name("child.py")
 REGION = (4096, 1 << 20)
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Lease records live in the state directory (engine/statedir.py): a private one per test."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "img.oci.sif"

@@ -35,14 +35,22 @@ def holder(job: str = "1234", source: str = "slurm", pid: int | None = None) -> 
 
 
 def leftovers(image: Path) -> list[str]:
-    return sorted(n for n in os.listdir(image.parent) if n != image.name)
+    """Files in the state directory's lease directory (records live there, never beside the image)."""
+    assert sorted(os.listdir(image.parent)) == [image.name] or all(
+        not n.startswith(f".{image.name}") for n in os.listdir(image.parent)), "nothing may be written beside the image"
+    leases = Path(os.environ["SIFOVERLAY_STATE_DIR"]) / "leases"
+    return sorted(os.listdir(leases)) if leases.is_dir() else []
 
 
 def test_acquire_writes_durable_record_and_release_removes_it(image: Path) -> None:
     io = CountingIO(keep_log=True)
     with lease.acquire(image, holder(), ttl=60, region=REGION, io=io) as held:
-        path = image.parent / f".{image.name}.sifoverlay-lease"
+        from sifoverlay.engine import statedir
+
+        key = statedir.key_of_path(str(image))
+        path = Path(os.environ["SIFOVERLAY_STATE_DIR"]) / "leases" / f"{key}.lease"
         assert lease.lease_path(image) == str(path)
+        assert held.key == key and record_key(path) == key
         record = json.loads(path.read_text())
         assert (record["host"], record["pid"], record["job_id"], record["source"]) == (HOST, os.getpid(), "1234", "slurm")
         assert record["uid"] == os.getuid()
@@ -134,8 +142,14 @@ def test_recycled_pid_or_other_boot_is_dead(image: Path) -> None:
         assert lease.inspect(image) is None
 
 
+def record_key(path: Path) -> str:
+    return json.loads(path.read_text())["key"]
+
+
 def write_record(image: Path, record: dict) -> None:
-    Path(lease.lease_path(image)).write_text(json.dumps(record))
+    path = Path(lease.lease_path(image))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
 
 
 def test_other_host_lease_needs_the_grace_period(image: Path) -> None:
@@ -153,6 +167,7 @@ def test_other_host_lease_needs_the_grace_period(image: Path) -> None:
 
 def test_torn_lease_file_is_judged_by_mtime(image: Path) -> None:
     path = Path(lease.lease_path(image))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"host": "n')
     with pytest.raises(ImageBusy, match="held by job \\? \\(unknown\\)"):
         lease.acquire(image, holder(), region=REGION)
@@ -333,6 +348,7 @@ def test_region_is_looked_up_from_the_image(vectors: Path, tmp_path: Path) -> No
 
 def test_temp_files_of_killed_processes_are_swept(image: Path) -> None:
     base = lease.lease_path(image)
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
     dead = dead_pid()
     left = [f"{base}.hb.{HOST}.{dead}.ab12cd34", f"{base}.new.{HOST}.{dead}.00ff00ff",
             f"{base}.tomb.{HOST}.{dead}.11111111"]

@@ -61,8 +61,12 @@ def textdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> SlurmConfig:
-    return SlurmConfig(journal_dir=str(tmp_path / "journal"), runtime_dir=str(tmp_path / "run"))
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SlurmConfig:
+    """Lease records in a private state directory, for the hooks (config) and for the helper
+    processes and checks of these tests (environment)."""
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))
+    return SlurmConfig(journal_dir=str(tmp_path / "journal"), runtime_dir=str(tmp_path / "run"),
+                       state_dir=str(tmp_path / "state"))
 
 
 @pytest.fixture
@@ -232,7 +236,7 @@ def test_epilog_exits_0_and_reconciles_when_the_events_textfile_is_broken(
     _write_with_debugfs(overlay_image, tmp_path)
     plugstack = tmp_path / "plugstack.conf"
     plugstack.write_text(f"required /usr/lib/sifoverlay/sifoverlay_spank.so journal_dir={config.journal_dir} "
-                         f"runtime_dir={config.runtime_dir}\n")
+                         f"runtime_dir={config.runtime_dir} state_dir={config.state_dir}\n")
     env = {**os.environ, "SLURM_JOB_ID": "45", "SIFOVERLAY_PLUGSTACK": str(plugstack),
            "SIFOVERLAY_TEXTFILE_DIR": str(textdir), "SIFOVERLAY_SLURM_LOG": str(tmp_path / "slurm.log")}
     done = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "sifoverlay.slurm.epilog"], env=env,
@@ -291,15 +295,19 @@ def test_sweeper_keeps_the_lease_of_a_job_whose_end_failed(
     from sifoverlay.engine import lease
     from sifoverlay.slurm.sweeper import sweep
 
+    from sifoverlay.engine import statedir
+
     _lease_by_exited_process(overlay_image, "48", ttl=0.05)
     _start_session(config, "48", overlay_image)
+    key = statedir.key_of_path(str(overlay_image))  # leases belong to the inode, not the name
     replaced = overlay_image.with_suffix(".new")
     shutil.copy(overlay_image, replaced)
     os.replace(replaced, overlay_image)  # same path, another inode: verify refuses
     report = sweep(config, FixedJobState(frozenset({"48"})), textfile_dir=str(textdir))
     assert [(o.job_id, o.result, o.step) for o in report.outcomes] == [("48", "failed", "verify")]
     assert report.stale_broken == []
-    assert lease.inspect(overlay_image) is not None
+    assert lease.inspect(key=key) is not None  # job 48's lease on the authorized inode stays
+    assert lease.inspect(overlay_image) is None  # the file now at that path is another image
     assert not (textdir / EVENTS).exists()  # no sync ran, nothing broken: nothing to count
 
 
@@ -317,7 +325,7 @@ def test_recover_slurm_counts_the_recoveries(
 
     plugstack = tmp_path / "plugstack.conf"
     plugstack.write_text(f"required /usr/lib/sifoverlay/sifoverlay_spank.so journal_dir={config.journal_dir} "
-                         f"runtime_dir={config.runtime_dir}\n")
+                         f"runtime_dir={config.runtime_dir} state_dir={config.state_dir}\n")
     args = argparse.Namespace(plugstack=str(plugstack), backend="cli", images=[str(overlay_image)],
                               journal_dir=None, json=False, textfile_dir=str(textdir))
     out = stdio.StringIO()
