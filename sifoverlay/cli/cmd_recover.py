@@ -1,5 +1,7 @@
 """`sifoverlay recover [IMAGE ...] [--journal-dir DIR] [--json]`: finish or roll back every
-interrupted create / sync / seal (all images with journal entries when none is named).
+interrupted create / sync / seal (all images with journal entries when none is named),
+then clean up the `sifoverlay exec` runs of this host that died (runtime.reclaim: mounts
+and FUSE daemons, then the sync, the lease and the session).
 
 Exit status: 0 when everything was recovered (or nothing was pending), 1 when an entry
 could not be recovered (it is kept; the outcome says why).
@@ -45,11 +47,31 @@ def run(args: argparse.Namespace) -> int:
 
     with recording(args.textfile_dir, "recover") as rec:
         outcomes = rec.outcome = recover(args.images or None, journal_dir=args.journal_dir, io=io_from_env())
+    runs = _reclaim_dead_execs(args)  # SIGKILLed `sifoverlay exec` runs of this host (runtime.reclaim)
     if args.json:
-        print_json({"outcomes": [o.as_dict() for o in outcomes]})
+        print_json({"outcomes": [o.as_dict() for o in outcomes], **({"exec_runs": [r.as_dict() for r in runs]}
+                                                                    if runs else {})})
     else:
-        if not outcomes:
+        if not outcomes and not runs:
             sys.stdout.write("nothing to recover\n")
         for o in outcomes:
             sys.stdout.write(f"{o.image}: {o.outcome}" + (f" ({o.op})" if o.op else "") + f": {o.detail}\n")
-    return 1 if any(o.outcome == "failed" for o in outcomes) else 0
+        for r in runs:
+            sys.stdout.write(f"{r.image}: exec {r.job_id} {r.result}" + (f" at {r.step}: {r.detail}" if r.detail else "")
+                             + "\n")
+    return 1 if any(o.outcome == "failed" for o in outcomes) or any(r.result == "failed" for r in runs) else 0
+
+
+def _reclaim_dead_execs(args: argparse.Namespace) -> list[Any]:
+    import os
+
+    from sifoverlay.engine.journal import default_journal_dir
+    from sifoverlay.fsio import io_from_env
+    from sifoverlay.runtime import reclaim
+
+    journal = args.journal_dir or default_journal_dir()
+    if args.images:
+        wanted = {os.path.abspath(i) for i in args.images}
+        dead = [s for s in reclaim.dead_exec_sessions(journal) if s.image in wanted]
+        return [reclaim.reclaim_session(s, journal, io=io_from_env()) for s in dead]
+    return reclaim.reclaim(journal, io=io_from_env())

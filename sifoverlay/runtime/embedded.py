@@ -66,6 +66,7 @@ def run_embedded(
     io: FileIO = REAL_IO,
 ) -> ExecOutcome:
     from sifoverlay.engine import lease, sessions
+    from sifoverlay.engine.procs import boot_id, process_start_ticks
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
 
@@ -91,7 +92,9 @@ def run_embedded(
                     image_fd=fd, io=io)
         try:
             sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
-                           source="cli", details={"lease_token": held.token, "base_dir": base}, io=io)
+                           source="cli", details={"lease_token": held.token, "base_dir": base,
+                                                  "pid_start": process_start_ticks(os.getpid()), "boot_id": boot_id()},
+                           io=io)
             returncode, failure = _assemble_and_run(path, job, argv, user=user, writable=writable, mode=mode,
                                                     binds=binds, cwd=cwd, env=env, base=base, fd=fd, held=held,
                                                     lease_ttl=lease_ttl, io=io)

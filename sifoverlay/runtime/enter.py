@@ -1,8 +1,13 @@
 """Child side of `exec_in`: run as ``python -m sifoverlay.runtime.enter SPEC_JSON``, as root.
 
-In a private mount namespace (nothing propagates back to the host): mount /proc, bind
-/dev and /sys and the user's binds into the rootfs, chroot into it, drop to the job
-user, keep the cwd when it exists in the image, and exec the command.
+In a private mount namespace (nothing propagates back to the host) and a new pid
+namespace: pid 1 there mounts /proc, binds /dev and /sys and the user's binds into the
+rootfs, chroots into it, starts the command as pid 2 (dropped to the job user, cwd kept
+when it exists in the image) and then waits as the job user, forwarding SIGTERM/SIGHUP.
+When pid 1 exits the kernel kills whatever is left in the namespace; every link of the
+chain dies with its parent (PR_SET_PDEATHSIG), so a SIGKILLed `sifoverlay exec` leaves no
+process of the job behind - only mounts and FUSE daemons, which `sifoverlay recover`
+tears down (runtime.reclaim).
 
 The rootfs content is user-controlled (and served by the user's FUSE daemons), so every
 destination inside it is resolved with openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
@@ -20,6 +25,7 @@ import ctypes.util
 import errno
 import json
 import os
+import signal
 import struct
 import sys
 from typing import Any
@@ -29,9 +35,12 @@ _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 SYS_OPENAT2 = 437  # same number on every architecture (new syscall table)
 O_PATH = 0o10000000
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
@@ -88,9 +97,26 @@ def _mount_into(root_fd: int, source: str | None, dest: str, fstype: str | None,
             os.close(fd)
 
 
-def setup_and_exec(spec: dict[str, Any]) -> None:
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+def _die_with_parent(sig: int = 9) -> None:
+    """PR_SET_PDEATHSIG: this process gets SIGKILL when its parent thread exits."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "parent death signal")
+
+
+def _drop(spec: dict[str, Any]) -> None:
+    os.setgroups(spec["groups"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def setup_namespaces() -> None:
+    """A private mount namespace and a new pid namespace for our next child."""
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare(CLONE_NEWNS|CLONE_NEWPID)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE, "making mounts private")
+
+
+def setup_root(spec: dict[str, Any]) -> None:
+    """(pid 1 of the new pid namespace) mount /proc, /dev, /sys and the binds, chroot."""
     root_fd = os.open(spec["rootfs"], O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     _mount_into(root_fd, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mounting proc", required=False)
     _mount_into(root_fd, "/dev", "/dev", None, MS_BIND | MS_REC, "binding /dev", required=False)
@@ -101,12 +127,13 @@ def setup_and_exec(spec: dict[str, Any]) -> None:
     os.fchdir(root_fd)
     os.chroot(".")
     os.close(root_fd)
+
+
+def exec_command(spec: dict[str, Any]) -> None:
+    """(pid 2) become the job user and exec the command."""
     # From here until setuid only syscalls: nothing may be imported while root sits inside
     # the user-controlled tree (an import would load the image's files as root).
-    os.setgroups(spec["groups"])
-    os.setgid(spec["gid"])
-    os.setuid(spec["uid"])
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    _drop(spec)
     try:
         os.chdir(spec["cwd"] or "/")
     except OSError:
@@ -120,17 +147,77 @@ def setup_and_exec(spec: dict[str, Any]) -> None:
         raise SetupError(f"{argv[0]}: cannot execute: {exc.strerror}") from None
 
 
+def _report(status_fd: int, exc: BaseException) -> int:
+    message = str(exc) if isinstance(exc, SetupError) else (
+        f"{exc.strerror}: {exc.filename or ''}".rstrip(": ") if isinstance(exc, OSError) else type(exc).__name__)
+    os.write(status_fd, message.encode(errors="replace")[:4000])  # io-seam: exempt (status pipe to the parent)
+    return 127 if "command not found" in message else EXIT_SETUP
+
+
+def _exit_code(status: int) -> int:
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _wait_forwarding(child: int, *, reap_all: bool) -> int:
+    """Forward SIGTERM/SIGHUP to `child` (SIGINT comes from the terminal to the whole
+    process group: ignored here), wait for it (reaping any orphan as pid 1 must) and
+    return its exit code (128+N when killed by signal N)."""
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        pid, status = os.waitpid(-1 if reap_all else child, 0)
+        if pid == child:
+            return _exit_code(status)
+
+
+def init_main(spec: dict[str, Any], status_fd: int) -> int:
+    """pid 1 of the job's pid namespace: set the root up, start the command as pid 2,
+    then wait as the job user. When pid 1 exits the kernel kills everything left in the
+    namespace, so nothing the command started outlives it (or a SIGKILLed `exec`: pid 1
+    dies with its parent, PR_SET_PDEATHSIG)."""
+    try:
+        _die_with_parent()
+        setup_root(spec)
+        child = os.fork()
+        if child == 0:
+            try:
+                exec_command(spec)
+            except BaseException as exc:  # noqa: BLE001 - reported, never re-raised as root in the chroot
+                os._exit(_report(status_fd, exc))
+        os.close(status_fd)
+        _drop(spec)
+        _die_with_parent()  # changing credentials cleared it
+        return _wait_forwarding(child, reap_all=True)
+    except BaseException as exc:  # noqa: BLE001
+        try:
+            return _report(status_fd, exc)
+        except BaseException:  # noqa: BLE001
+            return EXIT_SETUP
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     status_fd = int(spec["status_fd"])
     os.set_inheritable(status_fd, False)  # closed by a successful exec: EOF = started
     try:
-        setup_and_exec(spec)
+        _die_with_parent()  # a SIGKILLed `sifoverlay exec` takes us (and so the whole job) along
+        if spec.get("parent") and os.getppid() != int(spec["parent"]):
+            return EXIT_SETUP  # it already died
+        setup_namespaces()
+        pid = os.fork()
     except (SetupError, OSError) as exc:
-        message = str(exc) if isinstance(exc, SetupError) else f"{exc.strerror}: {exc.filename or ''}".rstrip(": ")
-        os.write(status_fd, message.encode(errors="replace")[:4000])  # io-seam: exempt (status pipe to the parent)
-        return 127 if "command not found" in message else EXIT_SETUP
-    return EXIT_SETUP  # not reached: exec replaced us
+        return _report(status_fd, exc)
+    if pid == 0:
+        os._exit(init_main(spec, status_fd))
+    os.close(status_fd)
+    return _wait_forwarding(pid, reap_all=False)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def exec_in(
         "rootfs": rootfs.path, "argv": list(argv), "uid": uid, "gid": gid,
         "groups": list(groups) if groups is not None else [gid], "cwd": cwd or "/",
         "binds": [[b.source, b.dest, b.readonly] for b in binds],
-        "env": dict(os.environ if env is None else env), "status_fd": write_end,
+        "env": dict(os.environ if env is None else env), "status_fd": write_end, "parent": os.getpid(),
     }
     try:
         proc = subprocess.Popen([sys.executable, "-m", "sifoverlay.runtime.enter", json.dumps(spec)],
