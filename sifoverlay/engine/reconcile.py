@@ -123,6 +123,7 @@ def sync(
     image_fd: int | None = None,
     deadline: float | None = None,
     max_bytes: int | None = None,
+    as_user: tuple[int, int] | None = None,
 ) -> SyncResult:
     """Reconcile the overlay's digest into descriptor, manifest, config and root index.
 
@@ -134,7 +135,9 @@ def sync(
     rename or symlink swap of the path cannot make root touch another image
     (NotAuthorized, nothing written). `deadline` (time.monotonic() value): hashing stops
     with HashDeadline past it, nothing committed. `max_bytes`: check_overlay_bounds
-    before any hashing.
+    before any hashing. `as_user` = (uid, gid) of the job user: a dirty ext3 is replayed
+    by an unprivileged process of that user (ext3.replay_and_fsck), and quiesce trusts
+    that uid's FUSE mounts besides root's and the owner's.
     """
     from . import statedir
 
@@ -162,14 +165,14 @@ def sync(
                 return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
         check_overlay_bounds(image, fd, max_bytes=max_bytes)
         return _slow_sync(image, fd, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start,
-                          deadline=deadline)
+                          deadline=deadline, as_user=as_user)
     finally:
         os.close(fd)
 
 
 def _slow_sync(
     image: str, fd: int, journal: Journal, *, job: str | None, io: FileIO, progress: Progress | None,
-    force_hash: bool, start: float, deadline: float | None = None,
+    force_hash: bool, start: float, deadline: float | None = None, as_user: tuple[int, int] | None = None,
 ) -> SyncResult:
     from sifoverlay.ext3 import Superblock, check_region_header, hash_range, replay_and_fsck
     from sifoverlay.ocisif import open_image
@@ -182,7 +185,8 @@ def _slow_sync(
     with open_image(SifFile.from_fd(os.dup(fd), image)) as img:  # locate the overlay for quiesce and the lock range
         located = img.require_overlay()
         region = (located.offset, located.size)
-    quiesce.ensure_quiet(image, *region, job=job, writers_only=True)
+    quiesce.ensure_quiet(image, *region, job=job, writers_only=True, fd=fd,
+                         owners=None if as_user is None else (as_user[0],))
     with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region, image_fd=fd) as lease_held:
         wfd = statedir.reopen(fd, writable=True, io=io)
         with SifFile.from_fd(wfd, image) as sif:
@@ -193,7 +197,8 @@ def _slow_sync(
             sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
             if sb.is_dirty:
                 # replay and/or e2fsck -p; fd= makes it check the loop device serves this inode
-                replayed = replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io).checked
+                replayed = replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io,
+                                           as_user=as_user).checked
                 sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)  # fingerprint after fsck (§6)
             fingerprint = sb.fingerprint()
             old = overlay.recorded_digest

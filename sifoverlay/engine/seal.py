@@ -155,7 +155,7 @@ def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None,
         located = img.require_overlay()
         region = (located.offset, located.size)
     sweep_dead_mounts()
-    quiesce.ensure_quiet(image, *region, writers_only=False)
+    quiesce.ensure_quiet(image, *region, writers_only=False, fd=fd)
     with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region, image_fd=fd):
         with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
             sif.writable = True

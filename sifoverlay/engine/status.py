@@ -93,7 +93,7 @@ def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callab
     overlay = img.require_overlay()
     sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
     now = sb.fingerprint()
-    busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size) if a.writer]
+    busy = [a for a in quiesce.find_activity(image, overlay.offset, overlay.size, fd=fd) if a.writer]
     recorded_fp = overlay.fingerprint
     want_hash = verify is True or (verify is None and recorded_fp is None)
     actual = None

@@ -141,7 +141,9 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
             # The Epilog hashes for at most hash_deadline seconds (a timed-out Epilog drains
             # the node); past it the session and lease stay for the sweeper, which has none.
             deadline = time.monotonic() + config.hash_deadline if reason == "epilog" else None
-            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline)
+            gid = session.details.get("gid")
+            as_user = (session.uid, int(gid)) if gid is not None else None
+            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline, as_user)
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
         _release_lease(session.image, job_id, io, session.details.get("key"), config.state_dir)
@@ -160,6 +162,7 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
 def _counted_sync(
     image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO,
     identity: tuple[int, int] | None = None, deadline: float | None = None,
+    as_user: tuple[int, int] | None = None,
 ) -> Any:
     """engine.sync inside the job's lease, its result or exception counted (op "sync").
     `identity`: the inode the Prolog authorized; the engine re-checks it on its own fd, which
@@ -169,7 +172,7 @@ def _counted_sync(
     began = time.monotonic()
     try:
         synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io, expect_identity=identity,
-                             deadline=deadline, max_bytes=config.max_overlay)
+                             deadline=deadline, max_bytes=config.max_overlay, as_user=as_user)
     except Exception as exc:
         record_event(textfile_dir, "sync", exc, seconds=time.monotonic() - began)
         raise

@@ -131,7 +131,7 @@ def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfi
         # On root's authorized fd, never by path: a rename/symlink swap cannot redirect it.
         result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir, image_fd=identity.fd,
                              expect_identity=(identity.dev, identity.ino), max_bytes=config.max_overlay,
-                             deadline=time.monotonic() + config.hash_deadline)
+                             deadline=time.monotonic() + config.hash_deadline, as_user=(job.uid, job.gid))
         log.info("%s: %s (%s)", image, result.action, result.new_digest)
 
 
