@@ -55,17 +55,21 @@ def push(image: str | os.PathLike[str], ref: str | Reference, *, layer_format: s
     if not os.path.isfile(path):
         raise UsageError(path, "no such image file")
     synced = reconcile_before_push(path, journal_dir=journal_dir, io=io)
-    if target.scheme == "oras":
-        from .oras_push import push_file
+    from sifoverlay.engine import lease
 
-        result = push_file(path, target, plain_http=plain_http, progress=progress, io=io)
-    else:
-        from sifoverlay.ocisif import open_image
+    # Readers hold a lease too (docs/security.md): no writer changes the bytes being pushed.
+    with lease.acquire_shared(path, lease.Holder.current(f"push-{os.getpid()}", "push"), io=io):
+        if target.scheme == "oras":
+            from .oras_push import push_file
 
-        from .docker_push import push_image
+            result = push_file(path, target, plain_http=plain_http, progress=progress, io=io)
+        else:
+            from sifoverlay.ocisif import open_image
 
-        with open_image(path) as img:
-            result = push_image(img, target, layer_format=layer_format, plain_http=plain_http, progress=progress)
+            from .docker_push import push_image
+
+            with open_image(path) as img:
+                result = push_image(img, target, layer_format=layer_format, plain_http=plain_http, progress=progress)
     return _with_sync(result, synced)
 
 
