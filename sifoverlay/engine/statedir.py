@@ -10,7 +10,8 @@ job holds an image (and refuses to write) without being able to create or remove
 
 An unprivileged user without write access there keeps its own records in a per-user
 state directory (``$SIFOVERLAY_STATE_DIR``, else ``$XDG_STATE_HOME/sifoverlay``, default
-``~/.local/state/sifoverlay``) and *reads* the root one as well.
+``~/.local/state/sifoverlay``) and *reads* the root one as well
+(``$SIFOVERLAY_ROOT_STATE_DIR``, default ``/var/lib/sifoverlay``).
 
 Images are named by identity, not path: ``<fsid>-<ino>`` of the open file (fsid from
 statfs where the filesystem provides one, else st_dev). A rename or a hard link keeps one
@@ -49,6 +50,7 @@ __all__ = [
 
 ENV_STATE_DIR: Final = "SIFOVERLAY_STATE_DIR"
 ROOT_STATE_DIR: Final = "/var/lib/sifoverlay"
+ENV_ROOT_STATE_DIR: Final = "SIFOVERLAY_ROOT_STATE_DIR"  # where unprivileged users look for root's records
 LEASES: Final = "leases"
 SCRATCH: Final = "scratch"
 
@@ -101,7 +103,7 @@ def read_dirs(state_dir: str | None = None) -> list[str]:
     own = os.path.abspath(state_dir) if state_dir else default_dir()
     out = [own]
     if os.geteuid() != 0 and state_dir is None:
-        for other in (ROOT_STATE_DIR,):
+        for other in (os.path.abspath(os.environ.get(ENV_ROOT_STATE_DIR) or ROOT_STATE_DIR),):
             if other != own and os.path.isdir(other):
                 out.append(other)
     return out
