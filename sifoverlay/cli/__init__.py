@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(shown, as_json)
         return shown.exit_code
     except KeyboardInterrupt:
-        print("sifoverlay: interrupted", file=sys.stderr)
+        typed = typed_paths(args)
+        print_error(SifOverlayError(typed[0] if typed else None, "interrupted"), as_json)
         return 130
     except BrokenPipeError:
         return EXIT_FAILURE

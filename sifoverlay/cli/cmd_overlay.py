@@ -8,6 +8,7 @@ header, table, JSON and the ext3 superblock.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any
@@ -45,6 +46,45 @@ def parse_size(text: str) -> int:
     if numerator % (denominator << 20):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB")
     return numerator // (denominator << 20)
+
+
+MAX_SIZE_MIB = 16 << 20  # ext3 with 4 KiB blocks: 16 TiB
+
+
+def _existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_room(image: str, size_mib: int, *, sparse: bool) -> None:
+    """Refuse, before anything is staged, an overlay that cannot be made: over ext3's
+    16 TiB, or (allocated, not --sparse) more than the free space where it is written
+    (the engine's scratch directory, then appended to the image: twice on one filesystem)."""
+    from sifoverlay.engine import statedir
+    from sifoverlay.errors import UsageError
+
+    if size_mib > MAX_SIZE_MIB:
+        raise UsageError(image, f"overlay size {size_mib} MiB is over ext3's limit of {MAX_SIZE_MIB} MiB (16 TiB)")
+    if sparse:
+        return
+    need: dict[int, tuple[int, str]] = {}
+    for where in (os.path.dirname(os.path.abspath(image)), _existing(statedir.scratch_dir())):
+        try:
+            device = os.stat(where).st_dev
+        except OSError:
+            continue  # the engine reports what it cannot use
+        total, _ = need.get(device, (0, where))
+        need[device] = (total + (size_mib << 20), where)
+    for total, where in need.values():
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            continue
+        free = st.f_bavail * st.f_frsize
+        if total > free:
+            raise UsageError(image, f"a {size_mib} MiB overlay needs {total >> 20} MiB free in {where}, "
+                                    f"only {free >> 20} MiB are (use --sparse to allocate on write)")
 
 
 def register(sub: Any) -> None:
@@ -128,6 +168,7 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
 
         if args.size < MIN_SIZE_MIB:  # checked before anything is staged
             raise UsageError(args.image, f"overlay size must be at least {MIN_SIZE_MIB} MiB, got {args.size} MiB")
+        check_room(args.image, args.size, sparse=args.sparse)
 
         op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
                             io=io_from_env())

@@ -160,6 +160,11 @@ def test_create_size_is_checked_before_anything_is_staged(tmp_path: Path, env: d
     assert (error["error"], error["path"]) == ("UsageError", str(image))
     bad_unit = one_json(run_cli("overlay", "create", "--json", "--size", "1Q", str(image), env=env))
     assert bad_unit["error"] == "UsageError" and "--size" in bad_unit["message"]
+    too_big = one_json(run_cli("overlay", "create", "--json", "--size", "17T", str(image), env=env))
+    assert too_big["message"] == f"{image}: overlay size 17825792 MiB is over ext3's limit of 16777216 MiB (16 TiB)"
+    no_room = one_json(run_cli("overlay", "create", "--json", "--size", "16T", str(image), env=env))
+    assert no_room["error"] == "UsageError" and no_room["path"] == str(image)
+    assert "MiB overlay needs" in no_room["message"] and "use --sparse" in no_room["message"]
     assert sorted(p.name for p in image.parent.iterdir()) == before
     assert not list(Path(env["SIFOVERLAY_STATE_DIR"]).rglob("*.ext3"))
     made = run_cli("overlay", "create", "--json", "--sparse", "--size", "1G", str(image), env=env)
