@@ -24,11 +24,11 @@ pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
 # Sampling of the default run (fractions of the cut points; K draws per random model).
 CI_PLANS = {
-    "create": harness.Plan(kill_fraction=0.3, power_fraction=0.2, k=2, nested_fraction=0.3, nested_points_fraction=0.2),
-    "sync": harness.Plan(kill_fraction=0.6, power_fraction=0.5, k=2, nested_fraction=0.5, nested_points_fraction=0.3),
-    "seal": harness.Plan(kill_fraction=0.3, power_fraction=0.25, k=2, nested_fraction=0.3, nested_points_fraction=0.2),
-    "sync-dirty": harness.Plan(kill_fraction=0.4, power_fraction=0.3, k=2, nested_fraction=0.3, nested_points_fraction=0.25),
-    "seal-dirty": harness.Plan(kill_fraction=0.2, power_fraction=0.15, k=2, nested_fraction=0.3, nested_points_fraction=0.3),
+    "create": harness.Plan(kill_fraction=0.4, power_fraction=0.25, k=2, nested_fraction=0.3, nested_points_fraction=0.25),
+    "sync": harness.Plan(kill_fraction=0.8, power_fraction=0.6, k=2, nested_fraction=0.6, nested_points_fraction=0.4),
+    "seal": harness.Plan(kill_fraction=0.4, power_fraction=0.3, k=2, nested_fraction=0.3, nested_points_fraction=0.25),
+    "sync-dirty": harness.Plan(kill_fraction=0.5, power_fraction=0.4, k=2, nested_fraction=0.4, nested_points_fraction=0.3),
+    "seal-dirty": harness.Plan(kill_fraction=0.3, power_fraction=0.2, k=2, nested_fraction=0.3, nested_points_fraction=0.3),
     "seal-unclean": harness.Plan(kill_fraction=0.2, power_fraction=0.15, k=2, nested_fraction=0.3, nested_points_fraction=0.3),
 }
 

@@ -14,7 +14,7 @@ from tests.crash import harness, scenarios, tools
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
-CI_KILLS = 6  # sampled kill points per tool (fixed seed); bench/crash_exhaustive.py: all
+CI_KILLS = 8  # sampled kill points per tool (fixed seed); bench/crash_exhaustive.py: all
 
 
 def _points(points: list[tuple[str, int]], name: str, limit: int | None) -> list[tuple[str, int]]:
