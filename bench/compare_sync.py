@@ -64,7 +64,7 @@ from sifoverlay.ocisif.importer import import_image  # noqa: E402
 from sifoverlay.sif.set import set_oci_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-BUSYBOX = REPO.parent / "shared" / "vectors" / "singularity" / "busybox_amd64.sif"
+LAYOUT_SCRIPT = REPO / "scripts" / "busybox-layout.py"  # Debian's busybox-static as an OCI layout
 Op = tuple[str, dict[str, object]]
 
 
@@ -258,9 +258,12 @@ def cut_points(tree: Tree, run: Callable[[FileIO], object], *, recover: bool, fs
 
 # -- fixtures --------------------------------------------------------------------------------
 def make_modified_image(work: Path, name: str, *, size_mib: int, sparse: bool) -> Path:
-    """busybox vector -> OCI-SIF -> ext3 overlay -> one file written into upper/ (stale digest)."""
+    """busybox-static -> OCI layout -> OCI-SIF -> ext3 overlay -> one file written into upper/ (stale digest)."""
     image = work / name
-    import_image(str(BUSYBOX), str(image))
+    layout = work / f".{name}.layout"
+    subprocess.run([sys.executable, str(LAYOUT_SCRIPT), str(layout)], check=True, capture_output=True)
+    import_image(str(layout), str(image))
+    shutil.rmtree(layout)
     engine.create_overlay(image, size_mib=size_mib, sparse=sparse, journal_dir=work / "journal-setup")
     write_into_overlay(image, work)
     return image
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SIFOVERLAY_STATE_DIR"] = str(work / "state")  # lease records of this run, never the host's
     try:
         source = make_modified_image(work, "start.oci.sif", size_mib=64, sparse=True)
-        result: dict[str, Any] = {"image": "busybox_amd64.sif imported, 64 MiB sparse ext3 overlay, 48 KiB file written"}
+        result: dict[str, Any] = {"image": "busybox-static layout imported, 64 MiB sparse ext3 overlay, 48 KiB file written"}
         for name, fsync in (("go", False), ("go+fsync", True)):
             tree = Tree(work / name.replace("+", "_"), source)
             result[name] = cut_points(

@@ -5,8 +5,8 @@ RSS, against a baseline measured in the same run (os.stat + a 1 KiB pread per fi
     .venv/bin/python bench/exporter.py [--count 10000] [--dir /var/tmp] [--keep]
 
 Targets (issue 6): a full scan <= 2 s, RSS <= 150 MB. Prints one JSON object; never
-asserts. One template image is built (a 16 KiB OCI-SIF from the vectors + a sparse 64 MiB
-overlay, ~350 KiB allocated) and cloned with copy_file_range over its data extents only,
+asserts. One template image is built (a ~16 KiB OCI-SIF from scripts/busybox-layout.py
+--no-busybox + a sparse 64 MiB overlay, ~350 KiB allocated) and cloned with copy_file_range over its data extents only,
 so the clones stay sparse. The scan runs in a fresh child process so that its peak RSS
 (ru_maxrss) is the exporter's, not the generator's. Everything is deleted at the end.
 """
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_VECTOR = REPO.parent / "shared" / "vectors" / "oci-sif" / "TestUpdate" / "AddLayer.golden"
+LAYOUT_SCRIPT = REPO / "scripts" / "busybox-layout.py"  # Debian's busybox-static as an OCI layout
 
 
 def sparse_clone(src_fd: int, size: int, extents: list[tuple[int, int]], dest: str) -> None:
@@ -61,8 +61,12 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 def generate(directory: Path, count: int) -> dict[str, float]:
     from sifoverlay import engine
 
+    from sifoverlay.ocisif.importer import import_image
+
     template = directory / "template.oci.sif.src"
-    shutil.copyfile(TEMPLATE_VECTOR, template)
+    subprocess.run([sys.executable, str(LAYOUT_SCRIPT), "--no-busybox", str(directory / "layout")], check=True, capture_output=True)
+    import_image(directory / "layout", template)
+    shutil.rmtree(directory / "layout")
     engine.create_overlay(template, size_mib=64, sparse=True, journal_dir=directory / "journal")
     images = directory / "images"
     images.mkdir()

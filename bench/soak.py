@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 SIFOVERLAY = str(REPO / ".venv" / "bin" / "sifoverlay")
 DEV_CLUSTER = str(REPO / "slurm_plugin" / "dev-cluster")
-BUSYBOX = REPO.parent / "shared" / "vectors" / "singularity" / "busybox_amd64.sif"
+LAYOUT_SCRIPT = REPO / "scripts" / "busybox-layout.py"  # Debian's busybox-static as an OCI layout
 IMAGE_ROOT = Path(os.environ.get("SIFOVERLAY_IMAGE_ROOTS", "/var/tmp/sifoverlay-images").split(":")[0])
 JOURNAL_DIR = os.environ.get("SIFOVERLAY_JOURNAL_DIR", "/var/lib/sifoverlay/journal")
 SOAK_USER = "sifsoak"
@@ -294,7 +294,8 @@ class Soak:
     # -- setup ----------------------------------------------------------------------------
     def make_images(self) -> None:
         base = self.work / "base.oci.sif"
-        run([SIFOVERLAY, "import", str(BUSYBOX), str(base)])
+        run([sys.executable, str(LAYOUT_SCRIPT), str(self.work / "busybox-layout")])
+        run([SIFOVERLAY, "import", str(self.work / "busybox-layout"), str(base)])
         run([SIFOVERLAY, "overlay", "create", "--sparse", "--size", "64", str(base)],
             env=dict(os.environ, SIFOVERLAY_JOURNAL_DIR=JOURNAL_DIR))
         # a directory the jobs' user may write (the overlay's root belongs to root)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a small runnable OCI image layout from Debian's busybox-static (/bin/busybox).
 
-    busybox-layout.py LAYOUT [--busybox /bin/busybox] [--tag busybox] [--layers 1|2]
+    busybox-layout.py LAYOUT [--busybox /bin/busybox] [--tag busybox] [--layers 1|2] [--no-busybox]
 
 The demo and the tests use it instead of a downloaded image: `sifoverlay import LAYOUT
 OUT.oci.sif` makes the OCI-SIF. Layer 1 is a root filesystem with /bin/busybox and one
@@ -9,7 +9,9 @@ hard link per applet (`busybox --list`), /etc/passwd and /etc/group, and the usu
 directories; `--layers 2` adds a second layer (/etc/motd, /etc/hostname) so that images
 with more than one layer can be made too. Uncompressed tar layers, every timestamp is
 SOURCE_DATE_EPOCH (default 0) and every entry is owned by root: the same busybox binary
-gives byte-identical layouts. Standard library only (python3 of the system is enough).
+gives byte-identical layouts. `--no-busybox` leaves the binary and its links out (a tiny,
+not runnable image, for benchmarks that clone thousands of images). Standard library only
+(python3 of the system is enough).
 """
 
 from __future__ import annotations
@@ -76,14 +78,15 @@ def applets(busybox: str) -> list[str]:
     return [n for n in names if n != "busybox"]
 
 
-def rootfs_layer(busybox: str, mtime: int) -> bytes:
+def rootfs_layer(busybox: str | None, mtime: int) -> bytes:
     layer = Layer(mtime)
     for name, mode in DIRS:
         layer.dir(name, mode)
-    with open(busybox, "rb") as f:
-        layer.file("bin/busybox", f.read(), 0o755)
-    for name in applets(busybox):
-        layer.hardlink(f"bin/{name}", "bin/busybox")
+    if busybox is not None:
+        with open(busybox, "rb") as f:
+            layer.file("bin/busybox", f.read(), 0o755)
+        for name in applets(busybox):
+            layer.hardlink(f"bin/{name}", "bin/busybox")
     layer.file("etc/passwd", PASSWD.encode())
     layer.file("etc/group", GROUP.encode())
     layer.file("etc/hosts", b"")
@@ -113,7 +116,7 @@ def canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build(layout: str, busybox: str, tag: str, nlayers: int, mtime: int) -> str:
+def build(layout: str, busybox: str | None, tag: str, nlayers: int, mtime: int) -> str:
     os.makedirs(os.path.join(layout, "blobs", "sha256"), exist_ok=True)
     layers = [rootfs_layer(busybox, mtime)] + ([extra_layer(mtime)] if nlayers == 2 else [])
     descs = [{"mediaType": OCI_LAYER, **write_blob(layout, data)} for data in layers]
@@ -150,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busybox", default="/bin/busybox", help="static busybox binary [/bin/busybox]")
     ap.add_argument("--tag", default="busybox", help="ref name in index.json [busybox]")
     ap.add_argument("--layers", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--no-busybox", action="store_true", help="leave /bin/busybox out (not runnable)")
     args = ap.parse_args(argv)
-    if not os.path.isfile(args.busybox):
+    if not args.no_busybox and not os.path.isfile(args.busybox):
         print(f"busybox-layout: {args.busybox} not found (apt-get install busybox-static)", file=sys.stderr)
         return 1
     if os.path.exists(args.layout) and os.listdir(args.layout):
         print(f"busybox-layout: {args.layout} is not empty", file=sys.stderr)
         return 1
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-    print(build(args.layout, args.busybox, args.tag, args.layers, mtime))
+    print(build(args.layout, None if args.no_busybox else args.busybox, args.tag, args.layers, mtime))
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything oci-sif-overlay needs on a Debian 12 machine, as root. Idempotent.
-#   - Debian packages listed in scripts/apt-packages.txt
+#   - Debian packages listed in scripts/apt-packages.txt (Slurm, munge, e2fsprogs, FUSE tools,
+#     busybox-static for the test image, golang-github-sylabs-sif-dev for the reference goldens...)
 #   - a virtualenv at .venv with the package (editable) and all extras + test deps
 #   - the Go reference siftool (.tools/siftool) and the helm binary (.tools/helm/helm)
 # Environment: SETUP_SKIP_APT=1 skips apt (packages already there), PYTHON=python3.11 picks the interpreter.

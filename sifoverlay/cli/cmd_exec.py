@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "exec", help=HELP,
-        description=HELP + ". Needs root (mount namespace, chroot); the command runs as the invoking user "
-        "(SUDO_UID/SUDO_GID under sudo) or --user. Changes are discarded unless --writable.",
+        description=HELP + ". Runs as an ordinary user (FUSE mounts + a user namespace; needs /dev/fuse and "
+        "unprivileged user namespaces) - no sudo needed. As root (sudo) the command runs as the invoking user "
+        "(SUDO_UID/SUDO_GID), and the options that reach beyond the caller's rights need --allow-root-options. "
+        "Changes are discarded unless --writable.",
     )
     parser.add_argument("--writable", "-w", action="store_true", help="mount the ext3 overlay read-write and reconcile after")
     parser.add_argument("--mount", choices=("fuse", "kernel"), default="fuse",
@@ -57,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError(None, "no command given: sifoverlay exec IMAGE -- CMD [ARGS...]")
-    if os.geteuid() != 0:
-        raise NotAuthorized(args.image, "sifoverlay exec needs root (mount namespace, chroot): run it with sudo")
-    refused = root_only_options(args, os.environ)
+    if os.geteuid() != 0:  # unprivileged: FUSE as ourselves, the command in our own user namespace
+        if args.mount == "kernel":
+            raise NotAuthorized(args.image, "--mount kernel needs root (an unprivileged exec mounts with FUSE)")
+        if args.user is not None and resolve_user(args.user).uid != os.getuid():
+            raise NotAuthorized(args.image, "--user needs root (an unprivileged exec runs as its caller)")
+    refused = root_only_options(args, os.environ) if os.geteuid() == 0 else []
     if refused and not args.allow_root_options:
         raise NotAuthorized(args.image, f"as root, {', '.join(refused)} {'is' if len(refused) == 1 else 'are'} "
                                         "refused (they reach beyond the caller's rights); an admin who means it "
@@ -102,7 +107,7 @@ def resolve_user(spec: str | None) -> Any:
     from sifoverlay.errors import UsageError
     from sifoverlay.runtime import User
 
-    if spec is None and os.environ.get("SUDO_UID", "").isdigit():
+    if spec is None and os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
         spec = os.environ["SUDO_UID"]
     if spec is None:
         uid, gid = os.getuid(), os.getgid()

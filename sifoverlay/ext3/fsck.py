@@ -198,7 +198,7 @@ def _run_child(path: str, image_fd: int, st: os.stat_result, spec: dict[str, Any
     try:
         os.set_inheritable(child_fd, True)
         spec = {**spec, "fd": child_fd}
-        proc = _spawn([sys.executable, "-I", "-m", "sifoverlay.ext3.fsck", json.dumps(spec)], st, as_user,
+        proc = _spawn(tools.python_module_argv("sifoverlay.ext3.fsck", json.dumps(spec)), st, as_user,
                       (child_fd,), timeout, path, "e2fsck")
     finally:
         os.close(child_fd)

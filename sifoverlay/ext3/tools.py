@@ -38,6 +38,20 @@ def unprivileged_argv(uid: int, gid: int) -> list[str]:
             "--bounding-set=-all", "--no-new-privs", "--"]
 
 
+_BOOTSTRAP = ("import runpy, sys; root = sys.argv.pop(1); module = sys.argv.pop(1); sys.path.insert(0, root); "
+              "runpy.run_module(module, run_name='__main__', alter_sys=True)")
+
+
+def python_module_argv(module: str, *args: str) -> list[str]:
+    """``python -m module args`` for a child that must find this very sifoverlay whatever
+    its user and environment: -s -E (no user site-packages, no PYTHON* variables - the
+    child may run as another user) and the package's own root put first on sys.path."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [sys.executable, "-s", "-E", "-c", _BOOTSTRAP, root, module, *args]
+
+
 def loops_backed_by(st: os.stat_result, offset: int, size: int, sys_block: str = "/sys/block") -> list[str]:
     """Loop devices whose backing file is the inode `st` and whose range overlaps
     [offset, offset+size), from sysfs (no tool, nothing opened)."""

@@ -141,6 +141,7 @@ def teardown(job_id: str, *, base_dir: str | os.PathLike[str], timeout: float = 
     if left:
         raise ExternalToolError(directory, f"still mounted after teardown: {', '.join(left)}", tool="umount",
                                 returncode=1, output_tail="")
+    _empty_scratch(os.path.join(directory, "scratch"), io)
     removed = _remove_job_dir(directory, io)
     log.info("tore down job %s: %d unmounted, %d daemons signalled", job, len(unmounted), len(signalled))
     return TeardownReport(job, tuple(unmounted), tuple(signalled), removed)
@@ -198,16 +199,19 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
                    layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
+    # allow_other lets root enter the job user's mounts; an unprivileged exec enters them
+    # as that same user (and fusermount3 would refuse it without user_allow_other)
+    other = ",allow_other" if os.geteuid() == 0 else ""
     lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", owner, io)
-        opts = f"ro,offset={layer.offset},allow_other,subtype=squashfuse,fsname={_opt_escape(current.image)}"
+        opts = f"ro,offset={layer.offset}{other},subtype=squashfuse,fsname={_opt_escape(current.image)}"
         current = _fuse_step(current, base_dir, Step("fuse", f"layer.{number}", target),
                              ["squashfuse", "-f", "-o", opts, source, target], fds=(fd,), io=io)
         lowers.insert(0, target)  # overlay lowerdir lists the top layer first
     if overlay is not None:
         target = _mountpoint(directory, "ext3", owner, io)
-        opts = f"offset={overlay.offset},fakeroot,allow_other" + ("" if current.writable else ",ro")
+        opts = f"offset={overlay.offset},fakeroot{other}" + ("" if current.writable else ",ro")
         current = _fuse_step(current, base_dir, Step("fuse", "ext3", target),
                              ["fuse2fs", "-f", source, target, "-o", opts], fds=(fd, *hold_fds), io=io, umask=0)
     current, upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
@@ -216,7 +220,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
         prepare_upper(upper, lowers, uid=current.uid, gid=current.gid, io=io)  # as the job user
     target = _mountpoint(directory, "rootfs", owner, io)
-    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},allow_other"
+    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}{other}"
     if not current.writable and current.uid != 0:
         # The tmpfs upper is a real filesystem: an unprivileged daemon cannot chown copied-up
         # root-owned directories there; keep the ownership in xattrs instead (tmpfs has user.*).
@@ -269,13 +273,16 @@ def _upper_dirs(current: JobState, base_dir: str | os.PathLike[str], directory: 
         _ensure_real_dir(current, os.path.join(ext3, "upper"), 0o755, io, create=False)
         lowers.insert(0, os.path.join(ext3, "upper"))
     scratch = _mountpoint(directory, "scratch", None, io)
-    current = _record(base_dir, current, Step("tmpfs", "scratch", scratch), io)
-    mounts.kernel_mount("tmpfs", scratch, "tmpfs", f"mode=0700,uid={current.uid},gid={current.gid},nosuid,nodev")
-    current = _record(base_dir, current, Step("tmpfs", "scratch", scratch, status="mounted"), io)
+    if os.geteuid() == 0:
+        current = _record(base_dir, current, Step("tmpfs", "scratch", scratch), io)
+        mounts.kernel_mount("tmpfs", scratch, "tmpfs", f"mode=0700,uid={current.uid},gid={current.gid},nosuid,nodev")
+        current = _record(base_dir, current, Step("tmpfs", "scratch", scratch, status="mounted"), io)
+    # (unprivileged: a plain directory of ours, emptied at teardown)
     upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
     for sub in (upper, work):
         io.mkdir(sub, 0o755)
-        os.chown(sub, current.uid, current.gid)
+        if os.geteuid() == 0:
+            os.chown(sub, current.uid, current.gid)
     if current.mode == "fuse" and current.uid != 0:
         # The user must own the upper to write it; show the image's own root instead
         # (fuse-overlayfs xattr_permissions=2 reads ownership and mode from this xattr).
@@ -300,6 +307,27 @@ def _ensure_real_dir(current: JobState, path: str, mode: int, io: FileIO, *, cre
         return
     if not stat.S_ISDIR(st.st_mode):
         raise OverlayStateError(current.image, f"ext3 overlay's {os.path.basename(path)} is not a directory")
+
+
+def _empty_scratch(scratch: str, io: FileIO) -> None:
+    """An unprivileged ro run's upper and work dirs are a plain directory (no tmpfs): empty
+    it, bottom-up, never following a symlink or entering another filesystem."""
+    try:
+        top = os.lstat(scratch)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode) or mounts.is_mounted(scratch):
+        return
+    for root, dirs, files in os.walk(scratch, topdown=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            io.unlink(os.path.join(root, name))
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.lstat(path).st_dev == top.st_dev:
+                try:
+                    io.rmdir(path)
+                except OSError as exc:
+                    log.error("cannot remove %s: %s", path, exc.strerror)
 
 
 def _remove_job_dir(directory: str, io: FileIO) -> bool:

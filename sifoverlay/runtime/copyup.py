@@ -88,10 +88,10 @@ def prepare_upper(upper: str, lowers: Sequence[str], *, uid: int | None = None, 
 def run_as_user(upper: str, lowers: Sequence[str], uid: int, gid: int, *, timeout: float = TIMEOUT) -> dict[str, Any]:
     """Run the copy-up as uid:gid (no groups, no capabilities, no_new_privs); returns the
     child's report: {"changed": [...], "uid", "euid", "cap_eff", "no_new_privs"}."""
-    from sifoverlay.ext3.tools import TOOL_PATH, unprivileged_argv
+    from sifoverlay.ext3.tools import TOOL_PATH, python_module_argv, unprivileged_argv
 
-    argv = [*unprivileged_argv(uid, gid), sys.executable, "-I", "-m", "sifoverlay.runtime.copyup",
-            json.dumps({"upper": upper, "lowers": list(lowers)})]
+    argv = [*unprivileged_argv(uid, gid),
+            *python_module_argv("sifoverlay.runtime.copyup", json.dumps({"upper": upper, "lowers": list(lowers)}))]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             errors="replace", cwd="/", env={"PATH": TOOL_PATH, "LC_ALL": "C",
                                                              "PYTHONDONTWRITEBYTECODE": "1"},

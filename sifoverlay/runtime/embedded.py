@@ -40,7 +40,15 @@ DEFAULT_LEASE_TTL = 60.0
 
 
 def default_base_dir() -> str:
-    return os.path.abspath(os.environ.get(ENV_BASE_DIR) or DEFAULT_BASE_DIR)
+    """$SIFOVERLAY_RUNTIME_DIR, else /run/sifoverlay/jobs for root, else the user's own
+    (runtime.state.user_base_dir: unprivileged exec)."""
+    if os.environ.get(ENV_BASE_DIR):
+        return os.path.abspath(os.environ[ENV_BASE_DIR])
+    if os.geteuid() != 0:
+        from .state import user_base_dir
+
+        return user_base_dir()
+    return DEFAULT_BASE_DIR
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Child side of `exec_in`: run as ``python -m sifoverlay.runtime.enter SPEC_JSON``, as root.
+"""Child side of `exec_in`: run as ``python -m sifoverlay.runtime.enter SPEC_JSON``, as root
+- or, for an unprivileged exec, as the user in a new user namespace mapping only her
+own uid/gid (so nobody needs sudo: docs/security.md).
 
 In a private mount namespace (nothing propagates back to the host) and a new pid
 namespace: pid 1 there mounts /proc, binds /dev and /sys and the user's binds into the
@@ -44,6 +46,11 @@ FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 SYS_OPENAT2 = 437  # same number on every architecture (new syscall table)
 O_PATH = 0o10000000
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
+CLONE_NEWUSER = 0x10000000
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 0x400, 0x800, 0x200000
+# statvfs f_flag bit -> mount flag, for the flags a user namespace locks on a bind mount
+_LOCKABLE = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+             (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
 EXIT_SETUP = 125  # like `env`/`chroot`: the command never started
 
 
@@ -91,7 +98,12 @@ def _mount_into(root_fd: int, source: str | None, dest: str, fstype: str | None,
     if readonly:  # the remount must name the new mount's root: resolve the destination again
         fd = resolve_in_root(root_fd, dest, f"{what}: destination")
         try:
-            _mount(None, f"/proc/self/fd/{fd}", None, MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & (MS_NOSUID | MS_NODEV)),
+            # keep the flags the source mount already has: in a user namespace they are
+            # locked, and a remount that drops one is refused (EPERM)
+            have = os.statvfs(f"/proc/self/fd/{fd}").f_flag
+            locked = sum(ms for st, ms in _LOCKABLE if have & st)
+            _mount(None, f"/proc/self/fd/{fd}", None,
+                   MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & (MS_NOSUID | MS_NODEV)) | locked,
                    f"{what} read-only on {dest}")
         finally:
             os.close(fd)
@@ -103,22 +115,43 @@ def _die_with_parent(sig: int = 9) -> None:
 
 
 def _drop(spec: dict[str, Any]) -> None:
-    os.setgroups(spec["groups"])
+    if not spec.get("userns"):  # (in our own user namespace setgroups is denied: nothing to drop)
+        os.setgroups(spec["groups"])
     os.setgid(spec["gid"])
     os.setuid(spec["uid"])
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def setup_namespaces() -> None:
-    """A private mount namespace and a new pid namespace for our next child."""
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare(CLONE_NEWNS|CLONE_NEWPID)")
+def setup_namespaces(userns: bool) -> None:
+    """A private mount namespace and a new pid namespace for our next child; `userns`
+    (unprivileged exec): inside a new user namespace that maps only our own uid and gid
+    to themselves - the capabilities it gives us reach no further than our own mounts."""
+    if not userns:
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare(CLONE_NEWNS|CLONE_NEWPID)")
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID),
+               "unshare(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID) (unprivileged user namespaces disabled?)")
+        for name, text in (("uid_map", f"{uid} {uid} 1\n"), ("setgroups", "deny\n"), ("gid_map", f"{gid} {gid} 1\n")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)  # io-seam: exempt (namespace id map)
+            try:
+                os.write(fd, text.encode())  # io-seam: exempt (namespace id map)
+            finally:
+                os.close(fd)
     _mount(None, "/", None, MS_REC | MS_PRIVATE, "making mounts private")
 
 
 def setup_root(spec: dict[str, Any]) -> None:
     """(pid 1 of the new pid namespace) mount /proc, /dev, /sys and the binds, chroot."""
     root_fd = os.open(spec["rootfs"], O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    _mount_into(root_fd, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mounting proc", required=False)
+    try:
+        _mount_into(root_fd, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mounting proc",
+                    required=False)
+    except SetupError:
+        if not spec.get("userns"):
+            raise
+        # a user namespace may mount proc only where the host's is fully visible: bind it
+        _mount_into(root_fd, "/proc", "/proc", None, MS_BIND | MS_REC, "binding /proc", required=False)
     _mount_into(root_fd, "/dev", "/dev", None, MS_BIND | MS_REC, "binding /dev", required=False)
     _mount_into(root_fd, "/sys", "/sys", None, MS_BIND | MS_REC, "binding /sys", required=False)
     for source, dest, readonly in spec["binds"]:
@@ -210,7 +243,7 @@ def main() -> int:
         _die_with_parent()  # a SIGKILLed `sifoverlay exec` takes us (and so the whole job) along
         if spec.get("parent") and os.getppid() != int(spec["parent"]):
             return EXIT_SETUP  # it already died
-        setup_namespaces()
+        setup_namespaces(bool(spec.get("userns")))
         pid = os.fork()
     except (SetupError, OSError) as exc:
         return _report(status_fd, exc)

@@ -74,6 +74,7 @@ def exec_in(
         "groups": list(groups) if groups is not None else [gid], "cwd": cwd or "/",
         "binds": [[b.source, b.dest, b.readonly] for b in binds],
         "env": dict(os.environ if env is None else env), "status_fd": write_end, "parent": os.getpid(),
+        "userns": os.geteuid() != 0,
     }
     try:
         proc = subprocess.Popen([sys.executable, "-m", "sifoverlay.runtime.enter", json.dumps(spec)],

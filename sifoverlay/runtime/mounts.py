@@ -74,6 +74,8 @@ def spawn_fuse(
     `target` shows up in mountinfo. On failure the daemon is killed and reaped and
     ExternalToolError carries the tail of its output."""
     tool = os.path.basename(argv[0])
+    if os.geteuid() != 0:  # unprivileged exec: the daemons are ours already (fusermount3 mounts)
+        uid = gid = None
     logf = io.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:  # the daemon keeps its own copy of the fd
         proc = subprocess.Popen(
@@ -144,10 +146,12 @@ def unmount(target: str) -> None:
     """umount(2) the target; lazily when busy. Missing mounts are fine (idempotent)."""
     if not is_mounted(target):
         return
-    proc = subprocess.run(["umount", target], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    # an ordinary user unmounts her FUSE mounts through the setuid fusermount3
+    plain, lazily = (["umount"], ["umount", "-l"]) if os.geteuid() == 0 else (["fusermount3", "-u"], ["fusermount3", "-uz"])
+    proc = subprocess.run([*plain, target], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     if proc.returncode != 0 and is_mounted(target):
         log.warning("umount %s failed (%s): detaching lazily", target, proc.stderr.strip())
-        lazy = subprocess.run(["umount", "-l", target], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        lazy = subprocess.run([*lazily, target], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
         if lazy.returncode != 0 and is_mounted(target):
             raise ExternalToolError(target, f"cannot unmount: {lazy.stderr.strip()}", tool="umount",
                                     returncode=lazy.returncode, output_tail=lazy.stderr.strip())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -103,6 +104,21 @@ def load(base_dir: str | os.PathLike[str], job_id: str) -> JobState | None:
 
 def new_state(job_id: str, image: str, st: os.stat_result, *, mode: str, writable: bool, uid: int, gid: int) -> JobState:
     return JobState(check_job_id(job_id), image, st.st_dev, st.st_ino, mode, writable, uid, gid, time.time())
+
+
+def user_base_dir() -> str:
+    """Runtime directory of an unprivileged `sifoverlay exec`: $XDG_RUNTIME_DIR/sifoverlay/jobs,
+    else /tmp/sifoverlay-<uid>/jobs (created 0700; refused when somebody else owns it)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    top = os.path.join(xdg, "sifoverlay") if xdg else f"/tmp/sifoverlay-{os.geteuid()}"
+    try:
+        os.mkdir(top, 0o700)  # io-seam: exempt (the user's own runtime directory)
+    except FileExistsError:
+        pass
+    st = os.lstat(top)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise UsageError(top, "runtime directory is not a directory of ours (set $XDG_RUNTIME_DIR or --base-dir)")
+    return os.path.join(top, "jobs")
 
 
 def job_ids(base_dir: str | os.PathLike[str]) -> list[str]:

@@ -29,12 +29,28 @@ class Region:
 
 
 # --- validation ----------------------------------------------------------------------------------
+def unprivileged() -> bool:
+    """Are we an ordinary user (unprivileged exec: FUSE through fusermount3, the command in
+    a user namespace)?"""
+    return os.geteuid() != 0
+
+
 def preflight(mode: str, uid: int) -> None:
-    needed = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "losetup", "e2fsck", "dumpe2fs")
+    if unprivileged():
+        if mode != "fuse":
+            raise NotAuthorized(None, "kernel mounts need root; an unprivileged exec mounts with FUSE")
+        if uid != os.geteuid():
+            raise NotAuthorized(None, f"an unprivileged exec runs as its caller (uid {os.geteuid()}), not uid {uid}")
+    needed: tuple[str, ...] = FUSE_TOOLS if mode == "fuse" else ("mount", "umount", "e2fsck", "dumpe2fs")
+    needed += ("fusermount3",) if unprivileged() else ()
     missing = [t for t in needed if shutil.which(t) is None]
     if missing:
         raise ExternalToolError(None, f"{mode} mode needs {', '.join(missing)} (not installed)", tool=missing[0],
                                 returncode=127, output_tail="")
+    if unprivileged():
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            raise UsageError("/dev/fuse", "not usable by this user (FUSE for ordinary users needs mode 0666)")
+        return  # every mount is ours: no allow_other, no user_allow_other needed
     if mode == "fuse" and uid != 0:
         if not mounts.user_allow_other():
             raise UsageError(mounts.FUSE_CONF, "user_allow_other is not set: add that line so root can enter the job "
@@ -87,6 +103,10 @@ def validate(path: str, fd: int, writable: bool) -> tuple[list[Region], Region |
 def check_user_access(path: str, fd: int, uid: int, gid: int, writable: bool) -> None:
     """The job user (not root) must be able to read - and for rw, write - the image."""
     if uid == 0:
+        return
+    if unprivileged():  # we are the job user: ask the kernel about the inode behind our fd
+        if not os.access(f"/proc/self/fd/{fd}", os.W_OK if writable else os.R_OK):
+            raise NotAuthorized(path, f"uid {uid} may not {'write' if writable else 'read'} the image")
         return
     test = shutil.which("test") or "/usr/bin/test"
     proc = subprocess.run([test, "-w" if writable else "-r", f"/proc/self/fd/{fd}"], user=uid, group=gid,

@@ -171,13 +171,16 @@ def test_no_command_is_a_usage_error(env: Env) -> None:
     assert (res.returncode, res.stderr) == (2, "sifoverlay: no command given: sifoverlay exec IMAGE -- CMD [ARGS...]\n")
 
 
-def test_not_root_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_root_kernel_mode_is_refused(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An ordinary user runs exec herself (tests/security/test_exec_unprivileged.py), with
+    FUSE only: kernel mounts and another user need root."""
     from sifoverlay.cli import main
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert main(["exec", str(env.image), "--", "true"]) == 77
-    assert capsys.readouterr().err == (f"sifoverlay: {env.image}: sifoverlay exec needs root (mount namespace, "
-                                       "chroot): run it with sudo\n")
+    assert main(["exec", "--mount", "kernel", str(env.image), "--", "true"]) == 77
+    assert capsys.readouterr().err == (f"sifoverlay: {env.image}: --mount kernel needs root (an unprivileged exec "
+                                       "mounts with FUSE)\n")
 
 
 def test_lease_is_heartbeaten_while_the_command_runs(env: Env) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from sifoverlay.engine import lease, sessions
 from sifoverlay.ocisif import open_image
+from sifoverlay.slurm.config import load_config
 from tests.slurm.conftest import DEV_CLUSTER, Cluster, User, sh
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
@@ -104,7 +105,7 @@ def srun_in(cluster: Cluster, user: User, image: Path | str, *command: str, time
 def test_job_runs_inside_the_image(cluster: Cluster, slurm_users: tuple[User, User], make_image) -> None:  # type: ignore[no-untyped-def]
     alice = slurm_users[0]
     image = make_image(alice)
-    assert Path("/etc/debian_version").exists() and not Path("/bin/busybox").exists()  # the host
+    assert Path("/etc/debian_version").exists()  # the host (which has busybox-static too: the test image's source)
     done = srun_in(cluster, alice, image, "sh", "-c",
                    "test -x /bin/busybox && test ! -e /etc/debian_version && id -u && pwd && " + ROOT_FSTYPE)
     assert done.returncode == 0, done.stderr
@@ -201,12 +202,14 @@ def test_slurmd_killed_mid_job_then_restarted(cluster: Cluster, slurm_users: tup
 
 # -- the sweeper: job ends that no Epilog handled --------------------------------------------------
 def _recover_slurm() -> subprocess.CompletedProcess[str]:
-    return sh("/work/main/.venv/bin/python", "-m", "sifoverlay", "recover", "--slurm", "--json", check=False)
+    # the sweeper as the sifoverlay-slurm-sweeper unit runs it: the package's Python (plugstack sifoverlay=)
+    python = load_config().sifoverlay or "/opt/sifoverlay/bin/python"
+    return sh(python, "-m", "sifoverlay", "recover", "--slurm", "--json", check=False)
 
 
 def _job_without_epilog(cluster: Cluster, user: User, image: Path, outdir: Path, command: str) -> int:
     """Run a job to completion while the Epilog is a no-op: its end is never handled."""
-    epilog = Path("/etc/slurm/sifoverlay/epilog")
+    epilog = Path("/usr/lib/sifoverlay/epilog")  # the package's (slurm.conf Epilog=)
     saved = epilog.read_bytes()
     noop = epilog.with_name("epilog.noop")
     noop.write_text("#!/bin/sh\nexit 0\n")

@@ -1,0 +1,96 @@
+"""Issue 12 (exec): `sifoverlay exec` works for an ordinary user - FUSE mounts through
+fusermount3, the command in her own user + mount + pid namespace - so nobody needs sudo
+(and so nobody needs to be granted root for it). The overlay is replayed/reconciled by
+her, the lease and session are hers, nothing is left mounted or running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sifoverlay.runtime import mounts
+from tests.runtime.conftest import (  # noqa: F401  (fixtures)
+    Env,
+    env,
+    fuse_for_users,
+    golden_image,
+    rootfs_tree,
+    scratch,
+    user,
+)
+from tests.conftest import REPO
+from tests.runtime.test_exec import overlay_consistent
+
+pytestmark = pytest.mark.root  # (root only to create the user and make /dev/fuse usable)
+
+
+@pytest.fixture
+def home(env: Env) -> Iterator[Path]:
+    """The user's XDG runtime/state directories (the test user has no home)."""
+    path = Path(tempfile.mkdtemp(prefix="home-", dir=env.dir))
+    for sub in ("run", "state"):
+        (path / sub).mkdir(mode=0o700)
+    subprocess.run(["chown", "-R", f"{env.user.uid}:{env.user.gid}", str(path)], check=True)
+    path.chmod(0o755)
+    yield path
+
+
+def user_python() -> str:
+    """An interpreter the test user may run (the test venv may live under root's 0700
+    home): this one if she can, else the system python3 with the checkout on PYTHONPATH."""
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-x",
+                            sys.executable], capture_output=True)
+    if probe.returncode == 0 and not sys.executable.startswith("/root/"):
+        return sys.executable
+    return "/usr/bin/python3"
+
+
+def as_user(e: Env, home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home),
+               "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"),
+               "PYTHONPATH": str(REPO)}
+    return subprocess.run([user_python(), "-m", "sifoverlay", *args], user=e.user.uid, group=e.user.gid,
+                          extra_groups=[], env=environ, cwd="/", capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_unprivileged_writable_exec_persists_and_reconciles(env: Env, home: Path) -> None:
+    res = as_user(env, home, "exec", "-w", str(env.image), "--", "sh", "-c",
+                  "echo by-user > /tmp/mine; id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; echo $$")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[0] == str(env.user.uid)
+    assert lines[1].split() == ["NoNewPrivs:", "1"] or lines[1].split() == ["CapEff:", "0000000000000000"]
+    assert "CapEff:\t0000000000000000" in res.stdout and "NoNewPrivs:\t1" in res.stdout
+    assert lines[3] == "2"  # pid 2 of its own pid namespace (pid 1 waits for it)
+    recorded, actual = overlay_consistent(env.image)
+    assert recorded == actual  # reconciled by the user herself
+    again = as_user(env, home, "exec", str(env.image), "--", "cat", "/tmp/mine")
+    assert (again.returncode, again.stdout) == (0, "by-user\n"), again.stderr
+    assert mounts.mounts_under(str(home)) == []
+    assert subprocess.run(["pgrep", "-u", str(env.user.uid)], capture_output=True).stdout == b""
+
+
+def test_unprivileged_exec_reaches_no_further_than_the_user(env: Env, home: Path) -> None:
+    secret = env.dir / "root-secret"
+    secret.mkdir(mode=0o700)
+    (secret / "key").write_text("root only\n")
+    share = home / "share"
+    share.mkdir()
+    (share / "data").write_text("hers\n")
+    subprocess.run(["chown", "-R", f"{env.user.uid}:{env.user.gid}", str(share)], check=True)
+    res = as_user(env, home, "exec", "--bind", f"{share}:/home:ro", "--bind", f"{secret}:/root", str(env.image), "--",
+                  "sh", "-c", "cat /home/data; cat /root/key; echo x > /home/new")
+    assert res.stdout == "hers\n", (res.stdout, res.stderr)
+    assert "root only" not in res.stdout and res.returncode != 0
+    assert not (share / "new").exists()
+    for refused in (["--mount", "kernel"], ["--user", "0"]):
+        res = as_user(env, home, "exec", *refused, str(env.image), "--", "true")
+        assert res.returncode == 77 and "needs root" in res.stderr, res.stderr
+    assert mounts.mounts_under(str(home)) == []
