@@ -4,7 +4,10 @@
 #   ./scripts/demo.sh         install what is missing (scripts/setup.sh), then run the demo
 #   ./scripts/demo.sh clean   stop everything the demo started and remove what it created
 #
-# It builds an OCI-SIF from the busybox test vector, adds an ext3 overlay, writes into it
+# It builds its own image: Debian's busybox-static (/bin/busybox, installed by
+# scripts/setup.sh) laid into an OCI image layout by scripts/busybox-layout.py, then
+# `sifoverlay import` makes the OCI-SIF. Nothing outside the repository is read. It adds
+# an ext3 overlay, writes into it
 # locally (`sifoverlay exec --writable`) and reconciles it, starts the exporter, then on
 # the local single-node Slurm (`slurm_plugin/dev-cluster up`) runs three jobs with
 # `sbatch --oci-sif-overlay=IMAGE`: one writes a result, one is killed with
@@ -13,8 +16,12 @@
 # $DEMO_OUT/summary.json (default ./demo-out). Without a working Slurm integration the
 # Slurm part is skipped with the reason.
 #
+# `./scripts/demo.sh` and `./scripts/demo.sh clean` work from any state: after a failed or
+# interrupted run, twice in a row, with or without a running Slurm.
+#
 # Environment: DEMO_OUT (output dir), DEMO_SKIP_SETUP=1 (skip scripts/setup.sh),
-# SIFOVERLAY_IMAGE_ROOTS (must match the cluster's plugstack image_roots).
+# SIFOVERLAY_IMAGE_ROOTS (must match the cluster's plugstack image_roots),
+# DEMO_BUSYBOX (the static busybox to use, default /bin/busybox).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -32,36 +39,53 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say() { printf '   %s\n' "$*"; }
 die() { echo "demo: error: $*" >&2; exit 1; }
 record() { echo "$1=$2" >>"$STATE"; }
-recall() { [ -f "$STATE" ] && sed -n "s/^$1=//p" "$STATE" | tail -n1 || true; }
+recall() { if [ -f "$STATE" ]; then sed -n "s/^$1=//p" "$STATE" | tail -n1; fi; }
 
-clean() {
-	[ -f "$STATE" ] || { echo "demo: nothing to clean ($STATE not found)"; return 0; }
-	local pid run
+unmount_below() { # unmount_below DIR: whatever a killed `exec` left mounted there (deepest first)
+	local target
+	command -v findmnt >/dev/null || return 0
+	findmnt -rn -o TARGET 2>/dev/null | awk -v d="$1/" 'index($0, d) == 1' | sort -r | while read -r target; do
+		umount "$target" 2>/dev/null || fusermount3 -u "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || true
+		echo "demo: unmounted $target"
+	done
+}
+
+clean() { # never fails: every step tolerates what an earlier, failed run left (or did not)
+	if [ ! -d "$OUT" ]; then echo "demo: nothing to clean ($OUT not found)"; return 0; fi
+	set +e +o pipefail
+	local pid run dir jobs
 	pid=$(recall exporter_pid)
 	if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; echo "demo: stopped the exporter (pid $pid)"; fi
 	run=$(recall run)
 	if [ -n "$run" ] && command -v squeue >/dev/null; then
-		squeue --noheader --format='%i %j' 2>/dev/null | awk -v p="demo-$run-" 'index($2, p) == 1 {print $1}' |
-			while read -r job; do scancel "$job" && echo "demo: cancelled job $job"; done
+		# no slurmctld: squeue fails and prints nothing, there is nothing to cancel
+		jobs=$(squeue --noheader --format='%i %j' 2>/dev/null | awk -v p="demo-$run-" 'index($2, p) == 1 {print $1}')
+		for job in $jobs; do scancel "$job" 2>/dev/null && echo "demo: cancelled job $job"; done
 	fi
-	if [ "$(recall cluster_started)" = 1 ]; then slurm_plugin/dev-cluster down && echo "demo: stopped the local Slurm"; fi
-	local dir
+	if [ "$(recall cluster_started)" = 1 ]; then
+		slurm_plugin/dev-cluster down >/dev/null 2>&1 && echo "demo: stopped the local Slurm"
+	fi
+	unmount_below "$OUT"
 	dir=$(recall image_dir)
-	if [ -n "$dir" ] && [ -d "$dir" ]; then rm -rf -- "$dir"; echo "demo: removed $dir"; fi
+	if [ -n "$dir" ] && [ -d "$dir" ]; then
+		unmount_below "$dir"
+		rm -rf -- "$dir" && echo "demo: removed $dir"
+	fi
 	if [ "$(recall user_created)" = 1 ] && id -u "$DEMO_USER" >/dev/null 2>&1; then
-		userdel -r "$DEMO_USER" 2>/dev/null || userdel "$DEMO_USER"
+		userdel -r "$DEMO_USER" 2>/dev/null || userdel "$DEMO_USER" 2>/dev/null
 		echo "demo: removed user $DEMO_USER"
 	fi
-	rm -rf -- "$OUT"
+	rm -rf -- "$OUT" || { echo "demo: error: cannot remove $OUT" >&2; return 1; }
 	echo "demo: clean"
+	set -e -o pipefail
 }
 
-if [ "${1:-}" = clean ]; then clean; exit 0; fi
+if [ "${1:-}" = clean ]; then clean; exit $?; fi
 [ $# -eq 0 ] || die "usage: $0 [clean]"
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, starts Slurm and mounts FUSE filesystems)"
-if [ -f "$STATE" ]; then
+if [ -d "$OUT" ]; then
 	echo "demo: cleaning up the previous run first"
-	clean
+	clean || die "cannot clean up the previous run"
 fi
 mkdir -p "$OUT"
 : >"$STATE"
@@ -82,8 +106,15 @@ IMG=$IMGDIR/busybox.oci.sif
 mkdir -p "$IMGDIR/jobs"
 record image_dir "$IMGDIR"
 
-step "1. sifoverlay import: native SIF (busybox vector) -> OCI-SIF"
-"$SIF" import "$REPO/../shared/vectors/singularity/busybox_amd64.sif" "$IMG" | sed 's/^/   /'
+step "1. the image: busybox-static -> OCI image layout -> sifoverlay import -> OCI-SIF"
+BUSYBOX=${DEMO_BUSYBOX:-/bin/busybox}
+[ -x "$BUSYBOX" ] || die "$BUSYBOX not found (apt-get install busybox-static; scripts/setup.sh does)"
+LAYOUT=$OUT/busybox-layout
+IMAGE_SOURCE="$BUSYBOX ($(dpkg-query -W -f='busybox-static ${Version}' busybox-static 2>/dev/null || echo 'not from a Debian package'))"
+say "layout $LAYOUT from $IMAGE_SOURCE"
+LAYOUT_MANIFEST=$("$REPO/.venv/bin/python" scripts/busybox-layout.py --busybox "$BUSYBOX" "$LAYOUT")
+say "manifest $LAYOUT_MANIFEST"
+"$SIF" import "$LAYOUT" "$IMG" | sed 's/^/   /'
 
 step "2. sifoverlay overlay create: a 64 MiB ext3 overlay becomes the image's last layer"
 "$SIF" overlay create --sparse "$IMG" | sed 's/^/   /'
@@ -113,20 +144,29 @@ METRIC_CREATED=$(wait_metric clean)
 say "sifoverlay_overlay_state: $METRIC_CREATED"
 
 step "4. locally: sifoverlay exec --writable (no reconcile yet), then status, sync, status"
-"$SIF" exec --writable --no-sync --base-dir "$OUT/run" "$IMG" -- /bin/sh -c \
+# as root, exec refuses --base-dir and $SIFOVERLAY_JOURNAL_DIR unless the admin says so
+"$SIF" exec --allow-root-options --writable --no-sync --base-dir "$OUT/run" "$IMG" -- /bin/sh -c \
 	"mkdir -p /results && echo 'prepared by root' > /results/README && chown $DEMO_UID:$DEMO_UID /results"
 LOCAL_STATE_AFTER_WRITE=$(state_now)
 say "after the write: $LOCAL_STATE_AFTER_WRITE (the recorded digest is stale)"
 METRIC_AFTER_WRITE=$(wait_metric modified)
 say "sifoverlay_overlay_state: $METRIC_AFTER_WRITE"
-"$SIF" overlay sync --json "$IMG" >"$OUT/sync.json"
+# a reader (the exporter hashing the modified overlay) may hold the image for a moment:
+# sync then exits 75 (busy); wait and retry as an admin would
+for i in $(seq 1 60); do
+	rc=0
+	"$SIF" overlay sync --json "$IMG" >"$OUT/sync.json" 2>"$OUT/sync.err" || rc=$?
+	[ "$rc" = 75 ] || break
+	sleep 0.5
+done
+[ "$rc" = 0 ] || { cat "$OUT/sync.err" >&2; die "overlay sync failed (exit $rc)"; }
 LOCAL_SYNC_ACTION=$(jq -r .action "$OUT/sync.json")
 say "sync: $LOCAL_SYNC_ACTION in $(jq -r .seconds "$OUT/sync.json") s"
 LOCAL_STATE_AFTER_SYNC=$(state_now --verify)
 say "after the sync: $LOCAL_STATE_AFTER_SYNC"
 METRIC_AFTER_SYNC=$(wait_metric clean)
 say "sifoverlay_overlay_state: $METRIC_AFTER_SYNC"
-LOCAL_READ=$("$SIF" exec --base-dir "$OUT/run" "$IMG" -- cat /results/README)
+LOCAL_READ=$("$SIF" exec --allow-root-options --base-dir "$OUT/run" "$IMG" -- cat /results/README)
 say "read back: $LOCAL_READ"
 "$SIF" inspect "$IMG" >"$OUT/inspect.txt"
 sed -n '/^LAYER/,/^$/p' "$OUT/inspect.txt" | sed 's/^/   /'
@@ -227,7 +267,8 @@ METRIC_FINAL=$(wait_metric clean)
 curl -fsS "http://127.0.0.1:$PORT/metrics" | grep -E '^sifoverlay_(overlay_state|journal_pending)' | grep -v ' 0\.0$' | sed 's/^/   /' || true
 
 jq -n \
-	--arg image "$IMG" --arg local_after_write "$LOCAL_STATE_AFTER_WRITE" --arg local_sync "$LOCAL_SYNC_ACTION" \
+	--arg image "$IMG" --arg image_source "$IMAGE_SOURCE" --arg layout_manifest "$LAYOUT_MANIFEST" \
+	--arg local_after_write "$LOCAL_STATE_AFTER_WRITE" --arg local_sync "$LOCAL_SYNC_ACTION" \
 	--arg local_after_sync "$LOCAL_STATE_AFTER_SYNC" --arg local_read "$LOCAL_READ" \
 	--arg slurm_missing "$SLURM_MISSING" \
 	--arg write_id "${JOB_ID[write]:-}" --arg write_state "${JOB_STATE[write]:-}" \
@@ -240,6 +281,7 @@ jq -n \
 	--arg seconds "$(($(date +%s) - START))" '
 {
   image: $image,
+  source: {busybox: $image_source, layout_manifest: $layout_manifest},
   local: {state_after_write: $local_after_write, sync: $local_sync, state_after_sync: $local_after_sync, read_back: $local_read},
   slurm: (if $slurm_missing == "" then {
       ran: true,

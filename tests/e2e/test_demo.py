@@ -1,4 +1,5 @@
-"""`./scripts/demo.sh` end to end: the README's first command, asserted on its summary."""
+"""`./scripts/demo.sh` end to end: the README's first command, asserted on its summary; and
+`./scripts/demo.sh clean` from the states a failed run leaves, without a slurmctld."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.root]
+SCRIPT = str(REPO / "scripts" / "demo.sh")
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.root
 def test_demo_runs_and_reports_a_clean_reconciled_image(tmp_path: Path, e2e_ready: None) -> None:
     out = tmp_path / "demo-out"
     env = dict(os.environ, DEMO_OUT=str(out), SIFOVERLAY_JOURNAL_DIR="/var/lib/sifoverlay/journal")
@@ -40,6 +44,10 @@ def test_demo_runs_and_reports_a_clean_reconciled_image(tmp_path: Path, e2e_read
     finally:
         subprocess.run([script, "clean"], env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
 
+    # the image was built here, from Debian's busybox-static: nothing outside the repository
+    assert summary["source"]["busybox"].startswith("/bin/busybox (busybox-static 1:"), summary["source"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", summary["source"]["layout_manifest"])
+    assert "shared" not in proc.stdout and "vectors" not in proc.stdout
     assert summary["local"] == {"state_after_write": "modified", "sync": "reconciled",
                                 "state_after_sync": "clean", "read_back": "prepared by root"}
     slurm = summary["slurm"]
@@ -61,4 +69,53 @@ def test_demo_runs_and_reports_a_clean_reconciled_image(tmp_path: Path, e2e_read
     assert re.search(r"image:\s+clean, digest == sha256\(ext3 bytes\): true", proc.stdout)
     # clean removed what the demo created
     assert not image.parent.exists()
+    assert not out.exists()
+
+
+def _no_slurmctld_path(tmp_path: Path) -> str:
+    """PATH whose squeue/scancel fail like Slurm's client does when no slurmctld answers."""
+    fake = tmp_path / "fake-bin"
+    fake.mkdir()
+    for name in ("squeue", "scancel"):
+        (fake / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    return f"{fake}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
+def _clean(out: Path, path: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DEMO_OUT=str(out), PATH=path)
+    return subprocess.run([SCRIPT, "clean"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_clean_after_a_failed_run_without_slurm_then_again(tmp_path: Path) -> None:
+    """What a run that died after starting the exporter leaves: state, a live exporter, an
+    image dir, a mount-free run dir. `clean` (twice) succeeds with squeue failing."""
+    out, images = tmp_path / "demo-out", tmp_path / "images" / "demo-1-2"
+    (out / "run").mkdir(parents=True)
+    images.mkdir(parents=True)
+    (images / "busybox.oci.sif").write_bytes(b"half-written")
+    exporter = subprocess.Popen(["sleep", "300"])
+    try:
+        (out / "state").write_text(f"run=1-2\nimage_dir={images}\nexporter_pid={exporter.pid}\n")
+        path = _no_slurmctld_path(tmp_path)
+        first = _clean(out, path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert first.stdout.splitlines() == [f"demo: stopped the exporter (pid {exporter.pid})",
+                                             f"demo: removed {images}", "demo: clean"]
+        assert exporter.wait(timeout=10) == -15
+        assert not out.exists() and not images.exists()
+        second = _clean(out, path)
+        assert (second.returncode, second.stdout) == (0, f"demo: nothing to clean ({out} not found)\n")
+    finally:
+        exporter.kill()
+        exporter.wait()
+
+
+def test_clean_of_a_run_that_died_before_writing_its_state(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    (out / "setup.log").write_text("interrupted\n")
+    done = _clean(out, _no_slurmctld_path(tmp_path))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "demo: clean\n", "")
     assert not out.exists()
