@@ -125,14 +125,20 @@ def seal(
     journal_dir: str | os.PathLike[str] | None = None,
     io: FileIO = REAL_IO,
     now: int | None = None,
+    image_fd: int | None = None,
+    expect_identity: tuple[int, int] | None = None,
 ) -> OpResult:
+    """Seal through one checked descriptor (`image_fd` re-opened through /proc/self/fd, else
+    the path opened with statedir.open_image_checked), verified against `expect_identity`."""
     from . import statedir
 
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
+    from .status import _checked_fd
+
     try:
-        fd = statedir.open_image_checked(image)  # every step below works on this inode
+        fd = _checked_fd(image, image_fd, expect_identity)  # every step below works on this inode
     except OSError as exc:
         from sifoverlay.errors import SifFormatError
 

@@ -55,7 +55,12 @@ def status(
     verify: bool | None = False,
     journal_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    image_fd: int | None = None,
+    expect_identity: tuple[int, int] | None = None,
 ) -> Status:
+    """Status of the overlay, read through one checked descriptor: the caller's `image_fd`
+    (re-opened through /proc/self/fd) or the path opened with statedir.open_image_checked;
+    `expect_identity` = (st_dev, st_ino) it must be (NotAuthorized otherwise)."""
     from sifoverlay.ocisif import open_image
 
     from sifoverlay.sif.load import SifFile
@@ -64,7 +69,7 @@ def status(
 
     image = os.fspath(path)
     try:
-        fd = statedir.open_image_checked(image)
+        fd = _checked_fd(image, image_fd, expect_identity)
     except OSError as exc:
         from sifoverlay.errors import SifFormatError
 
@@ -123,3 +128,21 @@ def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callab
         free_bytes=sb.free_bytes, holder=holder, journal_pending=pending,
         overlay_offset=overlay.offset, dirty=sb.is_dirty,
     )
+
+
+def _checked_fd(image: str, image_fd: int | None, expect_identity: tuple[int, int] | None) -> int:
+    """A descriptor of the image for the engine's verbs: a /proc/self/fd reopen of the
+    caller's `image_fd`, else a checked open of the path; verified against `expect_identity`."""
+    from sifoverlay.errors import NotAuthorized
+
+    from . import statedir
+
+    if image_fd is None:
+        return statedir.open_image_checked(image, expect_identity=expect_identity)
+    fd = statedir.reopen(image_fd, writable=False)
+    if expect_identity is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(expect_identity):
+            os.close(fd)
+            raise NotAuthorized(image, "the descriptor is not the authorized inode")
+    return fd
