@@ -276,7 +276,7 @@ def render_text(report: dict[str, Any]) -> str:
         link = _none(d["link"]) + (" (G)" if d["link_is_group"] else "")
         detail = d["digest"] or describe_extra(d["extra"])
         kind = f"{d['datatype_name']} ({d['datatype']})"
-        rows.append([str(d["id"]), kind, _none(d["group"]), link, str(d["offset"]), str(d["size"]), d["name"] or "-", detail])
+        rows.append([str(d["id"]), kind, _none(d["group"]), link, str(d["offset"]), str(d["size"]), short(d["name"]) or "-", short(detail)])
     text = "\n".join(out) + "\n" + table(["ID", "TYPE", "GROUP", "LINK", "OFFSET", "SIZE", "NAME", "DIGEST / INFO"], rows)
     if report["hint"] is not None:
         text += f"\nOCI:          {report['hint']}\n"

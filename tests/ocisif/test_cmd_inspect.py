@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sifoverlay.ocisif import OVERLAY_FINGERPRINT_ANNOTATION, mediatypes
+from sifoverlay.ocisif import OVERLAY_FINGERPRINT_ANNOTATION, jsonedit, mediatypes
 
 from tests.conftest import need_vectors
 
@@ -341,3 +341,36 @@ def test_human_output_golden_multi_image() -> None:
     broken = inspect("sif/one-object-oci-root-index.sif", cwd=VECTORS)
     assert broken.returncode == 0 and broken.stderr == ""
     check_golden("inspect-invalid-index.txt", broken.stdout)
+
+
+def test_nested_index_images_and_missing_blobs(tmp_path: Path) -> None:
+    """Images below a nested index are listed with their position; a nested index or an
+    artifact that is not stored is a warning; the top-level image stays the selected one."""
+    from sifoverlay.sif.add import add_object
+    from sifoverlay.sif.constants import DataType
+    from sifoverlay.sif.writeout import ObjectInput
+
+    from .support import hello_parts, hello_with_spare, replace_root
+
+    hello = hello_parts()
+    path = hello_with_spare(tmp_path)
+    manifest_entry = json.loads(hello["root"])["manifests"][0]
+    missing = "sha256:" + "ab" * 32
+    nested = jsonedit.canonical(jsonedit.new_index([manifest_entry, {**manifest_entry, "digest": missing}]))
+    add_object(path, ObjectInput(DataType.OCI_BLOB, nested))
+    entries = [
+        manifest_entry,
+        jsonedit.descriptor_of(nested, mediatypes.OCI_INDEX),
+        {"mediaType": "application/vnd.example.signature", "size": 5, "digest": "sha256:" + "cd" * 32},
+        {"mediaType": mediatypes.OCI_INDEX, "size": 7, "digest": "sha256:" + "ef" * 32},
+    ]
+    replace_root(path, jsonedit.canonical(jsonedit.new_index(entries)))
+    report = inspect_json(path)
+    assert [(i["position"], i["selected"], i["error"]) for i in report["images"]] == [
+        ([0], True, None), ([1, 0], False, None),
+        ([1, 1], False, f"manifest {missing} is referenced but not stored in the SIF")]
+    assert report["oci"]["manifest"] == manifest_entry["digest"]
+    assert report["warnings"] == [
+        f"root index entry 2: blob sha256:{'cd' * 32} is referenced but not stored in the SIF",
+        f"root index entry 3: index sha256:{'ef' * 32} is referenced but not stored in the SIF",
+    ]
