@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -138,6 +139,20 @@ def working_dir(name: str) -> str:
     return os.sep.join(parts[:hidden]) or os.sep
 
 
+def scrub(text: str) -> str:
+    """`text` with the names of internal working files (engine scratch files, hidden
+    temp/staging/lease files of ours) replaced by "a working file in DIR"."""
+    def replace(match: re.Match[str]) -> str:
+        return f"a working file in {working_dir(match.group(0))}"
+
+    for directory in scratch_dirs():
+        text = re.sub(re.escape(directory + os.sep) + r"[^\s:;,)'\"]+", replace, text)
+    return _HIDDEN_WORK_FILE.sub(replace, text)
+
+
+_HIDDEN_WORK_FILE = re.compile(r"(?<![^\s('\"])/[^\s:;,)'\"]*/\.[^/\s:;,)'\"]*sifoverlay[^\s:;,)'\"]*")
+
+
 def for_user(exc: SifOverlayError, args: argparse.Namespace) -> SifOverlayError:
     """The same error naming a path the user typed instead of an internal working file,
     permission problems as NotAuthorized (exit 77), a native SIF with the import hint."""
@@ -151,6 +166,10 @@ def for_user(exc: SifOverlayError, args: argparse.Namespace) -> SifOverlayError:
             problem = f"{exc.problem} (working file in {directory})" if internal else exc.problem
             exc.path, exc.problem = owner, problem  # the same error, renamed
             exc.args = (exc.message(),)
+    scrubbed = scrub(exc.problem)
+    if scrubbed != exc.problem:
+        exc.problem = scrubbed
+        exc.args = (exc.message(),)
     if exc.data.get("errno") in PERMISSION_ERRNOS and not isinstance(exc, NotAuthorized):
         exc = NotAuthorized(exc.path, exc.problem, **exc.data)
     if isinstance(exc, NotAnOciSif) and "sifoverlay import" not in exc.problem and (
@@ -189,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     as_json = bool(getattr(args, "json", False))
+    if sys.stdout is None:  # started with stdout closed (`>&-`): say so instead of failing in a write
+        print_error(SifOverlayError(None, "cannot write the output: standard output is closed"), as_json)
+        return EXIT_FAILURE
     try:
         return int(args.func(args) or 0)
     except SifOverlayError as exc:

@@ -306,3 +306,30 @@ def test_config_of_the_wrong_shape_is_bad_input(config: bytes, tmp_path: Path, e
     error = one_json(run_cli("overlay", "create", "--json", "--sparse", str(path), env=env))
     assert (error["error"], error["path"]) == ("OciFormatError", str(path))
     assert "config" in error["message"] and "internal error" not in error["message"]
+
+
+def test_internal_names_inside_the_message_are_scrubbed(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from sifoverlay.engine import statedir
+    from sifoverlay.errors import ExternalToolError
+
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))
+    scratch = os.path.join(statedir.scratch_dir(), "host-1.abcd.ext3")
+    hidden = str(tmp_path / ".img.sif.sifoverlay-tmp-host-1.ext3")
+
+    def boom(path: str) -> dict[str, Any]:
+        raise ExternalToolError(path, f"mkfs.ext3 failed: {scratch}: No space left; then '{hidden}': EIO",
+                                tool="mkfs.ext3", returncode=1, output_tail="")
+    monkeypatch.setattr(cmd_inspect, "inspect_file", boom)
+    image = str(tmp_path / "img.sif")
+    assert main(["inspect", image]) == 1
+    assert capsys.readouterr().err == (
+        f"sifoverlay: {image}: mkfs.ext3 failed: a working file in {statedir.scratch_dir()}: No space left; "
+        f"then 'a working file in {tmp_path}': EIO\n")
+
+
+def test_closed_stdout_is_one_line() -> None:
+    result = subprocess.run(f"exec >&-; {CLI} inspect --json /nonexistent.sif", shell=True, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert json.loads(result.stderr)["message"] == "cannot write the output: standard output is closed"
