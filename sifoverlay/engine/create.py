@@ -78,6 +78,11 @@ def create_overlay(
 
     start = time.monotonic()
     image = os.fspath(path)
+    from sifoverlay.ext3 import MIN_OVERLAY_MIB  # (H2, issue 11) the size is checked before anything is staged
+    from sifoverlay.errors import UsageError
+
+    if isinstance(size_mib, bool) or not isinstance(size_mib, int) or size_mib < MIN_OVERLAY_MIB:
+        raise UsageError(image, f"overlay size must be at least {MIN_OVERLAY_MIB} MiB, got {size_mib!r}")
     journal = Journal(journal_dir, io=io)
     check_can_add_overlay(image)
     try:

@@ -333,3 +333,18 @@ def test_closed_stdout_is_one_line() -> None:
                             timeout=60)
     assert result.returncode == 1
     assert json.loads(result.stderr)["message"] == "cannot write the output: standard output is closed"
+
+
+def test_library_create_checks_the_size_before_staging(tmp_path: Path, env: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from sifoverlay.engine.create import create_overlay
+    from sifoverlay.errors import UsageError
+
+    image = crafted(tmp_path / "img.oci.sif")
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", env["SIFOVERLAY_STATE_DIR"])
+    for size in (32, 0, True, 64.5):
+        with pytest.raises(UsageError) as raised:
+            create_overlay(image, size_mib=size, journal_dir=env["SIFOVERLAY_JOURNAL_DIR"])  # type: ignore[arg-type]
+        assert str(raised.value) == f"{image}: overlay size must be at least 64 MiB, got {size!r}"
+    assert not Path(env["SIFOVERLAY_STATE_DIR"]).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.oci.sif"]
