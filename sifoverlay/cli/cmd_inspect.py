@@ -11,10 +11,9 @@ magic or version, descriptor table outside the file) is an error (exit 2).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING, Any
 
-from sifoverlay.cli.output import add_json_flag, print_json
+from sifoverlay.cli.output import add_json_flag, print_json, write_text
 
 if TYPE_CHECKING:
     from sifoverlay.ocisif.model import OciSifImage, SurveyedImage
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
-        sys.stdout.write(render_text(report))
+        write_text(render_text(report))
     return 0
 
 

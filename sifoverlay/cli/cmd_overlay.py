@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from typing import Any
 
-from sifoverlay.cli.output import ProgressBar, add_json_flag, hashing_text, print_json, progress
+from sifoverlay.cli.output import ProgressBar, add_json_flag, hashing_text, print_json, progress, write_text
 
 HELP = "create, inspect, reconcile or seal the writable ext3 overlay of an OCI-SIF"
 
@@ -133,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
     else:
-        sys.stdout.write(text + "\n")
+        write_text(text + "\n")
     return 0
 
 

@@ -16,6 +16,24 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
 
 
+def write_text(text: str) -> None:
+    """Text on stdout that never fails to encode: a file name that is not UTF-8 (argv's
+    surrogate escapes) comes out as its original bytes, a lone surrogate of a crafted
+    JSON string as a backslash escape."""
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        data = text.encode(encoding, "surrogateescape")
+    except (UnicodeEncodeError, LookupError):
+        data = text.encode("utf-8", "backslashreplace")
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(data.decode(encoding, "replace"))
+        return
+    sys.stdout.flush()
+    buffer.write(data)
+    sys.stdout.flush()
+
+
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")

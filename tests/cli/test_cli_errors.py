@@ -62,7 +62,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 # -- crafted OCI JSON ---------------------------------------------------------------------------------
 def crafted(out: Path, *, config: bytes | None = None, layer_media_type: str = mediatypes.SQUASHFS_LAYER,
-            layer_size: Any = None, root_extra: bytes = b"") -> Path:
+            layer_size: Any = None, root_extra: bytes = b"", manifest_patch: tuple[bytes, bytes] | None = None) -> Path:
     """A one-image OCI-SIF whose config / layer descriptor / root index carry crafted values."""
     layer = b"squashfs-ish layer bytes"
     config_raw = config if config is not None else b'{"architecture":"amd64","os":"linux"}'
@@ -73,6 +73,8 @@ def crafted(out: Path, *, config: bytes | None = None, layer_media_type: str = m
     if layer_size is not None:  # spliced in as text: the value may be no Python int at all
         manifest_raw = manifest_raw.replace(b'"size":%d,"digest":"%s"' % (len(layer), layer_desc["digest"].encode()),
                                             b'"size":%s,"digest":"%s"' % (layer_size, layer_desc["digest"].encode()))
+    if manifest_patch is not None:
+        manifest_raw = manifest_raw.replace(*manifest_patch)
     entry_raw = jsonedit.canonical(jsonedit.descriptor_of(manifest_raw, mediatypes.OCI_MANIFEST))
     root = b'{"schemaVersion":2,"mediaType":"%s","manifests":[%s]' % (mediatypes.OCI_INDEX.encode(), entry_raw)
     write_ocisif(out, [layer, config_raw, manifest_raw], root + b"}")
@@ -348,3 +350,26 @@ def test_library_create_checks_the_size_before_staging(tmp_path: Path, env: dict
         assert str(raised.value) == f"{image}: overlay size must be at least 64 MiB, got {size!r}"
     assert not Path(env["SIFOVERLAY_STATE_DIR"]).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.oci.sif"]
+
+
+def test_text_output_never_fails_to_encode(tmp_path: Path, env: dict[str, str]) -> None:
+    """A strict UTF-8 stdout (a real en_US.UTF-8 locale): a file name that is not UTF-8
+    comes out as its bytes; a lone surrogate of a crafted media type as an escape."""
+    path = crafted(tmp_path / "x.oci.sif")
+    raw = path.read_bytes()
+    odd_name = os.fsencode(tmp_path) + b"/\xff.sif"
+    with open(odd_name, "wb") as handle:
+        handle.write(raw)
+    strict = {**env, "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([os.fsencode(CLI), b"inspect", odd_name], capture_output=True, timeout=60,
+                            env={**os.environ, **strict})
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(b"Image:        " + odd_name + b"\n")
+    status = subprocess.run([os.fsencode(CLI), b"overlay", b"status", odd_name], capture_output=True, timeout=60,
+                            env={**os.environ, **strict})
+    assert status.returncode == 2 and b"Traceback" not in status.stderr and status.stderr.count(b"\n") == 1
+    lone = crafted(tmp_path / "lone.oci.sif", layer_media_type="application/vnd.example.MARK",
+                   manifest_patch=(b"MARK", b"\\ud800"))
+    shown = subprocess.run([str(CLI), "inspect", str(lone)], capture_output=True, timeout=60, env={**os.environ, **strict})
+    assert (shown.returncode, shown.stderr) == (0, b"")
+    assert b"application/vnd.example.\\ud800" in shown.stdout
