@@ -10,7 +10,9 @@ the engine inside ``run`` so that `sifoverlay overlay sync` starts fast.
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
+import io
 import json
 import logging
 import os
@@ -197,6 +199,21 @@ def os_error_for_user(exc: OSError, args: argparse.Namespace) -> SifOverlayError
     return from_os_error(exc, name, text)
 
 
+def _unencodable(exc: UnicodeError) -> tuple[bytes, int]:
+    """Encoding error handler of stdout: argv's surrogate escapes (a file name that is not
+    UTF-8) become their original bytes, anything else (a lone surrogate of a crafted
+    JSON string) a backslash escape. Output never fails on a character."""
+    assert isinstance(exc, UnicodeEncodeError)
+    out = bytearray()
+    for char in exc.object[exc.start:exc.end]:
+        code = ord(char)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else char.encode("ascii", "backslashreplace")
+    return bytes(out), exc.end
+
+
+codecs.register_error("sifoverlay-output", _unencodable)
+
+
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     _Parser.wants_json = "--json" in (words[: words.index("--")] if "--" in words else words)
@@ -208,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     as_json = bool(getattr(args, "json", False))
+    if sys.stdout is not None and isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="sifoverlay-output")
     if sys.stdout is None:  # started with stdout closed (`>&-`): say so instead of failing in a write
         print_error(SifOverlayError(None, "cannot write the output: standard output is closed"), as_json)
         return EXIT_FAILURE

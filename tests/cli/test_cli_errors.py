@@ -373,3 +373,10 @@ def test_text_output_never_fails_to_encode(tmp_path: Path, env: dict[str, str]) 
     shown = subprocess.run([str(CLI), "inspect", str(lone)], capture_output=True, timeout=60, env={**os.environ, **strict})
     assert (shown.returncode, shown.stderr) == (0, b"")
     assert b"application/vnd.example.\\ud800" in shown.stdout
+    tar = make_tar([(entry("hello"), b"hello\n")])
+    layout = write_layout(tmp_path / "layout", [{"layers": [(mediatypes.OCI_LAYER_TAR, tar)]}])
+    out_name = os.fsencode(tmp_path) + b"/\xfe.oci.sif"
+    imported = subprocess.run([os.fsencode(CLI), b"import", os.fsencode(layout), out_name], capture_output=True,
+                              timeout=120, env={**os.environ, **strict})
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith(out_name + b": 1 squashfs layer(s)")
