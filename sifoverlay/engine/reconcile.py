@@ -93,6 +93,7 @@ def check_overlay_bounds(image: str, fd: int, *, max_bytes: int | None = None, s
     region larger than `max_bytes`, or larger than the ext3 it holds plus `slack` bytes
     (hashing reads holes as zeros: a sparse 16 TiB region costs hours of CPU). Reads
     only the SIF metadata and the superblock; raises OverlayStateError naming the sizes."""
+    from sifoverlay.errors import Ext3FormatError
     from sifoverlay.ext3.superblock import Superblock
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
@@ -104,7 +105,10 @@ def check_overlay_bounds(image: str, fd: int, *, max_bytes: int | None = None, s
         if max_bytes is not None and overlay.size > max_bytes:
             raise OverlayStateError(image, f"overlay is {overlay.size} bytes, more than the configured limit "
                                     f"of {max_bytes} bytes (max_overlay)")
-        sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+        try:
+            sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+        except Ext3FormatError as exc:  # name the image, not the fd
+            raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
         fs_bytes = int(sb.blocks_count) * int(sb.block_size)
         if overlay.size > fs_bytes + slack:
             raise OverlayStateError(image, f"overlay region is {overlay.size} bytes but its ext3 is only {fs_bytes} "
