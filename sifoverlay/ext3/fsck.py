@@ -287,6 +287,20 @@ def _write_back(image: int, offset: int, tmp: int, size: int) -> int:
     return written
 
 
+def _unnamed_file(directory: str) -> int:
+    """An unnamed temporary file in `directory`: O_TMPFILE, else a random name unlinked
+    at once (filesystems without O_TMPFILE)."""
+    try:
+        return REAL_IO.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    name = os.path.join(directory, f".sifoverlay-fsck-{os.getpid()}-{os.urandom(8).hex()}")
+    fd = REAL_IO.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    REAL_IO.unlink(name)
+    return fd
+
+
 def _child_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs as the unprivileged process: copy, e2fsck, write back. Returns the report."""
     import ctypes
@@ -294,7 +308,7 @@ def _child_main(spec: dict[str, Any]) -> dict[str, Any]:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (setpriv set it already as root)
     image, offset, size = int(spec["fd"]), int(spec["offset"]), int(spec["size"])
-    tmp = REAL_IO.open(spec["scratch_dir"], os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    tmp = _unnamed_file(spec["scratch_dir"])
     try:
         REAL_IO.truncate(tmp, size)
         for start, length in _data_extents(image, offset, offset + size):

@@ -77,7 +77,11 @@ def prepare_upper(upper: str, lowers: Sequence[str], *, uid: int | None = None, 
     """Copy up / repair the shared directories in `upper`; returns what was changed.
     As root with a job user (`uid`/`gid`, not 0) the work runs as that user in a child."""
     if os.geteuid() == 0 and uid is not None and gid is not None and uid != 0 and gid != 0:
-        changed = [str(c) for c in run_as_user(upper, lowers, uid, gid)["changed"]]
+        try:
+            changed = [str(c) for c in run_as_user(upper, lowers, uid, gid)["changed"]]
+        except ExternalToolError as exc:  # only /tmp & co. stay 1755 then: not worth failing the job
+            log.error("%s", exc)
+            return []
     else:
         changed = prepare_here(upper, lowers, io=io)
     if changed:

@@ -158,7 +158,10 @@ def run_from_args(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(json.dumps(report.as_dict(), sort_keys=True), file=out)
     else:
         for o in report.outcomes:
-            print(f"job {o.job_id}: {o.result} ({o.image}){': ' + o.detail if o.detail else ''}", file=out)
+            from .logsetup import escape  # user-chosen paths never break a line (finding 9)
+
+            print(f"job {o.job_id}: {o.result} ({escape(str(o.image))}){': ' + escape(o.detail) if o.detail else ''}",
+                  file=out)
         if not report.outcomes:
             print(f"nothing to sweep ({len(report.skipped)} open session(s) left alone)", file=out)
     return 1 if report.failed else 0
