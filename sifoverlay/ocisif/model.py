@@ -416,6 +416,7 @@ def survey(sif: SifFile) -> Survey:
         return Survey(root, (), None, tuple(warnings))
     store = _Store(sif)
     seen_indexes: set[str] = set()  # each nested index is read once (a DAG may name one many times)
+    opened: dict[tuple[str, int, str], tuple[OciSifImage | None, str | None]] = {}
 
     def visit(index: Mapping[str, Any], where: tuple[int, ...], label: str) -> None:
         for number, entry in enumerate(index.get("manifests") or []):
@@ -431,12 +432,14 @@ def survey(sif: SifFile) -> Survey:
                     warnings.append(_problem(exc))
                 continue
             if mediatypes.is_image_manifest(media_type):
-                try:
-                    image = _image_of(store, root, entry, owns_sif=False)
-                except (SifOverlayError, jsonedit.JsonError) as exc:
-                    images.append(SurveyedImage(position, entry, None, _problem(exc)))
-                else:
-                    images.append(SurveyedImage(position, entry, image, None))
+                key = (str(entry["digest"]), int(entry["size"]), str(media_type))
+                if key not in opened:  # an index may name one manifest many times: open it once
+                    try:
+                        opened[key] = (_image_of(store, root, entry, owns_sif=False), None)
+                    except (SifOverlayError, jsonedit.JsonError) as exc:
+                        opened[key] = (None, _problem(exc))
+                image, problem = opened[key]
+                images.append(SurveyedImage(position, entry, image, problem))
             elif mediatypes.is_index(media_type):
                 if len(position) >= MAX_INDEX_DEPTH:
                     warnings.append(f"{what}: indexes nested deeper than {MAX_INDEX_DEPTH} levels: not read")
@@ -463,7 +466,8 @@ def survey(sif: SifFile) -> Survey:
         warnings.append(_problem(exc))
     visit(obj, (), "root index")
     candidates = select_image_entries(obj)
-    top = [item for item in images if len(item.position) == 1 and any(item.entry is c for c in candidates)]
+    chosen = {id(c) for c in candidates}
+    top = [item for item in images if len(item.position) == 1 and id(item.entry) in chosen]
     selected = None
     if not candidates:
         warnings.append("the root index lists no image")
