@@ -91,6 +91,12 @@ STAGE=$ROOT$PREFIX
 "$STAGE/bin/pip" uninstall -q -y pip >&2 # not needed at run time
 # a venv records its own path (script shebangs, activate): rewrite it to the installed one
 find "$STAGE" -name __pycache__ -type d -prune -exec rm -rf {} + # postinst compiles at the final path
+# pip's record of where the wheel came from (this build's temp dir): not the installed system's business
+for f in "$STAGE"/lib/python*/site-packages/*.dist-info/direct_url.json; do
+	[ -e "$f" ] || continue
+	sed -i '/\/direct_url.json,/d' "$(dirname "$f")/RECORD"
+	rm -f "$f"
+done
 grep -rlIF "$STAGE" "$STAGE" | while read -r f; do sed -i "s|$STAGE|$PREFIX|g" "$f"; done
 if grep -rqF "$STAGE" "$STAGE"; then die "the staging path is left in: $(grep -rlF "$STAGE" "$STAGE" | head -n3)"; fi
 mkdir -p "$ROOT/usr/bin"

@@ -58,8 +58,10 @@ def test_demo_runs_and_reports_a_clean_reconciled_image(tmp_path: Path, e2e_read
     assert jobs["read"]["state"] == "COMPLETED"
     assert jobs["read"]["output"] == f"answer=42 from job {jobs['write']['id']}"
     assert slurm["killed_job_lines_kept"] >= 1  # the killed job's writes so far survive
-    assert summary["metrics"] == {"after_create": "clean", "after_local_write": "modified", "after_sync": "clean",
-                                  "during_job": "in-use", "final": "clean"}
+    # after the write: `modified` (superblock changed), or `drift` once the exporter's verify pass hashed it
+    assert summary["metrics"]["after_local_write"] in ("modified", "drift"), summary["metrics"]
+    assert summary["metrics"] == {"after_create": "clean", "after_local_write": summary["metrics"]["after_local_write"],
+                                  "after_sync": "clean", "during_job": "in-use", "final": "clean"}
     final = summary["final"]
     assert final["state"] == "clean"
     assert final["recorded_digest"] == bytes_digest == final["sha256_of_ext3_bytes"] == final["actual_digest"]
