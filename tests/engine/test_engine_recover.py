@@ -15,7 +15,24 @@ from sifoverlay.engine import lease
 from sifoverlay.engine.journal import Journal, Kind, image_key
 from sifoverlay.errors import RecoveryNeeded
 from sifoverlay.fsio import CountingIO, SimulatedCrash
-from tests.crash.harness import RecordingIO, close_leaked_fds, kill_writer, open_fds
+from sifoverlay.crashsim import open_fds
+from tests.crash.harness import close_leaked_fds
+
+
+class RecordingIO(CountingIO):
+    """CountingIO whose log also names the file behind every fd."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        super().__init__(crash_at, mode="raise", keep_log=True, name_fds=True)
+
+
+def kill_writer(image: Path) -> None:
+    """What a dead writer leaves that only expiry clears: its lease records (in the state
+    directory, keyed by the image's identity: engine/statedir.py)."""
+    record = Path(lease.lease_path(image))
+    if record.parent.is_dir():
+        for leftover in record.parent.glob(record.name + "*"):
+            leftover.unlink()
 from tests.engine.conftest import assert_consistent, modify_overlay, region, sha256_range
 
 Pred = Callable[[str, dict[str, object]], bool]
