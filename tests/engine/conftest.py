@@ -29,6 +29,7 @@ def journal_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own journal directory (never the user's)."""
     path = tmp_path / "journal"
     monkeypatch.setenv("SIFOVERLAY_JOURNAL_DIR", str(path))
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))  # lease records (engine/statedir.py)
     return path
 
 
