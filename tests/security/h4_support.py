@@ -108,3 +108,36 @@ def flipper_argv(a: str, b: str) -> list[str]:
 def mode_owner(path: str) -> tuple[int, int, int]:
     st = os.lstat(path)
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Make this (test) process the subreaper of everything it starts: the orphans of a
+    SIGKILLed child come to us and are reaped here (the sandbox's pid 1 does not reap)."""
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        reap()
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def reap() -> None:
+    """Collect every exited child (zombie) of this process without blocking."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def live_processes(uid: int) -> list[str]:
+    """`pid comm` of uid's processes that are not zombies."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-u", str(uid)], capture_output=True, text=True).stdout
+    return [f"{line.split()[0]} {line.split()[2]}" for line in out.splitlines()
+            if len(line.split()) >= 3 and not line.split()[1].startswith("Z")]

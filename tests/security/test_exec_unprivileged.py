@@ -6,9 +6,11 @@ her, the lease and session are hers, nothing is left mounted or running."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tests.runtime.conftest import (  # noqa: F401  (fixtures)
     user,
 )
 from tests.conftest import REPO
+from tests.security.h4_support import live_processes, reap, subreaper
 from tests.runtime.test_exec import overlay_consistent
 
 pytestmark = pytest.mark.root  # (root only to create the user and make /dev/fuse usable)
@@ -94,3 +97,44 @@ def test_unprivileged_exec_reaches_no_further_than_the_user(env: Env, home: Path
         res = as_user(env, home, "exec", *refused, str(env.image), "--", "true")
         assert res.returncode == 77 and "needs root" in res.stderr, res.stderr
     assert mounts.mounts_under(str(home)) == []
+
+
+def test_unprivileged_sigkilled_exec_is_recovered_by_the_user(env: Env, home: Path) -> None:
+    """The user's own `sifoverlay recover` finishes her SIGKILLed run: fusermount3 -u, the
+    reconcile, her lease and session - no root, no TTL wait."""
+    environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home),
+               "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"), "PYTHONPATH": str(REPO)}
+    with subreaper():
+        _killed_then_recovered(env, home, environ)
+
+
+def _killed_then_recovered(env: Env, home: Path, environ: dict[str, str]) -> None:
+    proc = subprocess.Popen([user_python(), "-m", "sifoverlay", "exec", "--lease-ttl", "3600", "-w", str(env.image),
+                             "--", "sh", "-c", "echo kept > /tmp/kept; sleep 600"],
+                            user=env.user.uid, group=env.user.gid, extra_groups=[], env=environ, cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    jobs = home / "run" / "sifoverlay" / "jobs"
+    deadline = time.monotonic() + 60
+    while not subprocess.run(["pgrep", "-u", str(env.user.uid), "-f", "^sleep 600$"], capture_output=True).stdout:
+        # (root cannot look into her mounts: no allow_other; the command runs after its write)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.stderr is not None
+    proc.stderr.close()
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-u", str(env.user.uid), "-f", "^sleep 600$"], capture_output=True).stdout:
+        assert time.monotonic() < deadline, "the job's processes outlived the exec"
+        time.sleep(0.1)
+    assert mounts.mounts_under(str(jobs))  # left for recover
+    res = as_user(env, home, "recover")
+    assert res.returncode == 0, res.stderr
+    assert f"{env.image}: exec " in res.stdout and " reconciled" in res.stdout, res.stdout
+    assert mounts.mounts_under(str(home)) == []
+    reap()
+    assert live_processes(env.user.uid) == []
+    recorded, actual = overlay_consistent(env.image)
+    assert recorded == actual
+    again = as_user(env, home, "exec", "-w", str(env.image), "--", "cat", "/tmp/kept")
+    assert (again.returncode, again.stdout) == (0, "kept\n"), again.stderr
