@@ -26,6 +26,7 @@ from tests.runtime.conftest import (  # noqa: F401  (fixtures)
     user,
 )
 from tests.runtime.test_exec import overlay_consistent
+from tests.security.h4_support import subreaper
 
 pytestmark = pytest.mark.root
 
@@ -36,6 +37,11 @@ def _user_procs(uid: int, pattern: str) -> list[str]:
 
 
 def test_sigkilled_exec_is_recovered_without_waiting_for_the_ttl(env: Env) -> None:
+    with subreaper():  # the orphans of the killed CLI come to us and are reaped
+        _killed_then_recovered(env)
+
+
+def _killed_then_recovered(env: Env) -> None:
     job = "killed-exec-1"
     marker = f"sleep 977{os.getpid() % 100}"
     proc = subprocess.Popen(env.argv("--job-id", job, "--lease-ttl", "3600", "-w", str(env.image), "--", "sh", "-c",
