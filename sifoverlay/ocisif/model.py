@@ -377,10 +377,6 @@ def _problem(exc: Exception) -> str:
     return " ".join(str(problem if problem is not None else exc).split())
 
 
-def _position(position: tuple[int, ...]) -> str:
-    return "/".join(map(str, position))
-
-
 def survey(sif: SifFile) -> Survey:
     """Every image of an OCI-SIF with the reason when one is invalid, never raising for
     the OCI content (inspect shows what it can). NotAnOciSif when there is no root index."""
@@ -408,11 +404,18 @@ def survey(sif: SifFile) -> Survey:
         warnings.append(_problem(exc))
         return Survey(None, (), None, tuple(warnings))
     root = Blob(desc, raw, obj, digest)
-    if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
+    def judge_index(index: Any, what: str) -> bool:
+        """Warn about what is wrong with an index itself (its entries are judged one by
+        one by `visit`); False when it has no list of entries to visit."""
+        entries = index.get("manifests", []) if isinstance(index, dict) else None
         try:
-            check_index(obj, "root index")
+            check_index({**index, "manifests": []} if isinstance(entries, list) else index, what)
         except jsonedit.JsonError as exc:
             warnings.append(_problem(exc))
+        return isinstance(entries, list)
+
+    if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):
+        judge_index(obj, "root index")
         return Survey(root, (), None, tuple(warnings))
     store = _Store(sif)
     seen_indexes: set[str] = set()  # each nested index is read once (a DAG may name one many times)
@@ -449,21 +452,19 @@ def survey(sif: SifFile) -> Survey:
                 seen_indexes.add(entry["digest"])
                 try:
                     child = store.blob(entry, "index")
-                    check_index(child.json, f"index {child.digest}")
-                except (SifOverlayError, jsonedit.JsonError) as exc:
+                except SifOverlayError as exc:
                     warnings.append(f"{what}: {_problem(exc)}")
                     continue
-                visit(child.json, position, f"index {_position(position)}")
+                if not judge_index(child.json, f"index {child.digest}"):
+                    continue
+                visit(child.json, position, f"index {child.digest}")
             else:
                 try:
                     store.lookup(Ref(entry["digest"], entry["size"], str(media_type), "blob"))
                 except SifOverlayError as exc:
                     warnings.append(f"{what}: {_problem(exc)}")
 
-    try:
-        check_index({**obj, "manifests": []}, "root index")  # its entries are judged one by one below
-    except jsonedit.JsonError as exc:
-        warnings.append(_problem(exc))
+    judge_index(obj, "root index")
     visit(obj, (), "root index")
     candidates = select_image_entries(obj)
     chosen = {id(c) for c in candidates}

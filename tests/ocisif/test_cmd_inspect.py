@@ -356,7 +356,8 @@ def test_nested_index_images_and_missing_blobs(tmp_path: Path) -> None:
     path = hello_with_spare(tmp_path)
     manifest_entry = json.loads(hello["root"])["manifests"][0]
     missing = "sha256:" + "ab" * 32
-    nested = jsonedit.canonical(jsonedit.new_index([manifest_entry, {**manifest_entry, "digest": missing}]))
+    nested = jsonedit.canonical(jsonedit.new_index([manifest_entry, {**manifest_entry, "digest": missing},
+                                                    {**manifest_entry, "digest": "sha256:short"}]))
     add_object(path, ObjectInput(DataType.OCI_BLOB, nested))
     entries = [
         manifest_entry,
@@ -368,7 +369,8 @@ def test_nested_index_images_and_missing_blobs(tmp_path: Path) -> None:
     report = inspect_json(path)
     assert [(i["position"], i["selected"], i["error"]) for i in report["images"]] == [
         ([0], True, None), ([1, 0], False, None),
-        ([1, 1], False, f"manifest {missing} is referenced but not stored in the SIF")]
+        ([1, 1], False, f"manifest {missing} is referenced but not stored in the SIF"),
+        ([1, 2], False, f"index {jsonedit.digest_of(nested)} entry 2 has no valid sha256 digest ('sha256:short')")]
     assert report["oci"]["manifest"] == manifest_entry["digest"]
     assert report["warnings"] == [
         f"root index entry 2: blob sha256:{'cd' * 32} is referenced but not stored in the SIF",
