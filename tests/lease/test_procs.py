@@ -48,8 +48,8 @@ def test_mountinfo_is_parsed_and_unescaped(tmp_path: Path) -> None:
         "40 35 0:54 / /proc rw - proc proc rw\n"
     )
     assert procs.mountinfo(str(info)) == [
-        procs.MountEntry(36, "/mnt/my dir", "fuse.fuse2fs", "/img/a\\b.sif", "rw,nosuid"),
-        procs.MountEntry(40, "/proc", "proc", "proc", "rw"),
+        procs.MountEntry(36, "/mnt/my dir", "fuse.fuse2fs", "/img/a\\b.sif", "rw,nosuid", "0:50", "rw,user_id=0"),
+        procs.MountEntry(40, "/proc", "proc", "proc", "rw", "0:54", "rw"),
     ]
     assert procs.unescape_mount_field("a\\011b\\012c\\") == "a\tb\nc\\"
     root = [e for e in procs.mountinfo() if e.target == "/"]
