@@ -26,3 +26,24 @@ def test_comparison_cites_its_command_and_marks_rows() -> None:
     rows = [line for line in text.split("## Feature table", 1)[1].splitlines() if line.startswith("| ") and "---" not in line][1:]
     unmarked = [row for row in rows if not any(word in row for word in ("measured", "cited", "tested", "n/a"))]
     assert len(rows) >= 8 and unmarked == []
+
+
+def _tracked_text_files() -> list[str]:
+    import subprocess
+
+    done = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [name for name in done.stdout.split("\0") if name]
+
+
+def test_no_absolute_path_of_this_checkout_in_tracked_files() -> None:
+    """Code, tests, docs and scripts name files relative to the repository (or through
+    $SIFOVERLAY_VECTORS): a clone at any other path works the same."""
+    needles = (str(REPO) + "/", str(REPO.parent / "shared") + "/")
+    found = []
+    for name in _tracked_text_files():
+        try:
+            text = (REPO / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue
+        found += [f"{name}: {needle}" for needle in needles if needle in text]
+    assert len(_tracked_text_files()) > 100 and found == []
