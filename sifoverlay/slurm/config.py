@@ -38,9 +38,11 @@ _UNITS: Final = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def parse_size(key: str, value: str, source: str, *, units: bool = True) -> int:
     """A positive decimal with an optional K/M/G/T binary suffix (config.c check_size)."""
     digits, unit = (value[:-1], value[-1]) if units and value[-1:] in _UNITS else (value, "")
-    if not digits.isdigit() or not digits.isascii() or len(digits) > 15 or int(digits) == 0:
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 15:
         raise UsageError(source, f"plugstack: {key}={value}: expected a positive number"
                          + (" (optionally with K, M, G or T)" if units else ""))
+    if int(digits) == 0:
+        raise UsageError(source, f"plugstack: {key}={value}: must be positive")
     return int(digits) * _UNITS.get(unit, 1)
 
 
