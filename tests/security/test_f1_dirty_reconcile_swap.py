@@ -53,6 +53,7 @@ def test_dirty_reconcile_never_follows_a_swapped_name(
     offset = overlay_offset(mine)
     fd = os.open(mine, os.O_RDWR)  # the attacker keeps her own image open: dirtied between jobs
     jobs: list[int] = []
+    states: dict[int, str] = {}
     try:
         with flipping(alice, mine, home_a / "link.sif"):
             for _ in range(JOBS):
@@ -62,9 +63,10 @@ def test_dirty_reconcile_never_follows_a_swapped_name(
                     jobs.append(job)
                     cluster.wait_state(job, {"RUNNING", "COMPLETING", *cluster_done()}, timeout=120)
                 time.sleep(0.2)
-            wait_all(cluster, jobs)
+            states = wait_all(cluster, jobs)
     finally:
         os.close(fd)
+    print(f"F1: {len(jobs)} jobs submitted, end states {sorted(states.values())}")  # how often the race got through
     sweep(cluster)  # sessions whose Epilog refused the swapped name are finished now
     assert jobs, "no job could even be submitted"
     assert snapshot(victim) == before, "root modified the victim's image"

@@ -133,6 +133,9 @@ PLUGSTACK_ERRORS = [
     ("relative-root", "image_roots=/ok:images", "plugstack: image_roots=images: not an absolute path"),
     ("not-key-value", "verbose", "plugstack: argument 'verbose' is not key=value"),
     ("dotdot", "runtime_dir=/run/../etc", "plugstack: runtime_dir=/run/../etc: '..' is not allowed"),
+    ("relative-state", "state_dir=state", "plugstack: state_dir=state: not an absolute path"),
+    ("bad-size", "max_overlay=12X", "plugstack: max_overlay=12X: expected a positive number (optionally with K, M, G or T)"),
+    ("zero-deadline", "hash_deadline=0", "plugstack: hash_deadline=0: must be positive"),
 ]
 
 
@@ -147,7 +150,8 @@ def test_plugstack_keys_are_strict(cluster: Cluster, slurm_users: tuple[User, Us
 
 def test_plugstack_all_keys_accepted(cluster: Cluster, slurm_users: tuple[User, User], image_dir: Path) -> None:
     args = ("journal_dir=/var/lib/sifoverlay/journal runtime_dir=/run/sifoverlay image_roots=/a:/b "
-            "default_mode=ro sifoverlay=/usr/bin/python3 mount=kernel")
+            "default_mode=ro sifoverlay=/usr/bin/python3 mount=kernel state_dir=/var/lib/sifoverlay "
+            "max_overlay=256G hash_deadline=600")
     done = cluster.as_user(slurm_users[0], "sbatch", "--test-only", "--wrap", "true", cwd="/tmp",
                            env=_private_conf(image_dir, args))
     assert done.returncode == 0, done.stderr
