@@ -1,10 +1,13 @@
 """`sifoverlay` command line: argument parsing, --json, exit codes. No business logic.
 
 Each verb lives in `sifoverlay/cli/cmd_<verb>.py` and exposes
-``register(subparsers) -> None`` (adds its parser and sets ``func=run``) and
-``run(args) -> int``. Command modules import only argparse and `cli.output` (stdlib) at
-module level; they import
-the engine inside ``run`` so that `sifoverlay overlay sync` starts fast.
+``HELP`` (its one-line help), ``register(subparsers) -> None`` (adds its parser and sets
+``func=run``) and ``run(args) -> int``. Command modules import only argparse and
+`cli.output` (stdlib) at module level; they import the engine inside ``run`` so that
+`sifoverlay overlay sync` starts fast. For the same reason only the verb on the command
+line is imported and registered (the others get an empty placeholder parser), the full
+list is built for the top-level --help only, and logging and json are imported when used
+(bench/cli_start.py measures it, tests/cli/test_cli_imports.py keeps it so).
 """
 
 from __future__ import annotations
@@ -13,12 +16,10 @@ import argparse
 import codecs
 import importlib
 import io
-import json
-import logging
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sifoverlay import __version__
 from sifoverlay.errors import (
@@ -33,7 +34,8 @@ from sifoverlay.errors import (
     from_os_error,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from types import ModuleType
 
 # (module name, ...) in the order they appear in --help.
 COMMAND_MODULES = (
@@ -50,35 +52,103 @@ COMMAND_MODULES = (
 PATH_ARGS = ("image", "images", "output", "source", "journal_dir", "textfile_dir", "scan", "base_dir")
 
 
+_COLUMNS: list[int] = []  # the terminal width, found once per process
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns without importing shutil (and with it zlib, bz2,
+    lzma): argparse makes a HelpFormatter for every add_argument."""
+    if not _COLUMNS:
+        try:
+            columns = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 0
+        _COLUMNS.append(columns if columns > 0 else 80)
+    return _COLUMNS[0]
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)  # - 2: as argparse does
+
+
 class _Parser(argparse.ArgumentParser):
     wants_json = False  # set by main() from argv: argparse's own errors obey --json too
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2, never a traceback
+        import json
+
         err = UsageError(None, message)
         if _Parser.wants_json:
             self.exit(EXIT_BAD_INPUT, json.dumps(err.as_dict()) + "\n")
         self.exit(EXIT_BAD_INPUT, f"sifoverlay: error: {err.message()}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def verb_of(words: list[str]) -> str | None:
+    """The COMMAND word of a command line (the first word that is no option: the top-level
+    parser has no option that takes a value), None when there is none or when the top-level
+    help is asked for before it."""
+    for number, word in enumerate(words):
+        if word in ("-h", "--help"):
+            return None
+        if word == "--":
+            return words[number + 1] if number + 1 < len(words) else None
+        if not word.startswith("-") or word == "-":
+            return word
+    return None
+
+
+def _command_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"sifoverlay.cli.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"sifoverlay.cli.{name}":
+            return None  # verb not built yet
+        raise
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `sifoverlay`. With `verb` (one of the command names) only that
+    command's module is imported and its parser built; the other commands get an empty
+    placeholder (their name still parses, and the top-level usage does not list them).
+    Without `verb`, or with a word that names no command, every command is listed with its
+    help (the top-level --help, argparse's "invalid choice"), still without building the
+    commands' own arguments."""
     parser = _Parser(prog="sifoverlay", description="Manage writable overlays in OCI-SIF images.")
     parser.add_argument("--version", action="version", version=f"sifoverlay {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"sifoverlay.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"sifoverlay.cli.{name}":
-                continue  # verb not built yet
-            raise
-        module.register(sub)
+    names = [module.removeprefix("cmd_") for module in COMMAND_MODULES]
+    chosen = _command_module(f"cmd_{verb}") if verb in names else None
+    for name in names:
+        if chosen is not None:
+            if name == verb:
+                chosen.register(sub)
+            else:
+                sub.add_parser(name, add_help=False)  # never parsed: `verb` is on the command line
+            continue
+        module = _command_module(f"cmd_{name}")
+        if module is not None:
+            sub.add_parser(name, help=module.HELP, add_help=False)
     return parser
 
 
 def print_error(exc: SifOverlayError, as_json: bool) -> None:
     if as_json:
+        import json
+
         print(json.dumps(exc.as_dict()), file=sys.stderr)
     else:
         print(f"sifoverlay: {exc.message()}", file=sys.stderr)
@@ -217,8 +287,10 @@ codecs.register_error("sifoverlay-output", _unencodable)
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     _Parser.wants_json = "--json" in (words[: words.index("--")] if "--" in words else words)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(verb_of(words))
+    args = parser.parse_args(words)
+    import logging
+
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -254,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             shown = OciFormatError(typed[0] if typed else None, str(exc))
             print_error(shown, as_json)
             return shown.exit_code
-        log.info("internal error", exc_info=True)
+        logging.getLogger(__name__).info("internal error", exc_info=True)
         detail = " ".join(str(exc).split())[:200]
         shown = SifOverlayError(typed[0] if typed else None, f"internal error: {type(exc).__name__}: {detail} "
                                 "(run with -v for the traceback)")

@@ -27,6 +27,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TEXTFILE_ENV = "SIFOVERLAY_TEXTFILE_DIR"  # = sifoverlay.metrics.record.ENV_TEXTFILE_DIR (not imported, same reason)
 MIN_SIZE_MIB = 64  # = sifoverlay.ext3.MIN_OVERLAY_MIB (not imported: keeps `overlay sync` start cheap)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"(\d{1,12})(?:\.(\d{1,6}))?\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -142,11 +143,18 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
     verb = args.verb
     if verb == "sync":
         from sifoverlay.engine.reconcile import sync
-        from sifoverlay.metrics.record import recording
 
-        with recording(args.textfile_dir, "sync") as rec:  # counts the result or the error
-            result = rec.outcome = sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(),
-                                        progress=bar, force_hash=args.force_hash)
+        def run_sync() -> Any:
+            return sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(), progress=bar,
+                        force_hash=args.force_hash)
+
+        if args.textfile_dir is None and not os.environ.get(TEXTFILE_ENV):
+            result = run_sync()  # no metrics asked for: sifoverlay.metrics stays unimported
+        else:
+            from sifoverlay.metrics.record import recording
+
+            with recording(args.textfile_dir, "sync") as rec:  # counts the result or the error
+                result = rec.outcome = run_sync()
         return result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})"
     if verb == "status":
         from sifoverlay.engine.status import status

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,8 @@ def write_text(text: str) -> None:
 
 
 def print_json(data: Any) -> None:
+    import json  # not on every start: a text-mode `overlay sync` does not need it
+
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

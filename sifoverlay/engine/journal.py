@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import struct
 import time
 from dataclasses import dataclass, field
@@ -197,6 +196,8 @@ class Entry:
 
 
 def new_op_id() -> str:
+    import secrets  # here: a no-op sync makes no op id (issue 17, fast CLI)
+
     host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
     return f"{int(time.time() * 1000)}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
 

@@ -5,20 +5,55 @@ hole-aware hashing.
 Knows nothing of SIF: everything works on (fd or path, offset, size).
 """
 
-from .fsck import FsckResult, replay_and_fsck
-from .hashing import DEFAULT_BUF, hash_range
-from .mkfs import MIN_OVERLAY_MIB, make_overlay_fs
-from .superblock import (
-    FINGERPRINT_KEYS,
-    HEADER_BYTES,
-    Ext3Usage,
-    Superblock,
-    check_header,
-    check_region_header,
-    free_bytes,
-    usage,
-)
-from .tools import LoopBinding, attach_loop, detach_loop, loop_binding, loop_device, run_tool, serves
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fsck import FsckResult, replay_and_fsck
+    from .hashing import DEFAULT_BUF, hash_range
+    from .mkfs import MIN_OVERLAY_MIB, make_overlay_fs
+    from .superblock import (
+        FINGERPRINT_KEYS,
+        HEADER_BYTES,
+        Ext3Usage,
+        Superblock,
+        check_header,
+        check_region_header,
+        free_bytes,
+        usage,
+    )
+    from .tools import LoopBinding, attach_loop, detach_loop, loop_binding, loop_device, run_tool, serves
+
+# Lazy (issue 17, fast CLI): the superblock read of a no-op `overlay sync` must not load
+# fsck, mkfs and the loop tools (subprocess, signal). Each name of __all__ comes from its
+# submodule on first use; type checkers see the imports above.
+_LAZY = {
+    "FsckResult": "fsck", "replay_and_fsck": "fsck", "DEFAULT_BUF": "hashing", "hash_range": "hashing",
+    "MIN_OVERLAY_MIB": "mkfs", "make_overlay_fs": "mkfs",
+    **dict.fromkeys(["FINGERPRINT_KEYS", "HEADER_BYTES", "Ext3Usage", "Superblock", "check_header",
+                     "check_region_header", "free_bytes", "usage"], "superblock"),
+    **dict.fromkeys(["LoopBinding", "attach_loop", "detach_loop", "loop_binding", "loop_device", "run_tool",
+                     "serves"], "tools"),
+}
+
+if not TYPE_CHECKING:  # hidden from mypy, which would type every unknown name as Any
+
+    def __getattr__(name: str) -> Any:
+        where = _LAZY.get(name)
+        if where is not None:
+            value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+        else:  # a submodule (any: eager loading bound them all)
+            try:
+                value = importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        globals()[name] = value
+        return value
+
 
 __all__ = [
     "DEFAULT_BUF",

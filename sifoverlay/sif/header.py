@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import uuid
 
 from .constants import (
     ARCH_UNKNOWN,
@@ -87,6 +89,8 @@ class Header:
 
     @property
     def uuid(self) -> uuid.UUID:
+        import uuid  # here, not at module level: it imports platform (issue 17, fast CLI)
+
         return uuid.UUID(bytes=bytes(self.image_id))
 
     @property

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Start-up cost of the CLI (issue 17 item 3). Prints a table; asserts nothing.
+
+Wall time of whole processes, interleaved run by run, median of --runs (default 21, at
+least 15) each:
+
+* `python -c pass` from the same venv (the bare interpreter: the floor);
+* `python -m sifoverlay --help`;
+* `python -m sifoverlay overlay status IMG` on a clean 64 MiB sparse overlay (fingerprint: no hashing);
+* `python -m sifoverlay overlay sync IMG` on the same image (fingerprint fast path: noop).
+
+Target: status and the no-op sync at most the floor + 30 ms. The machine's load average
+is printed beside the result: on a busy machine every median grows, the differences too.
+Needs mkfs.ext3 (overlay create); no root.
+
+    .venv/bin/python bench/cli_start.py [--runs N] [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TARGET_MS = 30.0
+
+
+def base_image(path: Path) -> None:
+    """A small OCI-SIF with one (fake) squashfs layer; enough for overlay work."""
+    from sifoverlay.ocisif import jsonedit, mediatypes
+    from sifoverlay.ocisif.build import write_ocisif
+
+    layer = b"\0" * 4096
+    layer_digest = jsonedit.digest_of(layer)
+    config = jsonedit.canonical({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}, "history": [{"created_by": "bench"}],
+    })
+    manifest = jsonedit.canonical({
+        "schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST,
+        "config": jsonedit.descriptor_of(config, mediatypes.OCI_CONFIG),
+        "layers": [jsonedit.descriptor_of(layer, mediatypes.SQUASHFS_LAYER)],
+    })
+    index = jsonedit.new_index([jsonedit.descriptor_of(manifest, mediatypes.OCI_MANIFEST)])
+    write_ocisif(path, [layer, config, manifest], index)
+
+
+def wall(argv: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=21)
+    parser.add_argument("--dir", default=None, help="where to put the test image (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    if args.runs < 15:
+        parser.error("--runs must be at least 15")
+    from sifoverlay import engine
+
+    work = Path(tempfile.mkdtemp(prefix="sifoverlay-clistart-", dir=args.dir))
+    try:
+        image, journal = work / "image.sif", work / "journal"
+        base_image(image)
+        engine.create_overlay(image, size_mib=64, sparse=True, journal_dir=journal)
+        engine.sync(image, journal_dir=journal)
+        py = sys.executable
+        cli = [py, "-m", "sifoverlay"]
+        cases = {
+            "python -c pass": [py, "-c", "pass"],
+            "sifoverlay --help": [*cli, "--help"],
+            "overlay status": [*cli, "overlay", "status", "--journal-dir", str(journal),
+                                           str(image)],
+            "overlay sync (noop)": [*cli, "overlay", "sync", "--journal-dir", str(journal), str(image)],
+        }
+        for argv in cases.values():  # warm the page cache and the .pyc files
+            wall(argv)
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        load_before = os.getloadavg()[0]
+        for _ in range(args.runs):  # interleaved: a load change hits every case alike
+            for name, argv in cases.items():
+                times[name].append(wall(argv))
+        load_after = os.getloadavg()[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    floor = statistics.median(times["python -c pass"]) * 1e3
+    print(f"{sys.executable}: {args.runs} interleaved runs each, load average (1 min) {load_before:.2f} -> "
+          f"{load_after:.2f}, {os.cpu_count()} CPUs")
+    print(f"{'command':<30} {'median ms':>10} {'min ms':>8} {'+ floor ms':>11}  target")
+    met = True
+    for name, samples in times.items():
+        median = statistics.median(samples) * 1e3
+        extra = median - floor
+        verdict = ""
+        if name in ("overlay status", "overlay sync (noop)"):
+            ok = extra <= TARGET_MS
+            met &= ok
+            verdict = f"<= +{TARGET_MS:.0f} ms: {'met' if ok else 'NOT met'}"
+        print(f"{name:<30} {median:10.1f} {min(samples) * 1e3:8.1f} {extra:11.1f}  {verdict}")
+    print(f"target (status and no-op sync within python -c pass + {TARGET_MS:.0f} ms): {'met' if met else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
