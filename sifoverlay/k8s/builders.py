@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import posixpath
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sifoverlay.errors import UsageError
 from sifoverlay.k8s import names
+from sifoverlay.k8s import policy as pol
 from sifoverlay.k8s import well_known as wk
+from sifoverlay.k8s.policy import AdminPolicy
 
 Obj = dict[str, Any]
 
@@ -48,12 +50,29 @@ class ImageRef:
             return {"name": "image", "hostPath": {"path": self.source, "type": "Directory"}}
         return {"name": "image", "persistentVolumeClaim": {"claimName": self.source}}
 
+    def local_parts(self, roots: Mapping[str, str]) -> tuple[str, str] | None:
+        """(volume root in the operator's filesystem, the image's path beneath it), if the
+        image's volume is mounted there: `roots` maps "hostPath:/dir" or "pvc:ns/claim" to
+        a local directory; a hostPath image under a mounted hostPath directory counts too
+        (the operator mounts /data/images, the resource names /data/images/team-a)."""
+        if self.kind != "hostPath":
+            root = roots.get(f"pvc:{self.namespace}/{self.source}")
+            return None if root is None else (root, self.path)
+        for key, root in roots.items():
+            kind, _, host = key.partition(":")
+            host = host.rstrip("/") or "/"
+            if kind != "hostPath":
+                continue
+            if self.source == host:
+                return root, self.path
+            if self.source.startswith(host.rstrip("/") + "/"):
+                return root, posixpath.join(self.source[len(host.rstrip("/")) + 1:], self.path)
+        return None
+
     def local_path(self, roots: Mapping[str, str]) -> str | None:
-        """The image's path inside the operator's own filesystem, if its volume is mounted
-        there: `roots` maps "hostPath:/dir" or "pvc:ns/claim" to a local directory."""
-        key = f"hostPath:{self.source}" if self.kind == "hostPath" else f"pvc:{self.namespace}/{self.source}"
-        root = roots.get(key)
-        return None if root is None else posixpath.join(root, self.path)
+        """The image's path inside the operator's own filesystem (see local_parts)."""
+        parts = self.local_parts(roots)
+        return None if parts is None else posixpath.join(*parts)
 
 
 def image_ref(spec: Mapping[str, Any], namespace: str, *, name: str = "") -> ImageRef:
@@ -99,11 +118,20 @@ class PodPolicy:
     apparmor_unconfined: bool = True  # the runtime's default AppArmor profile denies mount(2)
     allow_kernel_mounts: bool = False
     service_account: str | None = None
-    operator_image: str = "ghcr.io/sifoverlay/operator:0.1.0"  # runs reconcile Jobs
+    # the operator's own pinned image: the runner of workload pods and of reconcile Jobs
+    operator_image: str = "ghcr.io/sifoverlay/operator:0.1.0"
     journal_dir: str = "/var/lib/sifoverlay/journal"
+    admin: AdminPolicy = field(default_factory=AdminPolicy)
 
 
 JOURNAL_ON_VOLUME = ".sifoverlay-journal"
+STATE_ON_VOLUME = ".sifoverlay-state"  # engine state dir (lease records, scratch): shared on the volume
+
+
+def volume_state() -> str:
+    """The engine's state directory on the image's volume, as pods see it: lease records
+    there are the ones the operator (config.OperatorConfig.state_for) sees."""
+    return posixpath.join(wk.IMAGE_MOUNT_PATH, STATE_ON_VOLUME)
 
 
 def volume_journal() -> str:
@@ -137,12 +165,23 @@ def _annotations(body: Mapping[str, Any], ref: ImageRef) -> dict[str, str]:
     return {wk.ANNOTATION_OVERLAYJOB: body["metadata"]["name"], wk.ANNOTATION_IMAGE_IDENTITY: ref.identity}
 
 
+# The runner (root in the container) mounts the overlay and then drops to the job user
+# inside the rootfs (runtime.enter: setgroups/setgid/setuid, then no_new_privs). It needs:
+# SYS_ADMIN (mount(2) for FUSE), SETUID/SETGID (FUSE daemons and the command run as the
+# job user), CHOWN (the mount points belong to the job user), DAC_OVERRIDE/FOWNER (the
+# image file belongs to its owner; the runner appends to it at the at-exit sync). The
+# user's command keeps none: a uid 0 -> non-0 transition clears the permitted set.
+RUNNER_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "SYS_ADMIN")
+
+
 def _security_context(policy: PodPolicy, privileged: bool) -> Obj:
     if privileged:
         return {"privileged": True}
     ctx: Obj = {
+        "runAsUser": 0,
+        "runAsGroup": 0,
         "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]},
+        "capabilities": {"drop": ["ALL"], "add": list(RUNNER_CAPABILITIES)},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     if policy.apparmor_unconfined:
@@ -150,12 +189,19 @@ def _security_context(policy: PodPolicy, privileged: bool) -> Obj:
     return ctx
 
 
+# the PodSpec subset spec.workload.template.spec passes through to the workload pod
+TEMPLATE_POD_FIELDS = ("tolerations", "affinity", "nodeSelector", "runtimeClassName", "priorityClassName")
+
+
 def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     """The child Job: one pod, no retries (a retry would run on a half-written overlay
-    without a reconcile in between), whose entrypoint mounts the overlay with FUSE and
-    runs the user's command in the image's rootfs: `sifoverlay exec [--writable] IMAGE -- CMD`."""
+    without a reconcile in between). Its only container is the operator's runner image,
+    whose entrypoint mounts the overlay with FUSE and runs the user's command in the
+    image's rootfs as the job user: `sifoverlay exec [--writable] --user UID:GID IMAGE -- CMD`.
+    The administrator's policy is checked first (PolicyViolation)."""
     meta, spec = body["metadata"], body["spec"]
     ref = image_ref(spec, meta["namespace"], name=meta["name"])
+    pol.check(body, policy.admin, runner_image=policy.operator_image)
     workload = spec["workload"]
     kernel = spec.get("mountMode", "fuse") == "kernel"
     if kernel and not policy.allow_kernel_mounts:
@@ -165,19 +211,39 @@ def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     privileged = kernel or policy.fuse_access == FUSE_PRIVILEGED
     labels = _labels(body, ref, wk.ROLE_WORKLOAD)
     job_id = names.session_job_id(meta["namespace"], meta["name"], meta["uid"])
+    uid, gid = pol.run_as(spec, policy.admin)
+    template = (workload.get("template") or {}).get("spec") or {}
+    tcontainer: Mapping[str, Any] = (template.get("containers") or [{}])[0]
+    # The user's volumes are mounted in the runner container only below USER_MOUNT_ROOT (they
+    # never cover the runner's own files: /usr, /etc, PATH) and bound into the image's
+    # rootfs at the path the user asked for.
+    user_mounts: list[Obj] = []
+    binds: list[str] = []
+    for m in tcontainer.get("volumeMounts") or []:
+        staged = posixpath.join(wk.USER_MOUNT_ROOT, str(m["name"]))
+        user_mounts.append({"name": m["name"], "mountPath": staged, **({"readOnly": True} if m.get("readOnly") else {})})
+        binds.append(f"--bind={staged}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}")
     # The journal lives on the image's volume, not in the pod: if the pod dies in the middle
     # of its own at-exit sync, the operator (or a reconcile Job) finds and recovers the entry.
-    entry = ["sifoverlay", "exec", *(["--writable"] if writable else []), "--mount", "kernel" if kernel else "fuse",
-             "--job-id", job_id, "--journal-dir", volume_journal(), ref.pod_path, "--", *workload["command"]]
+    # the runner is root and the operator is the admin: the root-only options are meant
+    entry = ["sifoverlay", "exec", "--allow-root-options", *(["--writable"] if writable else []),
+             "--mount", "kernel" if kernel else "fuse",
+             "--job-id", job_id, "--journal-dir", volume_journal(), f"--user={uid}:{gid}", *binds,
+             ref.pod_path, "--", *workload["command"]]
     env = [{"name": e["name"], "value": str(e.get("value", ""))} for e in workload.get("env", [])]
+    env += [dict(e) for e in tcontainer.get("env") or []]
+    env.append({"name": wk.ENV_STATE_DIR, "value": volume_state()})  # last: the user's env cannot move it
     # quantities travel as strings (the CRD accepts int-or-string, the Job API wants strings)
-    resources: Obj = {k: {rk: str(rv) for rk, rv in v.items()} for k, v in (workload.get("resources") or {}).items()}
+    raw_resources = tcontainer.get("resources") or workload.get("resources") or {}
+    resources: Obj = {k: {rk: str(rv) for rk, rv in v.items()} for k, v in raw_resources.items()}
     mounts: list[Obj] = [
         # writable even for mode ro: readers take a shared lease file beside the image
         {"name": "image", "mountPath": wk.IMAGE_MOUNT_PATH},
         {"name": "work", "mountPath": wk.WORK_MOUNT_PATH},
+        *user_mounts,
     ]
-    volumes: list[Obj] = [ref.volume(), {"name": "work", "emptyDir": {}}]
+    volumes: list[Obj] = [ref.volume(), {"name": "work", "emptyDir": {}},
+                          *(dict(v) for v in template.get("volumes") or [])]
     if not privileged and policy.fuse_access == FUSE_DEVICE_PLUGIN:
         for key in ("limits", "requests"):
             resources.setdefault(key, {})[policy.fuse_resource] = "1"
@@ -186,9 +252,9 @@ def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
         volumes.append({"name": "fuse", "hostPath": {"path": wk.FUSE_DEVICE, "type": "CharDevice"}})
     container: Obj = {
         "name": wk.WORKLOAD_CONTAINER,
-        "image": workload["image"],
+        "image": policy.operator_image,
         "command": entry,
-        **({"env": env} if env else {}),
+        "env": env,
         "securityContext": _security_context(policy, privileged),
         "volumeMounts": mounts,
     }
@@ -197,10 +263,16 @@ def workload_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
     pod_spec: Obj = {"restartPolicy": "Never", "containers": [container], "volumes": volumes}
     if policy.user_namespaces and not privileged:
         pod_spec["hostUsers"] = False
-    if workload.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(workload["nodeSelector"])
+    node_selector = {**(workload.get("nodeSelector") or {}), **(template.get("nodeSelector") or {})}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    for key in TEMPLATE_POD_FIELDS:
+        if key != "nodeSelector" and template.get(key):
+            pod_spec[key] = template[key]
     if workload.get("serviceAccountName"):
         pod_spec["serviceAccountName"] = workload["serviceAccountName"]
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # the runner needs no API access
     return {
         "apiVersion": wk.JOB_API_VERSION,
         "kind": "Job",
@@ -232,7 +304,8 @@ def reconcile_job(body: Mapping[str, Any], *, policy: PodPolicy) -> Obj:
         "name": wk.RECONCILE_CONTAINER,
         "image": policy.operator_image,
         "command": ["/bin/sh", "-c", script, "reconcile", ref.pod_path, job_id],
-        "env": [{"name": wk.ENV_JOURNAL_DIR, "value": volume_journal()}],
+        "env": [{"name": wk.ENV_JOURNAL_DIR, "value": volume_journal()},
+                {"name": wk.ENV_STATE_DIR, "value": volume_state()}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

@@ -11,24 +11,30 @@ at any point continues where the last one stopped:
 - the status is written after the reconcile: a crash in between re-runs the reconcile,
   which the engine turns into a noop (or the replay of an interrupted commit).
 
-A per-resource lock serialises the entry points inside one operator process.
+A per-resource lock serialises the entry points inside one operator process; an entry
+leaves the lock table when nobody holds or waits for it (the table does not grow with
+every resource ever seen). Across processes (two replicas during a rollout, a second
+operator by mistake) the API server serialises: every status write carries the
+resourceVersion it was computed from, and a 409 means "re-read and redo the step".
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sifoverlay.errors import ImageBusy, UsageError
-from sifoverlay.k8s import builders, metrics, names, reconcile
+from sifoverlay.k8s import builders, metrics, names, reconcile, safepath
 from sifoverlay.k8s import status as st
 from sifoverlay.k8s import well_known as wk
 from sifoverlay.k8s.config import OperatorConfig
-from sifoverlay.k8s.kubeapi import KubeApi
+from sifoverlay.k8s.kubeapi import Conflict, KubeApi
 from sifoverlay.k8s.leases import ImageLeases
 
 log = logging.getLogger(__name__)
@@ -76,18 +82,70 @@ class Controller:
         self._notify = notify
         self.leases = ImageLeases(api, config.lease_namespace)
         self._clock = clock
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        # (namespace, name) -> [lock, number of holders and waiters]; pruned at zero
+        self._locks: dict[tuple[str, str], list[Any]] = {}
         self._locks_guard = threading.Lock()
 
-    def _lock(self, namespace: str, name: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _lock(self, namespace: str, name: str) -> Iterator[None]:
+        key = (namespace, name)
         with self._locks_guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+    def lock_table_size(self) -> int:
+        with self._locks_guard:
+            return len(self._locks)
 
     def _patch(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> Obj:
-        """Patch status and return the merged status seen afterwards."""
+        """Patch status and return the merged status seen afterwards.
+
+        The patch was computed from body's status at body's resourceVersion, and is sent
+        with that resourceVersion (optimistic concurrency). On 409: if the object's status
+        is still the one the patch was computed from (someone else changed only metadata,
+        e.g. kopf's progress annotations), send it again at the new version; otherwise
+        raise Conflict - the caller's step must be redone on the fresh object. Every patch
+        also carries the summary conditions (Ready, Complete, Failed) of the phase it
+        leaves, and a phase change posts an Event."""
         meta = body["metadata"]
-        updated = self.api.patch_status(meta["namespace"], meta["name"], patch)
-        return dict((updated or {}).get("status") or {})
+        namespace, name = meta["namespace"], meta["name"]
+        base = dict(body.get("status") or {})
+        gen = self._generation(body)
+        full = st.summarize(base, patch, generation=gen, now=self._clock())
+        version = meta.get("resourceVersion")
+        for _attempt in range(5):
+            try:
+                updated = self.api.patch_status(namespace, name, full, resource_version=version)
+                break
+            except Conflict:
+                fresh = self.api.get_overlayjob(namespace, name)
+                if fresh is None or fresh["metadata"].get("uid") != meta.get("uid") or \
+                        dict(fresh.get("status") or {}) != base:
+                    metrics.STATUS_CONFLICTS.labels("redo").inc()
+                    raise
+                metrics.STATUS_CONFLICTS.labels("retried").inc()
+                version = fresh["metadata"].get("resourceVersion")
+        else:
+            metrics.STATUS_CONFLICTS.labels("redo").inc()
+            raise Conflict(f"OverlayJob {namespace}/{name}: status kept changing")
+        new_status = dict((updated or {}).get("status") or {})
+        if isinstance(body, dict) and updated:
+            body["status"] = new_status  # later patches of this step build on what was written
+            body["metadata"]["resourceVersion"] = (updated.get("metadata") or {}).get("resourceVersion")
+        old_phase, new_phase = base.get("phase"), full.get("phase")
+        if new_phase and new_phase != old_phase and updated:
+            metrics.observe_phase(namespace, name, str(new_phase), time.time())
+            self._notify(body, "Warning" if new_phase == wk.PHASE_FAILED else "Normal", wk.REASON_PHASE_CHANGED,
+                         f"phase {old_phase or wk.PHASE_PENDING} -> {new_phase}")
+        return new_status
 
     def _job_id(self, body: Mapping[str, Any]) -> str:
         meta = body["metadata"]
@@ -116,6 +174,7 @@ class Controller:
         gen, now = self._generation(body), self._clock()
         ref = builders.image_ref(spec, meta["namespace"], name=meta["name"])
         job = builders.workload_job(body, policy=self.config.pod_policy)  # validates before any effect
+        resolved = self._resolve(ref, body)  # no symlink beneath the volume root, before any effect
         holder = self.leases.acquire(ref, body, now=now)
         if holder is not None:
             if status.get("phase") != wk.PHASE_WAITING or status.get("leaseHolder") != holder:
@@ -124,11 +183,11 @@ class Controller:
                 self._notify(body, "Normal", wk.REASON_HELD_BY_OTHER, f"waiting for OverlayJob {holder} to release the image")
             raise ImageBusy(ref.identity, f"image is held by OverlayJob {holder}", holder=holder)
         try:
-            local = ref.local_path(self.config.volume_roots)
+            local = None if resolved is None else resolved.path
             before = manifest = None
             if local is not None:
                 journal = self.config.journal_for(ref)
-                before, manifest = reconcile.current_digests(local, journal)
+                before, manifest = reconcile.current_digests(local, journal, state_dir=self.config.state_for(ref))
                 reconcile.start_session(journal, self._job_id(body), local,
                                         writable=spec.get("mode", "rw") == "rw")
             if not self.api.create_job(job):
@@ -146,6 +205,22 @@ class Controller:
         log.info("%s: started Job %s on %s", holder_name, job["metadata"]["name"], ref.identity)
         self._notify(body, "Normal", wk.REASON_JOB_CREATED, f"created Job {job['metadata']['name']} on image {ref.identity}")
 
+    def _resolve(self, ref: builders.ImageRef, body: Mapping[str, Any], *,
+                 keep_open: bool = False) -> safepath.Resolved | None:
+        """The image in the operator's own mount of its volume, resolved beneath the volume
+        root without following symlinks (safepath); None if the operator does not mount
+        the volume. A missing file is left to the engine's own error (InvalidImage)."""
+        parts = ref.local_parts(self.config.volume_roots)
+        if parts is None:
+            return None
+        meta = body["metadata"]
+        try:
+            return safepath.resolve_image(*parts, what=f"OverlayJob {meta['namespace']}/{meta['name']}",
+                                          keep_open=keep_open)
+        except FileNotFoundError:
+            root, path = parts
+            return safepath.Resolved(f"{root}/{path}", (-1, -1), -1, 0)
+
     def _job_exists(self, job: Mapping[str, Any]) -> bool:
         return self.api.get_job(job["metadata"]["namespace"], job["metadata"]["name"]) is not None
 
@@ -159,9 +234,13 @@ class Controller:
     def fail(self, body: Mapping[str, Any], reason: str, message: str) -> None:
         """A permanent error before the workload ran: status Failed, Lease released."""
         meta = body["metadata"]
-        status = dict(body.get("status") or {})
-        self._patch(body, st.failed(status, reason=reason, message=message,
-                                    generation=self._generation(body), now=self._clock()))
+        with self._lock(meta["namespace"], meta["name"]):
+            body = self.api.get_overlayjob(meta["namespace"], meta["name"]) or dict(body)
+            if body["metadata"].get("uid") != meta.get("uid"):
+                return
+            status = dict(body.get("status") or {})
+            self._patch(body, st.failed(status, reason=reason, message=message,
+                                        generation=self._generation(body), now=self._clock()))
         self._notify(body, "Warning", reason, message)
         try:
             ref = builders.image_ref(body["spec"], meta["namespace"], name=meta["name"])
@@ -229,15 +308,23 @@ class Controller:
                                        generation=gen, now=self._clock()))})
             return
         ref = builders.image_ref(spec, meta["namespace"], name=meta["name"])
-        local = ref.local_path(self.config.volume_roots)
-        if local is None:
+        if ref.local_parts(self.config.volume_roots) is None:
             self._reconcile_by_job(body, status)
             return
         seal = bool((spec.get("policy") or {}).get("sealOnSuccess")) and status.get("jobResult") == wk.RESULT_SUCCEEDED
         started = time.monotonic()
         try:
-            outcome = reconcile.run(local, job_id=self._job_id(body), journal_dir=self.config.journal_for(ref),
-                                    seal=seal)
+            resolved = self._resolve(ref, body, keep_open=True)
+            assert resolved is not None
+            try:
+                outcome = reconcile.run(resolved.path, job_id=self._job_id(body),
+                                        journal_dir=self.config.journal_for(ref), seal=seal,
+                                        image_fd=resolved.fd if resolved.fd >= 0 else None,
+                                        expect_identity=resolved.identity if resolved.fd >= 0 else None,
+                                        state_dir=self.config.state_for(ref))
+            finally:
+                if resolved.fd >= 0:
+                    os.close(resolved.fd)
         except Exception as exc:
             metrics.RECONCILES.labels("error").inc()
             self._patch(body, st.reconcile_error(status, message=str(exc), generation=gen, now=self._clock()))
@@ -259,6 +346,9 @@ class Controller:
                               generation=self._generation(body), now=self._clock())
         if outcome.sealed:
             patch["sealed"] = True
+            patch["conditions"] = builders.set_conditions(patch["conditions"], builders.condition(
+                wk.COND_SEALED, True, wk.REASON_SEALED, "the overlay was sealed into a read-only layer",
+                generation=self._generation(body), now=self._clock()))
         self._patch(body, patch)
         log.info("%s/%s: reconciled (%s) overlay %s", meta["namespace"], meta["name"], outcome.action,
                  outcome.digest_after)
@@ -309,13 +399,15 @@ class Controller:
         meta = body["metadata"]
         with self._lock(meta["namespace"], meta["name"]):
             fresh = self.api.get_overlayjob(meta["namespace"], meta["name"])
-            if fresh is None:
-                return
+            if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                return  # gone, or being deleted: the finalizer's handler owns it
             self._recheck_locked(fresh, dict(fresh.get("status") or {}))
 
     def _recheck_locked(self, body: Mapping[str, Any], status: Obj) -> None:
         meta = body["metadata"]
         phase = status.get("phase")
+        if phase:  # after a restart too: the phase-age metric knows every resource the timer sees
+            metrics.observe_phase(meta["namespace"], meta["name"], str(phase), time.time())
         if phase == wk.PHASE_RUNNING:
             job = self.api.get_job(meta["namespace"], status.get("jobName") or names.workload_job_name(meta["name"]))
             if job is None:
@@ -333,26 +425,55 @@ class Controller:
             self._delete_job_when_due(body, status)
 
     def _delete_job_when_due(self, body: Mapping[str, Any], status: Obj) -> None:
-        after = (body["spec"].get("policy") or {}).get("deleteJobAfterSeconds")
-        finished = status.get("lastReconcileTime")
-        if after is None or not finished or not status.get("jobName"):
+        """spec.ttlSecondsAfterFinished: delete the OverlayJob (and its child Job) that long
+        after it finished, as the TTL controller does for batch/v1 Jobs. The deprecated
+        spec.policy.deleteJobAfterSeconds deletes only the child Job."""
+        meta, spec = body["metadata"], body["spec"]
+        finished = st.finished_at(status)
+        if finished is None or meta.get("deletionTimestamp"):
+            return  # not finished, or already being deleted (the finalizer's handler runs)
+        now = self._clock()
+        ttl = spec.get("ttlSecondsAfterFinished")
+        after = (spec.get("policy") or {}).get("deleteJobAfterSeconds")
+        if ttl is not None and now >= finished + dt.timedelta(seconds=int(ttl)):
+            if status.get("jobName"):
+                self.api.delete_job(meta["namespace"], status["jobName"])
+            if self.api.delete_overlayjob(meta["namespace"], meta["name"], uid=meta["uid"]):
+                log.info("%s/%s: deleted (ttlSecondsAfterFinished=%s)", meta["namespace"], meta["name"], ttl)
+                self._notify(body, "Normal", wk.REASON_TTL_EXPIRED,
+                             f"deleted {ttl}s after it finished (ttlSecondsAfterFinished)")
             return
-        done = dt.datetime.strptime(finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-        if self._clock() >= done + dt.timedelta(seconds=int(after)):
-            if self.api.delete_job(body["metadata"]["namespace"], status["jobName"]):
-                log.info("%s/%s: deleted Job %s (deleteJobAfterSeconds)", body["metadata"]["namespace"],
-                         body["metadata"]["name"], status["jobName"])
+        if after is not None and status.get("jobName") and now >= finished + dt.timedelta(seconds=int(after)):
+            if self.api.delete_job(meta["namespace"], status["jobName"]):
+                log.info("%s/%s: deleted Job %s (deleteJobAfterSeconds)", meta["namespace"], meta["name"],
+                         status["jobName"])
 
     def check_drift(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        with self._lock(meta["namespace"], meta["name"]):
+            fresh = self.api.get_overlayjob(meta["namespace"], meta["name"])
+            # being deleted: the finalizer's handler owns it now; a status write here would
+            # race kopf's finalizer removal (its optimistic patch then fails)
+            if fresh is not None and fresh["metadata"].get("uid") == meta.get("uid") \
+                    and not fresh["metadata"].get("deletionTimestamp"):
+                self._check_drift_locked(fresh)
+
+    def _check_drift_locked(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         status = dict(body.get("status") or {})
         if not st.is_terminal(status) or status.get("sealed"):
             return  # a sealed overlay is a read-only layer now: nothing can drift
         ref = builders.image_ref(body["spec"], meta["namespace"], name=meta["name"])
-        local = ref.local_path(self.config.volume_roots)
-        if local is None:
+        if ref.local_parts(self.config.volume_roots) is None:
             return
-        report = reconcile.drift(local, self.config.journal_for(ref))
+        try:
+            resolved = self._resolve(ref, body)
+        except safepath.UnsafePath:
+            return  # a symlink was planted since: nothing is read through it
+        assert resolved is not None
+        holder = self.leases.holder(ref)
+        metrics.set_lease_after_finish(meta["namespace"], meta["name"], bool(holder and holder[1] == meta["uid"]))
+        report = reconcile.drift(resolved.path, self.config.journal_for(ref), state_dir=self.config.state_for(ref))
         if report.state == "in-use":
             return  # a writer holds it now: its own reconcile will follow
         metrics.set_drift(meta["namespace"], meta["name"], report.state in ("modified", "drift"))

@@ -2,6 +2,7 @@
 
     ImageBusy (the image's Lease or file lease is held)    -> kopf.TemporaryError (retry)
     StillRunning (delete waits for a writer pod)            -> kopf.TemporaryError (retry)
+    Conflict (409: the object changed since it was read)    -> kopf.TemporaryError (retry at once)
     BadInput (bad spec, not an OCI-SIF, no overlay)         -> status Failed + kopf.PermanentError
     any other SifOverlayError                               -> kopf.TemporaryError (retry)
 
@@ -23,7 +24,9 @@ from sifoverlay.k8s import metrics
 from sifoverlay.k8s import well_known as wk
 from sifoverlay.k8s.config import OperatorConfig, from_env
 from sifoverlay.k8s.controller import Controller, StillRunning, job_result
-from sifoverlay.k8s.kubeapi import KubeApi, load_client
+from sifoverlay.k8s.kubeapi import Conflict, KubeApi, load_client
+from sifoverlay.k8s.policy import PolicyViolation
+from sifoverlay.k8s.safepath import UnsafePath
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,12 +73,20 @@ class Operator:
         except StillRunning as exc:
             metrics.HANDLER_ERRORS.labels("temporary").inc()
             raise kopf.TemporaryError(str(exc), delay=min(self.config.recheck_seconds, 5.0)) from None
+        except Conflict as exc:  # another writer was first: redo the step on a fresh read
+            metrics.HANDLER_ERRORS.labels("conflict").inc()
+            raise kopf.TemporaryError(str(exc), delay=0.2) from None
         except BadInput as exc:
             if not fail_on_bad_input or body is None:
                 metrics.HANDLER_ERRORS.labels("temporary").inc()
                 raise kopf.TemporaryError(str(exc), delay=self.config.recheck_seconds) from None
             metrics.HANDLER_ERRORS.labels("permanent").inc()
-            reason = wk.REASON_BAD_SPEC if isinstance(exc, UsageError) else wk.REASON_BAD_IMAGE
+            if isinstance(exc, PolicyViolation):
+                reason = exc.reason
+            elif isinstance(exc, UnsafePath):
+                reason = wk.REASON_UNSAFE_PATH
+            else:
+                reason = wk.REASON_BAD_SPEC if isinstance(exc, UsageError) else wk.REASON_BAD_IMAGE
             self._ctl().fail(body, reason, str(exc))
             raise kopf.PermanentError(str(exc)) from None
         except SifOverlayError as exc:

@@ -2,8 +2,11 @@
 
 Every call here is one RBAC rule in charts/sifoverlay/templates/rbac.yaml; the RBAC audit
 test (tests/k8s/test_rbac.py) checks that the two agree. Requests carry the User-Agent
-well_known.USER_AGENT. Not-found answers are returned as None, conflicts as False, so
-callers stay idempotent without catching HTTP errors.
+well_known.USER_AGENT. Not-found answers are returned as None, name conflicts on create
+and failed delete preconditions as False, so callers stay idempotent without catching
+HTTP errors. A status write carries the resourceVersion the caller read: when another
+writer (a second operator replica, kopf) changed the object since, the server answers
+409 and `Conflict` is raised; the caller re-reads and redoes its step (level-based).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def _missing(exc: kubernetes.client.ApiException) -> bool:
     return exc.status == 404
 
 
+class Conflict(Exception):
+    """409 on a write guarded by a resourceVersion: someone else wrote first."""
+
+
 class KubeApi:
     """Thin typed-dict wrapper over the official client for the operator's own calls."""
 
@@ -54,13 +61,35 @@ class KubeApi:
                 return None
             raise
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj | None:
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any], *,
+                     resource_version: str | None = None) -> Obj | None:
+        """Merge-patch the status; with `resource_version`, only if the object is still at
+        that version (else Conflict). None if the object is gone."""
+        body: Obj = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             return self._custom.patch_namespaced_custom_object_status(
-                wk.GROUP, wk.VERSION, namespace, wk.PLURAL, name, {"status": dict(status)})
+                wk.GROUP, wk.VERSION, namespace, wk.PLURAL, name, body)
         except kubernetes.client.ApiException as exc:
             if _missing(exc):
                 return None
+            if exc.status == 409:
+                raise Conflict(f"OverlayJob {namespace}/{name} changed since resourceVersion {resource_version}") from None
+            raise
+
+    def delete_overlayjob(self, namespace: str, name: str, *, uid: str, resource_version: str | None = None) -> bool:
+        """Delete (ttlSecondsAfterFinished) only the object with this uid (a re-created
+        namesake is left alone) and, if given, at this resourceVersion; False if absent or
+        the precondition failed."""
+        options = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(uid=uid, resource_version=resource_version))
+        try:
+            self._custom.delete_namespaced_custom_object(wk.GROUP, wk.VERSION, namespace, wk.PLURAL, name, body=options)
+            return True
+        except kubernetes.client.ApiException as exc:
+            if _missing(exc) or exc.status == 409:
+                return False
             raise
 
     # --- Jobs: create, get, delete ----------------------------------------------------------------
@@ -116,10 +145,12 @@ class KubeApi:
                 return None
             raise
 
-    def delete_lease(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
-        """Delete, optionally only if the Lease object still has `uid` (precondition)."""
-        options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid)) \
-            if uid else None
+    def delete_lease(self, namespace: str, name: str, *, uid: str | None = None,
+                     resource_version: str | None = None) -> bool:
+        """Delete, optionally only if the Lease object still has `uid` and is still at
+        `resource_version` (preconditions: the server answers 409 otherwise -> False)."""
+        options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(
+            uid=uid, resource_version=resource_version)) if uid or resource_version else None
         try:
             self._coordination.delete_namespaced_lease(name, namespace, body=options)
             return True

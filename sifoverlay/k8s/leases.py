@@ -53,7 +53,10 @@ class ImageLeases:
             if not self._holder_is_stale(holder, holder_uid):
                 return holder
             log.warning("Lease of %s: holder %s is gone or finished; taking over", ref.identity, holder)
-            self._api.delete_lease(self._namespace, existing["metadata"]["name"], uid=existing["metadata"].get("uid"))
+            # exactly the Lease judged stale: if another replica took it over meanwhile (new
+            # uid) or it changed (new resourceVersion), the server refuses the delete (409)
+            self._api.delete_lease(self._namespace, existing["metadata"]["name"], uid=existing["metadata"].get("uid"),
+                                   resource_version=existing["metadata"].get("resourceVersion"))
         existing = self._api.get_lease(self._namespace, names.lease_name(ref.identity))
         return builders.lease_holder(existing)[0] if existing else "unknown"
 
@@ -62,7 +65,8 @@ class ImageLeases:
         existing = self._api.get_lease(self._namespace, names.lease_name(ref.identity))
         if existing is None or builders.lease_holder(existing)[1] != uid:
             return False
-        return self._api.delete_lease(self._namespace, existing["metadata"]["name"], uid=existing["metadata"].get("uid"))
+        return self._api.delete_lease(self._namespace, existing["metadata"]["name"], uid=existing["metadata"].get("uid"),
+                                      resource_version=existing["metadata"].get("resourceVersion"))
 
     def holder(self, ref: ImageRef) -> tuple[str, str] | None:
         existing = self._api.get_lease(self._namespace, names.lease_name(ref.identity))

@@ -41,6 +41,18 @@ DRIFTED = Gauge(
     "sifoverlay_operator_drifted_overlayjobs",
     "Finished OverlayJobs whose image overlay no longer matches its manifest (last check).",
     registry=REGISTRY)
+STATUS_CONFLICTS = Counter(
+    "sifoverlay_operator_status_conflicts_total",
+    "Status writes refused with 409 Conflict: retried (only metadata had changed) or redo (the step is redone).",
+    ["outcome"], registry=REGISTRY)
+PHASE_SINCE = Gauge(
+    "sifoverlay_operator_phase_oldest_timestamp_seconds",
+    "Per non-terminal phase, when the OverlayJob that has been in it longest entered it (unix time).",
+    ["phase"], registry=REGISTRY)
+LEASES_AFTER_FINISH = Gauge(
+    "sifoverlay_operator_leases_held_after_finish",
+    "Image Leases still held by an OverlayJob that already finished (last drift check).",
+    registry=REGISTRY)
 BUILD = Info("sifoverlay_operator_build", "Version of the operator.", registry=REGISTRY)
 BUILD.info({"version": __version__})
 
@@ -56,8 +68,44 @@ def set_drift(namespace: str, name: str, drifted: bool) -> None:
         DRIFTED.set(len(_drifted))
 
 
+_phases: dict[tuple[str, str], tuple[str, float]] = {}
+_stale_leases: set[tuple[str, str]] = set()
+_TERMINAL = ("Succeeded", "Failed")
+
+
+def observe_phase(namespace: str, name: str, phase: str, since: float) -> None:
+    """Record that an OverlayJob entered `phase` at `since` (its phase-age alert input)."""
+    with _drift_lock:
+        if phase in _TERMINAL:
+            _phases.pop((namespace, name), None)
+        elif _phases.get((namespace, name), ("", 0.0))[0] != phase:
+            _phases[(namespace, name)] = (phase, since)
+        _publish_phases()
+
+
+def _publish_phases() -> None:
+    oldest: dict[str, float] = {}
+    for phase, since in _phases.values():
+        oldest[phase] = min(since, oldest.get(phase, since))
+    for phase in ("Pending", "Waiting", "Running", "Reconciling"):
+        if phase in oldest:
+            PHASE_SINCE.labels(phase).set(oldest[phase])
+        else:
+            PHASE_SINCE.remove(phase) if (phase,) in PHASE_SINCE._metrics else None  # noqa: SLF001
+
+
+def set_lease_after_finish(namespace: str, name: str, held: bool) -> None:
+    with _drift_lock:
+        (_stale_leases.add if held else _stale_leases.discard)((namespace, name))
+        LEASES_AFTER_FINISH.set(len(_stale_leases))
+
+
 def forget(namespace: str, name: str) -> None:
     set_drift(namespace, name, False)
+    set_lease_after_finish(namespace, name, False)
+    with _drift_lock:
+        _phases.pop((namespace, name), None)
+        _publish_phases()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

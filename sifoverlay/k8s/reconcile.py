@@ -8,15 +8,34 @@ SIFOVERLAY_CRASH_AT (tests/k8s/test_operator_crash.py kills the operator mid-com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sifoverlay.errors import OverlayStateError, RecoveryNeeded
 
 log = logging.getLogger(__name__)
+# The engine's state directory (lease records, scratch files: engine/statedir.py) is a
+# process-wide setting; the operator needs the one on each image's volume, shared with the
+# workload pods there. Engine calls with an explicit state directory are serialised.
+_STATE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def state(state_dir: str | None) -> Iterator[None]:
+    """Run engine calls with `state_dir` as the engine's state directory (None: leave it)."""
+    if state_dir is None:
+        yield
+        return
+    from sifoverlay.engine import statedir
+
+    with _STATE_LOCK, statedir.using(state_dir):
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +63,13 @@ def manifest_digest(path: str) -> str | None:
         return str(image.manifest.digest)
 
 
-def current_digests(path: str, journal_dir: str | None) -> tuple[str | None, str | None]:
+def current_digests(path: str, journal_dir: str | None, *, state_dir: str | None = None) -> tuple[str | None, str | None]:
     """(overlay digest the manifest records, manifest digest) before the workload runs.
     Raises the engine's BadInput errors for a file that is not a usable OCI-SIF."""
     from sifoverlay import engine
 
-    status = engine.status(path, verify=False, journal_dir=journal_dir)  # BadInput without an overlay
+    with state(state_dir):
+        status = engine.status(path, verify=False, journal_dir=journal_dir)  # BadInput without an overlay
     return status.recorded_digest, manifest_digest(path)
 
 
@@ -72,36 +92,48 @@ def finish_session(journal_dir: str | None, job_id: str, result: str) -> None:
         sessions.finish(directory, job_id, result)
 
 
-def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool) -> ReconcileOutcome:
+def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool,
+        image_fd: int | None = None, expect_identity: tuple[int, int] | None = None,
+        state_dir: str | None = None) -> ReconcileOutcome:
     """engine.sync (which replays an interrupted commit of this image first); if the
     engine asks for a recovery it cannot do inline, run engine.recover and sync again.
-    Running it twice is harmless: the second sync is a noop."""
+    Running it twice is harmless: the second sync is a noop.
+
+    `image_fd`/`expect_identity`: the descriptor and (st_dev, st_ino) of the image the
+    operator resolved beneath the volume root without symlinks (safepath); sync and seal
+    work on that descriptor (reopened through /proc/self/fd), never on the path. The
+    replay of an interrupted commit (engine.recover) takes the path; the sync that follows
+    checks the identity again. Seal stages its squashfs in the engine's private scratch
+    directory (root-owned, random names: engine.recover.scratch_file), never beside the
+    image where the image's owner could swap it. `state_dir`: the engine's state directory
+    on the image's volume (lease records shared with the workload pods)."""
     from sifoverlay import engine
     from sifoverlay.fsio import io_from_env
 
-    try:
-        result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env())
-    except RecoveryNeeded:
-        log.info("%s: recovering an interrupted commit before the reconcile", path)
-        engine.recover([path], journal_dir=journal_dir)
-        result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env())
-    _release_job_lease(path, job_id)
-    sealed = False
-    if seal:
-        engine.seal(path, journal_dir=journal_dir)
-        sealed = True
+    with state(state_dir):
+        try:
+            result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env(),
+                                 image_fd=image_fd, expect_identity=expect_identity)
+        except RecoveryNeeded:
+            log.info("%s: recovering an interrupted commit before the reconcile", path)
+            engine.recover([path], journal_dir=journal_dir)
+            result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env(),
+                                 image_fd=image_fd, expect_identity=expect_identity)
+        _release_job_lease(path, job_id, image_fd)
+        if seal:
+            engine.seal(path, journal_dir=journal_dir, image_fd=image_fd, expect_identity=expect_identity)
     return ReconcileOutcome(
         action=result.action, replayed=bool(result.replayed), digest_before=result.old_digest,
         digest_after=result.new_digest, manifest_digest=manifest_digest(path), seconds=float(result.seconds),
-        sealed=sealed)
+        sealed=seal)
 
 
-def _release_job_lease(path: str, job_id: str) -> None:
+def _release_job_lease(path: str, job_id: str, image_fd: int | None = None) -> None:
     """The workload pod (`sifoverlay exec --job-id`) or a killed operator may have
     left a file lease under this job's id; sync ran inside it. The job is over: drop it."""
     from sifoverlay.engine import lease
 
-    leftover = lease.resume(path, job_id)
+    leftover = lease.resume(None if image_fd is not None else path, job_id, image_fd=image_fd)
     if leftover is not None:
         log.info("%s: releasing the file lease left by job %s", path, job_id)
         leftover.release()
@@ -119,9 +151,10 @@ def from_termination_message(text: str, *, image: str) -> ReconcileOutcome:
         raise OverlayStateError(image, f"reconcile Job printed no sync result ({exc}): {text[-200:]!r}") from None
 
 
-def drift(path: str, journal_dir: str | None) -> DriftReport:
+def drift(path: str, journal_dir: str | None, *, state_dir: str | None = None) -> DriftReport:
     """Level-based drift check (engine.status: reads the superblock fingerprint only)."""
     from sifoverlay import engine
 
-    status = engine.status(path, verify=False, journal_dir=journal_dir)
+    with state(state_dir):
+        status = engine.status(path, verify=False, journal_dir=journal_dir)
     return DriftReport(state=status.state, recorded=status.recorded_digest, actual=status.actual_digest)

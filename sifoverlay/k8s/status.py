@@ -166,5 +166,66 @@ def drift(status: Mapping[str, Any] | None, *, state: str, recorded: str | None,
     return {"conditions": set_conditions(_conds(status), cond)}
 
 
+_SUMMARY_MESSAGES = {
+    wk.PHASE_PENDING: "not started yet",
+    wk.PHASE_WAITING: "waiting for the image's Lease",
+    wk.PHASE_RUNNING: "the workload runs",
+    wk.PHASE_RECONCILING: "the workload ended; reconciling the image",
+    wk.PHASE_SUCCEEDED: "the workload succeeded and the image is reconciled",
+    wk.PHASE_FAILED: "the OverlayJob failed",
+}
+
+
+def summarize(status: Mapping[str, Any] | None, patch: Mapping[str, Any], *, generation: int,
+              now: dt.datetime) -> Obj:
+    """`patch` plus the summary conditions of the phase it leaves, for tools that wait on
+    conditions (`kubectl wait --for=condition=Complete`, kstatus, Argo CD, Flux):
+
+    - Ready: True only once Succeeded (everything done, image reconciled); False with
+      the phase as reason otherwise;
+    - Complete: the same truth, the batch/v1 Job's name for it;
+    - Failed: True once Failed (its reason kept from the step that failed); False with
+      the phase as reason otherwise;
+    - Stalled (kstatus "Failed"): True alongside Failed=True, absent otherwise.
+    Every condition carries observedGeneration; status.observedGeneration is set too."""
+    out: Obj = dict(patch)
+    phase = str(out.get("phase") or (status or {}).get("phase") or wk.PHASE_PENDING)
+    conds = list(out["conditions"]) if "conditions" in out else _conds(status)
+    succeeded, failed = phase == wk.PHASE_SUCCEEDED, phase == wk.PHASE_FAILED
+    message = _SUMMARY_MESSAGES.get(phase, phase)
+    updates = [
+        condition(wk.COND_READY, succeeded, wk.REASON_SUCCEEDED if succeeded else phase, message,
+                  generation=generation, now=now),
+        condition(wk.COND_COMPLETE, succeeded, wk.REASON_SUCCEEDED if succeeded else phase, message,
+                  generation=generation, now=now),
+    ]
+    current_failed = next((c for c in conds if c.get("type") == wk.COND_FAILED), None)
+    if failed:
+        if current_failed is None or current_failed.get("status") != "True":
+            current_failed = condition(wk.COND_FAILED, True, wk.REASON_FAILED, message, generation=generation, now=now)
+        else:
+            current_failed = {**current_failed, "observedGeneration": generation}
+        updates.append(current_failed)
+        updates.append(condition(wk.COND_STALLED, True, str(current_failed["reason"]), str(current_failed["message"]),
+                                 generation=generation, now=now))
+    else:
+        updates.append(condition(wk.COND_FAILED, False, phase, message, generation=generation, now=now))
+        conds = [c for c in conds if c.get("type") != wk.COND_STALLED]
+    out["conditions"] = set_conditions(conds, *updates)
+    out["observedGeneration"] = generation
+    return out
+
+
+def finished_at(status: Mapping[str, Any] | None) -> dt.datetime | None:
+    """When a terminal OverlayJob finished: its Complete (Succeeded) or Failed condition's
+    transition time; None while it is not finished."""
+    phase = (status or {}).get("phase")
+    ctype = {wk.PHASE_SUCCEEDED: wk.COND_COMPLETE, wk.PHASE_FAILED: wk.COND_FAILED}.get(str(phase))
+    for cond in _conds(status):
+        if ctype and cond.get("type") == ctype and cond.get("status") == "True" and cond.get("lastTransitionTime"):
+            return dt.datetime.strptime(cond["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return None
+
+
 def is_terminal(status: Mapping[str, Any] | None) -> bool:
     return (status or {}).get("phase") in wk.TERMINAL_PHASES

@@ -74,14 +74,23 @@ COND_RECONCILING: Final = "Reconciling"
 COND_RECONCILED: Final = "Reconciled"
 COND_DRIFT_DETECTED: Final = "DriftDetected"
 COND_FAILED: Final = "Failed"
+# summary conditions (kstatus / kubectl wait): see status.summarize
+COND_READY: Final = "Ready"
+COND_COMPLETE: Final = "Complete"
+COND_STALLED: Final = "Stalled"
+COND_SEALED: Final = "Sealed"  # only with spec.policy.sealOnSuccess
 CONDITION_TYPES: Final = (
+    COND_READY,
+    COND_COMPLETE,
     COND_LEASE_ACQUIRED,
     COND_MOUNTED,
     COND_JOB_RUNNING,
     COND_RECONCILING,
     COND_RECONCILED,
     COND_DRIFT_DETECTED,
+    COND_SEALED,
     COND_FAILED,
+    COND_STALLED,
 )
 
 # --- condition reasons (CamelCase, bounded set) -----------------------------------------------
@@ -112,6 +121,18 @@ REASON_UNKNOWN_STATE: Final = "StateUnknown"
 REASON_BAD_SPEC: Final = "InvalidSpec"
 REASON_BAD_IMAGE: Final = "InvalidImage"
 REASON_RECONCILE_ERROR: Final = "ReconcileError"
+REASON_SUCCEEDED: Final = "Succeeded"  # Ready/Complete True
+REASON_FAILED: Final = "Failed"  # Failed True without a more precise reason
+REASON_PHASE_CHANGED: Final = "PhaseChanged"  # Event on every phase change
+REASON_TTL_EXPIRED: Final = "TTLExpired"  # Event: deleted ttlSecondsAfterFinished after it finished
+# least privilege (status Failed reason; the message names the policy rule)
+REASON_IMAGE_VOLUME_NOT_ALLOWED: Final = "ImageVolumeNotAllowed"
+REASON_RUNNER_IMAGE_NOT_ALLOWED: Final = "RunnerImageNotAllowed"
+REASON_USER_NOT_ALLOWED: Final = "UserNotAllowed"
+REASON_VOLUME_NOT_ALLOWED: Final = "VolumeNotAllowed"
+REASON_ENV_NOT_ALLOWED: Final = "EnvNotAllowed"
+REASON_UNSAFE_PATH: Final = "UnsafeImagePath"  # a symlink, or not a regular file, beneath the volume root
+REASON_SEALED: Final = "Sealed"
 
 # --- job results recorded in status.jobResult ------------------------------------------------
 RESULT_SUCCEEDED: Final = "Succeeded"
@@ -123,8 +144,10 @@ RESULT_CANCELLED: Final = "Cancelled"  # the OverlayJob was deleted while runnin
 
 # --- paths inside the workload pod -------------------------------------------------------------
 IMAGE_MOUNT_PATH: Final = "/sifoverlay/image"  # the image's volume
-WORK_MOUNT_PATH: Final = "/run/sifoverlay"  # emptyDir: `sifoverlay exec` assembles the rootfs below it
+WORK_MOUNT_PATH: Final = "/run/sifoverlay"
+USER_MOUNT_ROOT: Final = "/sifoverlay/user"  # the user's template volumes, in the runner container  # emptyDir: `sifoverlay exec` assembles the rootfs below it
 WORKLOAD_CONTAINER: Final = "workload"
 RECONCILE_CONTAINER: Final = "reconcile"
 FUSE_DEVICE: Final = "/dev/fuse"
 ENV_JOURNAL_DIR: Final = "SIFOVERLAY_JOURNAL_DIR"
+ENV_STATE_DIR: Final = "SIFOVERLAY_STATE_DIR"

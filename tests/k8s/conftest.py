@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -35,6 +36,11 @@ T = TypeVar("T")
 CRD_FILES = sorted(str(p) for p in (REPO / "charts" / "sifoverlay" / "crds").glob("*.yaml"))
 OPERATOR_SCRIPT = str(REPO / "operator" / "main.py")
 HOST_DIR = "/data/images"  # the hostPath the OverlayJobs name; the operator sees it at a temp dir
+# the admin policy of the tests' operator (chart value `policy`): images only under HOST_DIR
+# or on a PVC named "data" (the reconcile-Job tests)
+POLICY = {"imageVolumes": [{"name": "shared-images", "hostPathPrefix": HOST_DIR},
+                           {"name": "data-claims", "persistentVolumeClaim": "data"}],
+          "runAsUser": {"min": 1000, "max": 65534}, "runAsGroup": {"min": 1000, "max": 65534}}
 WAIT = float(os.environ.get("SIFOVERLAY_K8S_TEST_WAIT", "60"))  # generous: 2 shared cores
 KUBECONFIG = """apiVersion: v1
 kind: Config
@@ -222,12 +228,14 @@ class Site:
         return {
             "SIFOVERLAY_VOLUME_ROOTS": f"hostPath:{HOST_DIR}={self.volume}",
             "SIFOVERLAY_JOURNAL_DIR": str(self.journal),
+            "SIFOVERLAY_STATE_DIR": str(self.journal.parent / "state"),  # engine lease records, scratch
             "SIFOVERLAY_LEASE_NAMESPACE": self.namespace,
             "SIFOVERLAY_RECHECK_SECONDS": "1",
             "SIFOVERLAY_DRIFT_SECONDS": "1",
             "SIFOVERLAY_LEASE_RETRY_SECONDS": "0.5",
             "SIFOVERLAY_METRICS_PORT": str(self.metrics_port),
             "SIFOVERLAY_METRICS_ADDR": "127.0.0.1",
+            "SIFOVERLAY_POLICY": json.dumps(POLICY),
         }
 
     def make_image(self, vectors: Path, relpath: str = "team/app.sif") -> Path:
@@ -286,7 +294,7 @@ class Cluster:
         body = {
             "apiVersion": wk.API_VERSION, "kind": wk.KIND, "metadata": {"name": name},
             "spec": {"image": {"hostPath": {"path": HOST_DIR}, "path": relpath},
-                     "workload": {"image": "registry.example/runner:1", "command": ["sh", "-c", "echo hi > /out"]},
+                     "workload": {"command": ["sh", "-c", "echo hi > /out"]},
                      **spec},
         }
         return self.kube.custom.create_namespaced_custom_object(wk.GROUP, wk.VERSION, self.ns, wk.PLURAL, body)

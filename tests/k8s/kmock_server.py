@@ -8,11 +8,19 @@ This subclass adds what a real API server does and kmock 0.8 does not:
 
 - GET /api/v1/namespaces[/NAME] (kmock's path parser fails on it);
 - server-set metadata on create: name from generateName, namespace, uid, creationTimestamp, generation,
-  resourceVersion (a counter: never checked, so no 409 on a stale write);
+  resourceVersion (one counter for every object, as etcd's revision);
+- optimistic concurrency: a merge patch whose body carries metadata.resourceVersion is
+  refused with 409 Conflict when that is not the object's current version (also on the
+  status subresource); a JSON patch's "test" op on it fails with 422 (see below);
+- delete preconditions (DeleteOptions.preconditions.uid / .resourceVersion): 409 Conflict
+  when either differs from the object's, checked before finalizers are considered;
+- metadata.generation: bumped only when something outside metadata and status changes
+  (a status write or a label change never bumps it), never taken from the client;
 - 201 Created (the kubernetes client maps only 201 for custom-object creates);
 - CRD registration (from files at start, or a POSTed CustomResourceDefinition);
 - validation of custom resources against the CRD's openAPIV3Schema (422 Invalid),
-  on create and on the patched result;
+  on create and on the patched result, and of its x-kubernetes-validations CEL rules on
+  object properties (cel-python; transition rules with oldSelf on updates only);
 - the status subresource isolated from the main resource, both ways;
 - JSON patches: a failed "test" op is 422 (kopf relies on it), resourceVersion bumped;
 - labelSelector on list and watch; ?dryRun answered without storing;
@@ -20,10 +28,13 @@ This subclass adds what a real API server does and kmock 0.8 does not:
 - kind/apiVersion on lists;
 - an audit log (env KMOCK_AUDIT_LOG): one JSON line per API request, for the RBAC test.
 
-Not emulated: authn/authz, admission, defaulting and pruning, optimistic concurrency on
-merge patches and updates (resourceVersion is a counter and only JSON-patch tests see it),
+Every write (create, patch, delete) is checked and applied under one lock, so two
+concurrent writers with the same resourceVersion see exactly one 200 and one 409.
+
+Not emulated: authn/authz, admission, defaulting and pruning, server-side apply and
+managedFields, PUT (kmock answers 404: neither the operator nor kopf uses it),
 controllers (Jobs never get Pods: tests play the Job controller), ownerReference GC,
-PUT, protobuf, watch bookmarks, 410 Gone, deletions between a list and its watch.
+protobuf, watch bookmarks, 410 Gone, deletions between a list and its watch.
 
 Usage: python kmock_server.py PORT [FILE.yaml ...]   (prints one "listening" line)
 """
@@ -65,6 +76,18 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 parsing.parse_path = _parse_path
 
 _resource_versions = itertools.count(1)
+_CONFLICT = "the object has been modified; please apply your changes to the latest version and try again"
+
+
+def _conflict(request: Any, message: str) -> kmock.KubernetesError:
+    what = f"{request.resource.plural}.{request.resource.group}".rstrip(".")
+    return kmock.KubernetesError(status=409, reason="Conflict",
+                                 message=f'Operation cannot be fulfilled on {what} "{request.name}": {message}')
+
+
+def _generation_payload(obj: dict[str, Any]) -> dict[str, Any]:
+    """What metadata.generation tracks: everything but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
 _schemas: dict[tuple[str, str, str], dict[str, Any]] = {}
 _SELECTOR_TERM = re.compile(r",(?![^()]*\))")
 _SET_TERM = re.compile(r"(\S+)\s+(in|notin)\s+\((.*)\)")
@@ -90,7 +113,7 @@ def register_crd(emulator: kmock.KubernetesEmulator, crd: dict[str, Any]) -> Non
             _schemas[spec["group"], version["name"], crd_names["plural"]] = schema
 
 
-def _validate(resource: Any, obj: dict[str, Any]) -> None:
+def _validate(resource: Any, obj: dict[str, Any], old: dict[str, Any] | None = None) -> None:
     schema = _schemas.get((resource.group, resource.version, resource.plural))
     if schema is None:
         return
@@ -99,6 +122,35 @@ def _validate(resource: Any, obj: dict[str, Any]) -> None:
         first = errors[0]
         where = ".".join(map(str, first.absolute_path)) or "<root>"
         raise kmock.KubernetesError(status=422, reason="Invalid", message=f"{where}: {first.message}")
+    _validate_cel(schema, obj, old, "")
+
+
+def _validate_cel(schema: dict[str, Any], value: Any, old: Any, where: str) -> None:
+    """The CRD's x-kubernetes-validations rules on object properties (not inside arrays),
+    evaluated with cel-python: `self`, and `oldSelf` on an update (transition rules are
+    skipped on create, as on a real server). Without cel-python (the test extra has it)
+    the rules are not evaluated, as in kmock itself."""
+    try:
+        import celpy
+    except ImportError:
+        return
+
+    for rule in schema.get("x-kubernetes-validations") or []:
+        transition = "oldSelf" in rule["rule"]
+        if transition and old is None:
+            continue
+        env = celpy.Environment()
+        activation = {"self": celpy.json_to_cel(value)}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        if not env.program(env.compile(rule["rule"])).evaluate(activation):
+            message = rule.get("message") or f"failed rule: {rule['rule']}"
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"{where or '<root>'}: Invalid value: {message}")
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in value:
+                _validate_cel(sub, value[key], old.get(key) if isinstance(old, dict) else None,
+                              f"{where}.{key}".lstrip("."))
 
 
 def selector_matches(obj: dict[str, Any], selector: str | None) -> bool:
@@ -146,19 +198,51 @@ def _audit(request: Any) -> None:
 class RealisticEmulator(kmock.KubernetesEmulator):
     """kmock's emulator plus the server-side behaviour listed in the module docstring."""
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._write_lock = asyncio.Lock()
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         _audit(request)
         if request.resource is not None and request.params.get("dryRun"):
             status = 201 if request.action == enums.action.CREATE else 200
             return aiohttp.web.json_response(request.data, status=status)
-        if request.resource is not None and isinstance(request.data, dict):
-            self._prepare_write(request)
-        elif request.resource is not None and request.action == enums.action.UPDATE and isinstance(request.data, list):
-            self._prepare_json_patch(request)
-        response = await super()._handle(request)
+        writes = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
+        if request.resource is None or request.action not in writes:
+            return await super()._handle(request)
+        # check-then-write under one lock: the precondition seen is the state written over
+        async with self._write_lock:
+            if request.action == enums.action.DELETE:
+                self._check_delete_preconditions(request)
+            elif isinstance(request.data, dict):
+                self._prepare_write(request)
+            elif request.action == enums.action.UPDATE and isinstance(request.data, list):
+                self._prepare_json_patch(request)
+            response = await super()._handle(request)
         if request.action == enums.action.CREATE and response.status == 200:
             response.set_status(201)
         return response
+
+    def _current(self, request: Any) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if not request.name or key not in self.objects or self.objects[key].deleted:
+            return None
+        return dict(self.objects[key].raw)
+
+    def _check_delete_preconditions(self, request: Any) -> None:
+        options = request.data if isinstance(request.data, dict) else {}
+        wanted = options.get("preconditions") or {}
+        current = self._current(request)
+        if current is None or not wanted:
+            return
+        meta = current.get("metadata") or {}
+        if wanted.get("uid") and wanted["uid"] != meta.get("uid"):
+            raise _conflict(request, f"Precondition failed: UID in precondition: {wanted['uid']}, "
+                                     f"UID in object meta: {meta.get('uid')}")
+        if wanted.get("resourceVersion") and wanted["resourceVersion"] != meta.get("resourceVersion"):
+            raise _conflict(request, f"Precondition failed: ResourceVersion in precondition: "
+                                     f"{wanted['resourceVersion']}, ResourceVersion in object meta: "
+                                     f"{meta.get('resourceVersion')}")
 
     def _prepare_write(self, request: Any) -> None:
         data: dict[str, Any] = request.data
@@ -180,32 +264,41 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             if has_status:
                 data.pop("status", None)
         elif request.action == enums.action.UPDATE:
+            current = self._current(request)
+            sent_rv = meta.get("resourceVersion")
+            if current is not None and sent_rv and str(sent_rv) != str((current.get("metadata") or {}).get("resourceVersion")):
+                raise _conflict(request, _CONFLICT)
+            meta.pop("generation", None)  # server-owned
             if has_status and request.subresource == "status":
                 for key in [k for k in data if k != "status"]:
                     data.pop(key)
                 meta = data.setdefault("metadata", {})
             elif has_status:
                 data.pop("status", None)
-            key = (request.resource, request.namespace, request.name)
-            if request.name and key in self.objects and not self.objects[key].deleted:
-                current = self.objects[key].raw
-                _validate(request.resource, dict(dicts.patch_dict(current, data)))
-                if "spec" in data:
-                    meta["generation"] = int((current.get("metadata") or {}).get("generation", 1)) + 1
+            if current is not None:
+                result = dict(dicts.patch_dict(current, data))
+                _validate(request.resource, result, current)
+                generation = int((current.get("metadata") or {}).get("generation", 1))
+                if _generation_payload(result) != _generation_payload(current):
+                    generation += 1
+                meta["generation"] = generation
             meta["resourceVersion"] = str(next(_resource_versions))
 
     def _prepare_json_patch(self, request: Any) -> None:
         """A JSON patch: its "test" ops must hold (kopf tests resourceVersion to patch
         finalizers optimistically; a failed test is 422, which kopf retries with a fresh
         read), the result must fit the schema, and it bumps resourceVersion."""
-        key = (request.resource, request.namespace, request.name)
-        if not request.name or key not in self.objects or self.objects[key].deleted:
+        current = self._current(request)
+        if current is None:
             return
         try:
-            result = jsonpatch.apply_patch(dict(self.objects[key].raw), list(request.data), in_place=False)
+            result = jsonpatch.apply_patch(current, list(request.data), in_place=False)
         except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=f"json patch: {exc}") from None
-        _validate(request.resource, result)
+        _validate(request.resource, result, current)
+        generation = int((current.get("metadata") or {}).get("generation", 1))
+        if _generation_payload(result) != _generation_payload(current):
+            request.data.append({"op": "add", "path": "/metadata/generation", "value": generation + 1})
         request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(next(_resource_versions))})
 
     async def _serve_list(self, request: Any) -> Any:

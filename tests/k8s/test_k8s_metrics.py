@@ -104,4 +104,5 @@ def test_prometheus_scrapes_the_reconcile_and_the_drift(site: Site, cluster: Clu
     write_into_overlay(image, "sneaky.txt", b"x\n", site.work)
     wait_for("drift gauge", lambda: [r for r in query(prometheus, "sifoverlay_operator_drifted_overlayjobs")
                                      if float(r["value"][1]) >= 1], timeout=60)
-    assert cluster.condition("measured", "DriftDetected")["status"] == "True"
+    # the gauge is set just before the status write: wait for the condition too
+    wait_for("DriftDetected", lambda: cluster.condition("measured", "DriftDetected").get("status") == "True")

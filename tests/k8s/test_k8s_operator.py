@@ -59,9 +59,11 @@ def test_success_reconciles_the_overlay_the_workload_changed(site: Site, cluster
     job = cluster.wait_job("train-run")
     uid = cluster.get("train")["metadata"]["uid"]
     assert job.spec.template.spec.containers[0].command == [
-        "sifoverlay", "exec", "--writable", "--mount", "fuse", "--job-id", names.session_job_id(cluster.ns, "train", uid),
-        "--journal-dir", "/sifoverlay/image/.sifoverlay-journal", "/sifoverlay/image/team/app.sif", "--",
-        "sh", "-c", "echo hi > /out"]
+        "sifoverlay", "exec", "--allow-root-options", "--writable", "--mount", "fuse",
+        "--job-id", names.session_job_id(cluster.ns, "train", uid),
+        "--journal-dir", "/sifoverlay/image/.sifoverlay-journal", "--user=65534:65534", "/sifoverlay/image/team/app.sif",
+        "--", "sh", "-c", "echo hi > /out"]
+    assert job.spec.template.spec.containers[0].image == "ghcr.io/sifoverlay/operator:0.1.0"  # the runner, never the user's
     assert job.metadata.owner_references[0].name == "train"
     pod = cluster.start_pod(job)
     wait_for("Mounted", lambda: cluster.condition("train", "Mounted").get("status") == "True")
@@ -70,7 +72,10 @@ def test_success_reconciles_the_overlay_the_workload_changed(site: Site, cluster
     cluster.finish_job("train-run", "Complete")
     status = assert_reconciled(cluster, site, "train", image, before, phase="Succeeded")
     assert status["jobResult"] == "Succeeded"
-    assert "Failed" not in {c["type"] for c in status["conditions"]}
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Failed"]["status"], by_type["Failed"]["reason"]) == ("False", "Succeeded")
+    assert (by_type["Ready"]["status"], by_type["Complete"]["status"]) == ("True", "True")
+    assert "Stalled" not in by_type
     events = wait_for("events", lambda: (e := [(ev.type, ev.reason) for ev in cluster.kube.core.list_namespaced_event(cluster.ns).items
                                                if ev.involved_object.name == "train"]) and len(e) >= 3 and e)
     assert {("Normal", "JobCreated"), ("Normal", "Succeeded"), ("Normal", "Reconciled")} <= set(events)

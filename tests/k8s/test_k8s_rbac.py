@@ -65,7 +65,7 @@ def gaps(calls: set[Call], rules: set[Rule]) -> list[Call]:
 def drive_lifecycle(site: Site, cluster: Cluster, vectors: Path) -> None:
     image = site.make_image(vectors)
     with kopf_runner():
-        cluster.create_overlayjob("audited")
+        cluster.create_overlayjob("audited", ttlSecondsAfterFinished=2)  # deleted (uid precondition) when due
         cluster.wait_phase("audited", "Running")
         cluster.create_overlayjob("queued")
         cluster.wait_phase("queued", "Waiting")
@@ -77,6 +77,8 @@ def drive_lifecycle(site: Site, cluster: Cluster, vectors: Path) -> None:
         cluster.wait_phase("queued", "Running")
         cluster.kube.custom.delete_namespaced_custom_object(wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, "queued")
         wait_for("queued gone", lambda: cluster.get("queued") is None)
+        wait_for("audited deleted (ttlSecondsAfterFinished)",
+                 lambda: (b := cluster.get("audited")) is None or bool(b["metadata"].get("deletionTimestamp")))
 
 
 def test_every_operator_call_is_allowed_and_every_granted_verb_is_used(
@@ -89,7 +91,8 @@ def test_every_operator_call_is_allowed_and_every_granted_verb_is_used(
     # both clients were seen, and the calls that matter most are among them
     assert {("sifoverlay.dev", "overlayjobs/status", "patch"), ("batch", "jobs", "create"),
             ("coordination.k8s.io", "leases", "create"), ("coordination.k8s.io", "leases", "delete"),
-            ("sifoverlay.dev", "overlayjobs", "watch"), ("", "pods", "list"), ("", "events", "create")} <= calls
+            ("sifoverlay.dev", "overlayjobs", "watch"), ("", "pods", "list"), ("", "events", "create"),
+            ("sifoverlay.dev", "overlayjobs", "delete")} <= calls
     assert gaps(calls, rules) == [], f"RBAC gaps: {gaps(calls, rules)}"
     # Leases only through the namespaced Role: nothing cluster-wide
     assert {(k, g) for k, g, r, v in rules if r == "leases"} == {("Role", "coordination.k8s.io")}

@@ -43,3 +43,37 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- join "," $roots -}}
 {{- end -}}
+
+{{/* The operator's pinned image: repository@digest, else repository:tag. */}}
+{{- define "sifoverlay.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Cluster mode (no watchNamespaces) or namespaced mode. */}}
+{{- define "sifoverlay.clusterMode" -}}
+{{- if not .Values.watchNamespaces -}}true{{- end -}}
+{{- end -}}
+
+{{/* CEL list literal of [namespace-or-*, value] pairs of the image volume rules of one kind. */}}
+{{- define "sifoverlay.celPairs" -}}
+{{- $kind := .kind -}}
+{{- $pairs := list -}}
+{{- range .rules -}}
+{{- $value := get . $kind -}}
+{{- if $value -}}
+{{- $value = trimSuffix "/" (toString $value) -}}
+{{- if .namespaces -}}
+{{- range .namespaces -}}
+{{- $pairs = append $pairs (printf "[%s, %s]" (toJson .) (toJson $value)) -}}
+{{- end -}}
+{{- else -}}
+{{- $pairs = append $pairs (printf "[\"*\", %s]" (toJson $value)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+[{{ join ", " $pairs }}]
+{{- end -}}
