@@ -299,7 +299,7 @@ class Soak:
         run([SIFOVERLAY, "overlay", "create", "--sparse", "--size", "64", str(base)],
             env=dict(os.environ, SIFOVERLAY_JOURNAL_DIR=JOURNAL_DIR))
         # a directory the jobs' user may write (the overlay's root belongs to root)
-        run([SIFOVERLAY, "exec", "--writable", "--base-dir", str(self.work / "run"), "--journal-dir", JOURNAL_DIR,
+        run([SIFOVERLAY, "exec", "--allow-root-options", "--writable", "--base-dir", str(self.work / "run"), "--journal-dir", JOURNAL_DIR,
              str(base), "--", "/bin/sh", "-c", f"mkdir /soak && chown {SOAK_UID}:{SOAK_UID} /soak"])
         for i in range(self.k):
             path = self.work / f"img{i}.oci.sif"
@@ -427,7 +427,7 @@ class Soak:
     def read_back(self, image: str, names: list[str]) -> dict[str, str]:
         if not names:
             return {}
-        proc = run([SIFOVERLAY, "exec", "--base-dir", str(self.work / "run"), "--journal-dir", JOURNAL_DIR,
+        proc = run([SIFOVERLAY, "exec", "--allow-root-options", "--base-dir", str(self.work / "run"), "--journal-dir", JOURNAL_DIR,
                     image, "--", "/bin/sh", "-c",
                     "cd /soak 2>/dev/null && for f in *; do case $f in *.*) continue;; esac; echo \"$f=$(cat \"$f\")\"; done"],
                    check=False, timeout=120)
