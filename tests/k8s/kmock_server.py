@@ -195,6 +195,9 @@ def _audit(request: Any) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+_HISTORY_WINDOW = 512  # requests kept for kmock's matching (see RealisticEmulator._handle)
+
+
 class RealisticEmulator(kmock.KubernetesEmulator):
     """kmock's emulator plus the server-side behaviour listed in the module docstring."""
 
@@ -203,6 +206,11 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         self._write_lock = asyncio.Lock()
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        # kmock keeps every request it ever served and matches each new one by scanning that
+        # history: over a session-long server that is quadratic (one core busy for minutes).
+        # Nothing here asserts on the history (tests read the audit log), so keep a window
+        # far larger than the requests in flight at once.
+        del self._requests[:-_HISTORY_WINDOW]
         _audit(request)
         if request.resource is not None and request.params.get("dryRun"):
             status = 201 if request.action == enums.action.CREATE else 200
