@@ -33,6 +33,27 @@ from tests.runtime.test_exec import overlay_consistent
 pytestmark = pytest.mark.root  # (root only to create the user and make /dev/fuse usable)
 
 
+# A copy of the package that any user can read: the checkout may sit below a directory
+# only root can traverse (a clone under /root), and the test user imports sifoverlay.
+_PACKAGE_ROOT = [str(REPO)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def readable_package() -> Iterator[None]:
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="sifoverlay-pkg-"))
+    shutil.copytree(REPO / "sifoverlay", root / "sifoverlay", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    _PACKAGE_ROOT[0] = str(root)
+    try:
+        yield
+    finally:
+        _PACKAGE_ROOT[0] = str(REPO)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def home(env: Env) -> Iterator[Path]:
     """The user's XDG runtime/state directories (the test user has no home)."""
@@ -57,7 +78,7 @@ def user_python() -> str:
 def as_user(e: Env, home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home),
                "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"),
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": _PACKAGE_ROOT[0]}
     return subprocess.run([user_python(), "-m", "sifoverlay", *args], user=e.user.uid, group=e.user.gid,
                           extra_groups=[], env=environ, cwd="/", capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -103,7 +124,7 @@ def test_unprivileged_sigkilled_exec_is_recovered_by_the_user(env: Env, home: Pa
     """The user's own `sifoverlay recover` finishes her SIGKILLed run: fusermount3 -u, the
     reconcile, her lease and session - no root, no TTL wait."""
     environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home),
-               "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"), "PYTHONPATH": str(REPO)}
+               "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"), "PYTHONPATH": _PACKAGE_ROOT[0]}
     with subreaper():
         _killed_then_recovered(env, home, environ)
 
