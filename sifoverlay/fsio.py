@@ -141,7 +141,9 @@ class FileIO:
         """temp file in the same directory + rename; with `durable`, fsync the file before
         the rename and the directory after it (R12). Metrics textfiles pass durable=False."""
         directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+        # pid alone is not unique: two threads of one process, or two containers (each its
+        # own pid 1) writing into one shared directory, would rename each other's temp file
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}.{os.urandom(4).hex()}")
         fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             self.pwrite(fd, data, 0)
