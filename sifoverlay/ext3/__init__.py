@@ -7,8 +7,9 @@ Knows nothing of SIF: everything works on (fd or path, offset, size).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sifoverlay import lazy_getattr
 
 if TYPE_CHECKING:
     from .fsck import FsckResult, replay_and_fsck
@@ -39,20 +40,7 @@ _LAZY = {
 }
 
 if not TYPE_CHECKING:  # hidden from mypy, which would type every unknown name as Any
-
-    def __getattr__(name: str) -> Any:
-        where = _LAZY.get(name)
-        if where is not None:
-            value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
-        else:  # a submodule (any: eager loading bound them all)
-            try:
-                value = importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{__name__}.{name}":
-                    raise
-                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        globals()[name] = value
-        return value
+    __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = [
