@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "cmd_inspect",
     "cmd_import",
     "cmd_overlay",
+    "cmd_log",
     "cmd_recover",
     "cmd_exec",
     "cmd_exporter",

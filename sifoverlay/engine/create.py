@@ -23,6 +23,7 @@ from sifoverlay.errors import CapacityError, NotAnOciSif, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .commit import BlobSource, OpResult, commit
+from .history import Who, draft
 from .journal import Journal
 from .recover import exclusive, scratch_file
 
@@ -67,6 +68,7 @@ def create_overlay(
     now: int | None = None,
     uid: int | None = None,
     gid: int | None = None,
+    who: Who | None = None,
 ) -> OpResult:
     from sifoverlay.ext3 import Superblock, hash_range, make_overlay_fs
     from sifoverlay.ocisif import open_image
@@ -104,8 +106,10 @@ def create_overlay(
                 with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
                     sif.writable = True
                     img = open_image(sif)
+                    revision = draft("create", who, old_overlay=None, new_overlay=digest, bytes_hashed=size,
+                                     detail={"size_mib": size_mib})
                     planned = plan.plan_create(img, ext3=BlobSource(digest, size, path=scratch, sparse=sparse),
-                                               fingerprint=fingerprint, now=now)
+                                               fingerprint=fingerprint, now=now, revision=revision)
                     commit(image, sif.fd, planned, journal, io=io)
     finally:
         os.close(fd)

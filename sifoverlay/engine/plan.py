@@ -16,12 +16,14 @@ from typing import Any
 
 from sifoverlay.errors import CapacityError, OverlayStateError
 from sifoverlay.ocisif import OVERLAY_FINGERPRINT_ANNOTATION, OciSifImage
+from sifoverlay.ocisif import history as image_history
 from sifoverlay.ocisif import jsonedit, mediatypes
 from sifoverlay.ocisif.model import Ref, walk_index
 from sifoverlay.sif.constants import DataType
 from sifoverlay.sif.layout import Layout
 
 from .commit import BlobSource, CommitPlan, PlacedBlob
+from .history import RevisionDraft, draft, history_cap
 
 # Go's zero time, as ggcr serialises the empty history entry of an appended layer.
 EMPTY_HISTORY = {"created": "0001-01-01T00:00:00Z"}
@@ -56,6 +58,7 @@ def _replace_image(
     remove_ids: tuple[int, ...] = (),
     now: int | None = None,
     extra: dict[str, object] | None = None,
+    revision: RevisionDraft | None = None,
 ) -> CommitPlan | None:
     sif = img.sif
     layout = Layout.from_file(sif)
@@ -84,11 +87,13 @@ def _replace_image(
         if digest not in live:
             additions.append((DataType.OCI_BLOB, BlobSource(digest, len(raw), data=raw)))
     additions.append((DataType.OCI_ROOT_INDEX, BlobSource(index_digest, len(index_raw), data=index_raw)))
-    if layout.free_slots < len(additions):
+    old_history = image_history.read_for_commit(sif) if revision is not None else None
+    needed = len(additions) + (1 if revision is not None else 0)
+    if layout.free_slots < needed:
         raise CapacityError(
             img.path,
-            f"needs {len(additions)} free descriptor slots for {op}, only {layout.free_slots} free",
-            needed=len(additions), free=layout.free_slots,
+            f"needs {needed} free descriptor slots for {op}, only {layout.free_slots} free",
+            needed=needed, free=layout.free_slots,
         )
     placed = []
     for datatype, source in additions:
@@ -96,6 +101,14 @@ def _replace_image(
         placed.append(PlacedBlob(desc.offset, source))
     if set_digest is not None:
         layout.set_oci_digest(set_digest[0], set_digest[1], now=now)
+    if revision is not None and old_history is not None:
+        # Added last, in the same metadata write: the revision exists exactly when the commit does.
+        entry = revision.revision(old_manifest=img.manifest.digest, new_manifest=manifest_digest)
+        raw = old_history.appended(entry, cap=history_cap()).encode()
+        layers = manifest.get("layers") or [{}]
+        holder = next((d.id for d in layout.used() if d.digest is not None and d.digest == layers[-1].get("digest")), 0)
+        desc = layout.add(DataType.GENERIC_JSON, len(raw), group=0, link=holder, name=image_history.HISTORY_NAME, now=now)
+        placed.append(PlacedBlob(desc.offset, BlobSource(jsonedit.digest_of(raw), len(raw), data=raw)))
 
     keep = _other_refs(img) | {config_digest, manifest_digest}
     keep |= {layer["digest"] for layer in manifest.get("layers", []) if isinstance(layer, dict)}
@@ -107,6 +120,8 @@ def _replace_image(
     if img.config.digest not in keep:
         doomed.append(img.config.descriptor.id)
     doomed += [i for i in remove_ids if layout.get(i).digest not in keep]
+    if old_history is not None and old_history.descriptor is not None:
+        doomed.append(old_history.descriptor.id)
     freed = []
     for object_id in dict.fromkeys(doomed):
         desc = layout.delete(object_id, now=now)
@@ -119,7 +134,8 @@ def _replace_image(
     )
 
 
-def plan_sync(img: OciSifImage, *, new_digest: str, fingerprint: Mapping[str, Any], now: int | None = None) -> CommitPlan | None:
+def plan_sync(img: OciSifImage, *, new_digest: str, fingerprint: Mapping[str, Any], now: int | None = None,
+              revision: RevisionDraft | None = None) -> CommitPlan | None:
     """Overlay bytes now hash to `new_digest`: descriptor extra, manifest last layer and
     last diff_id follow; the fingerprint annotation is refreshed. Offset/size unchanged.
     With an unchanged digest only the annotation (manifest + index) changes."""
@@ -134,10 +150,13 @@ def plan_sync(img: OciSifImage, *, new_digest: str, fingerprint: Mapping[str, An
         img, op="sync", config=config, manifest=manifest, big=[],
         set_digest=(overlay.descriptor.id, new_digest) if changed else None, now=now,
         extra={"overlay_digest": new_digest, "old_overlay_digest": overlay.recorded_digest},
+        revision=revision or draft("sync", None, old_overlay=overlay.recorded_digest, new_overlay=new_digest,
+                                   bytes_hashed=overlay.size),
     )
 
 
-def plan_create(img: OciSifImage, *, ext3: BlobSource, fingerprint: Mapping[str, Any], now: int | None = None) -> CommitPlan:
+def plan_create(img: OciSifImage, *, ext3: BlobSource, fingerprint: Mapping[str, Any], now: int | None = None,
+                revision: RevisionDraft | None = None) -> CommitPlan:
     """Append the ext3 as the last layer (diff_id + empty history entry, like ggcr)."""
     if img.overlay is not None:
         raise OverlayStateError(img.path, "image already has an overlay")
@@ -148,12 +167,15 @@ def plan_create(img: OciSifImage, *, ext3: BlobSource, fingerprint: Mapping[str,
     manifest = jsonedit.append_layer(img.manifest.json, layer)
     config = jsonedit.append_history(jsonedit.append_diff_id(img.config.json, ext3.digest), EMPTY_HISTORY)
     plan = _replace_image(img, op="create", config=config, manifest=manifest, big=[ext3], now=now,
-                          extra={"overlay_digest": ext3.digest})
+                          extra={"overlay_digest": ext3.digest},
+                          revision=revision or draft("create", None, old_overlay=None, new_overlay=ext3.digest,
+                                                     bytes_hashed=ext3.size))
     assert plan is not None  # a new layer always changes the index
     return plan
 
 
-def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None) -> CommitPlan:
+def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None,
+              revision: RevisionDraft | None = None) -> CommitPlan:
     """Replace the ext3 layer by a squashfs layer; the ext3 object is freed."""
     overlay = img.require_overlay()
     last = len(img.layers) - 1
@@ -167,6 +189,8 @@ def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None)
     plan = _replace_image(
         img, op="seal", config=config, manifest=manifest, big=[squashfs],
         remove_ids=(overlay.descriptor.id,), now=now, extra={"layer_digest": squashfs.digest},
+        revision=revision or draft("seal", None, old_overlay=overlay.recorded_digest, new_overlay=None,
+                                   bytes_hashed=squashfs.size, detail={"layer": squashfs.digest}),
     )
     assert plan is not None
     return plan

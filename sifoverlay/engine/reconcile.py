@@ -23,11 +23,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sifoverlay.errors import NotAuthorized, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .journal import Journal
+
+if TYPE_CHECKING:
+    from .history import Who
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,8 @@ def sync(
     deadline: float | None = None,
     max_bytes: int | None = None,
     as_user: tuple[int, int] | None = None,
+    who: Who | None = None,
+    op: str = "sync",
 ) -> SyncResult:
     """Reconcile the overlay's digest into descriptor, manifest, config and root index.
 
@@ -141,7 +147,8 @@ def sync(
     with HashDeadline past it, nothing committed. `max_bytes`: check_overlay_bounds
     before any hashing. `as_user` = (uid, gid) of the job user: a dirty ext3 is replayed
     by an unprivileged process of that user (ext3.replay_and_fsck), and quiesce trusts
-    that uid's FUSE mounts besides root's and the owner's.
+    that uid's FUSE mounts besides root's and the owner's. `who` / `op`: the revision the
+    commit records (engine.history; default: the calling process, op "sync").
     """
     from . import statedir
 
@@ -169,7 +176,7 @@ def sync(
                 return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
         check_overlay_bounds(image, fd, max_bytes=max_bytes)
         return _slow_sync(image, fd, journal, job=job, io=io, progress=progress, force_hash=force_hash, start=start,
-                          deadline=deadline, as_user=as_user)
+                          deadline=deadline, as_user=as_user, who=who, op=op)
     finally:
         os.close(fd)
 
@@ -177,6 +184,7 @@ def sync(
 def _slow_sync(
     image: str, fd: int, journal: Journal, *, job: str | None, io: FileIO, progress: Progress | None,
     force_hash: bool, start: float, deadline: float | None = None, as_user: tuple[int, int] | None = None,
+    who: Who | None = None, op: str = "sync",
 ) -> SyncResult:
     from sifoverlay.ext3 import Superblock, check_region_header, hash_range, replay_and_fsck
     from sifoverlay.ocisif import open_image
@@ -184,6 +192,7 @@ def _slow_sync(
 
     from . import plan, quiesce, statedir
     from .commit import commit
+    from .history import draft
     from .recover import exclusive
 
     with open_image(SifFile.from_fd(os.dup(fd), image)) as img:  # locate the overlay for quiesce and the lock range
@@ -211,7 +220,9 @@ def _slow_sync(
             check_region_header(sif.fd, overlay.offset)
             new = hash_range(sif.fd, overlay.offset, overlay.size,
                              progress=_with_deadline(_with_heartbeat(progress, lease_held), deadline, image))
-            planned = plan.plan_sync(img, new_digest=new, fingerprint=fingerprint)
+            revision = draft(op, who, old_overlay=old, new_overlay=new, bytes_hashed=overlay.size,
+                             detail={"replayed": True} if replayed else None)
+            planned = plan.plan_sync(img, new_digest=new, fingerprint=fingerprint, revision=revision)
             if planned is not None:
                 commit(image, sif.fd, planned, journal, job=job, io=io)
     if new == old:

@@ -23,6 +23,7 @@ from sifoverlay.errors import ExternalToolError, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
 from .commit import BlobSource, OpResult, commit
+from .history import Who, draft
 from .journal import Journal
 from .recover import exclusive, pid_alive, scratch_file
 
@@ -127,6 +128,7 @@ def seal(
     now: int | None = None,
     image_fd: int | None = None,
     expect_identity: tuple[int, int] | None = None,
+    who: Who | None = None,
 ) -> OpResult:
     """Seal through one checked descriptor (`image_fd` re-opened through /proc/self/fd, else
     the path opened with statedir.open_image_checked), verified against `expect_identity`."""
@@ -144,12 +146,13 @@ def seal(
 
         raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
     try:
-        return _seal_fd(image, fd, journal, io, now, start)
+        return _seal_fd(image, fd, journal, io, now, start, who)
     finally:
         os.close(fd)
 
 
-def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None, start: float) -> OpResult:
+def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None, start: float,
+             who: Who | None = None) -> OpResult:
     from sifoverlay.ext3 import Superblock, replay_and_fsck
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
@@ -175,7 +178,10 @@ def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None,
                     if not os.path.isdir(upper):
                         raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
                     digest, size = upper_to_squashfs(upper, scratch, io=io)  # hashed once, there
-                planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now)
+                revision = draft("seal", who, old_overlay=overlay.recorded_digest, new_overlay=None, bytes_hashed=size,
+                                 detail={"layer": digest})
+                planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now,
+                                         revision=revision)
                 commit(image, sif.fd, planned, journal, io=io)
     offset = next((b.offset for b in planned.blobs if b.source.digest == digest), -1)
     log.info("%s: sealed overlay into squashfs layer %s (%d bytes)", image, digest, size)

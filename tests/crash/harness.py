@@ -218,8 +218,11 @@ def sweep_seal_mounts() -> None:
 # --- scenarios -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def scenario_env(base: Path) -> Iterator[None]:
-    """State and journal directories of every process inside the work tree."""
-    saved = {k: os.environ.get(k) for k in ("SIFOVERLAY_STATE_DIR", "SIFOVERLAY_JOURNAL_DIR")}
+    """State and journal directories of every process inside the work tree; a fixed
+    SOURCE_DATE_EPOCH, so the revision each commit records (engine.history) is the same in
+    the reference run and in every crashed run (images are compared byte for byte)."""
+    saved = {k: os.environ.get(k) for k in ("SIFOVERLAY_STATE_DIR", "SIFOVERLAY_JOURNAL_DIR", "SOURCE_DATE_EPOCH")}
+    os.environ["SOURCE_DATE_EPOCH"] = "1764892800"
     os.environ["SIFOVERLAY_STATE_DIR"] = str(base / "work" / "state")
     os.environ["SIFOVERLAY_JOURNAL_DIR"] = str(base / "work" / "journal")
     try:

@@ -119,7 +119,7 @@ def test_created_objects_use_freed_slots_and_keep_one_root_index(base_image: Pat
     ids_before = {d[0] for d in used_sif_objects(base_image)}
     engine.create_overlay(base_image, sparse=True)
     objects = used_sif_objects(base_image)
-    assert len(objects) == len(ids_before) + 1  # + ext3 (config/manifest/index replaced)
+    assert len(objects) == len(ids_before) + 2  # + ext3 + revision history (config/manifest/index replaced)
 
 
 def test_full_cycle_on_an_imported_busybox_image(tmp_path: Path, vectors: Path) -> None:
