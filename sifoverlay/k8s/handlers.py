@@ -52,6 +52,26 @@ def _post_event(body: Mapping[str, Any], kind: str, reason: str, message: str) -
     kopf.event(dict(body), type=kind, reason=reason, message=message)
 
 
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for this operator (startup applies them)."""
+    settings.persistence.finalizer = wk.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=wk.KOPF_ANNOTATIONS_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=wk.KOPF_ANNOTATIONS_PREFIX, key="last-handled-configuration")
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 8
+    # A deleted resource keeps its finalizer until its timers have stopped. A timer tick
+    # in flight (a sync handler in a thread: often the very re-check that issued the
+    # ttlSecondsAfterFinished delete) never exits within kopf's "instant exit" cycles,
+    # and kopf's default is to look again only after 60 s; poll each second instead.
+    settings.background.instant_exit_timeout = 0.2
+    settings.background.cancellation_polling = 1.0
+    settings.posting.level = logging.INFO  # our explicit events below; not every log line
+
+
 class Operator:
     """The handlers of one `kopf run`: holds the settings and, after startup, the Controller."""
 
@@ -101,16 +121,7 @@ class Operator:
 
     # --- lifecycle --------------------------------------------------------------------------------
     def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = wk.FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=wk.KOPF_ANNOTATIONS_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=wk.KOPF_ANNOTATIONS_PREFIX, key="last-handled-configuration")
-        settings.watching.server_timeout = 300
-        settings.watching.client_timeout = 330
-        settings.watching.connect_timeout = 10
-        settings.networking.request_timeout = 60
-        settings.execution.max_workers = 8
-        settings.posting.level = logging.INFO  # our explicit events below; not every log line
+        configure(settings)
         self.controller = Controller(KubeApi(load_client()), self.config, notify=_post_event)
         metrics.serve(self.config.metrics_port, self.config.metrics_addr)
 

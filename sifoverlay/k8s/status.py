@@ -186,7 +186,9 @@ def summarize(status: Mapping[str, Any] | None, patch: Mapping[str, Any], *, gen
     - Complete: the same truth, the batch/v1 Job's name for it;
     - Failed: True once Failed (its reason kept from the step that failed); False with
       the phase as reason otherwise;
-    - Stalled (kstatus "Failed"): True alongside Failed=True, absent otherwise.
+    - Stalled (kstatus "Failed"): True alongside Failed=True, absent otherwise;
+    - Reconciled: set by the reconcile (status.reconciled); until then False with the
+      phase as reason.
     Every condition carries observedGeneration; status.observedGeneration is set too."""
     out: Obj = dict(patch)
     phase = str(out.get("phase") or (status or {}).get("phase") or wk.PHASE_PENDING)
@@ -211,6 +213,14 @@ def summarize(status: Mapping[str, Any] | None, patch: Mapping[str, Any], *, gen
     else:
         updates.append(condition(wk.COND_FAILED, False, phase, message, generation=generation, now=now))
         conds = [c for c in conds if c.get("type") != wk.COND_STALLED]
+    current_reconciled = next((c for c in conds if c.get("type") == wk.COND_RECONCILED), None)
+    if current_reconciled is None or current_reconciled.get("reason") in wk.PHASES:
+        # not reconciled (yet): False with the phase as reason, so that
+        # `kubectl wait --for=condition=Reconciled` has a condition to watch from the start
+        text = "nothing ran: nothing to reconcile" if failed else "the overlay is not reconciled yet"
+        updates.append(condition(wk.COND_RECONCILED, False, phase, text, generation=generation, now=now))
+    else:
+        updates.append({**current_reconciled, "observedGeneration": generation})
     out["conditions"] = set_conditions(conds, *updates)
     out["observedGeneration"] = generation
     return out

@@ -395,12 +395,13 @@ def test_safepath_resolves_beneath_the_root_and_refuses_symlinks(tmp_path: Path)
     assert safepath.resolve_image(str(tmp_path), "a/b/x.sif", what="t").dir_private is False
 
 
-@pytest.mark.parametrize("phase, ready, failed, stalled", [
-    ("Running", ("False", "Running"), ("False", "Running"), None),
-    ("Succeeded", ("True", "Succeeded"), ("False", "Succeeded"), None),
-    ("Failed", ("False", "Failed"), ("True", "InvalidSpec"), ("True", "InvalidSpec")),
+@pytest.mark.parametrize("phase, ready, failed, stalled, reconciled", [
+    ("Running", ("False", "Running"), ("False", "Running"), None, ("False", "Running")),
+    ("Succeeded", ("True", "Succeeded"), ("False", "Succeeded"), None, ("False", "Succeeded")),
+    ("Failed", ("False", "Failed"), ("True", "InvalidSpec"), ("True", "InvalidSpec"), ("False", "Failed")),
 ])
-def test_summary_conditions(phase: str, ready: tuple, failed: tuple, stalled: tuple | None) -> None:
+def test_summary_conditions(phase: str, ready: tuple, failed: tuple, stalled: tuple | None,
+                            reconciled: tuple) -> None:
     base = status.failed({}, reason="InvalidSpec", message="bad", generation=3, now=NOW) if phase == "Failed" else \
         {"phase": phase, "conditions": [{"type": "Stalled", "status": "True", "reason": "Old", "message": "",
                                          "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
@@ -410,9 +411,29 @@ def test_summary_conditions(phase: str, ready: tuple, failed: tuple, stalled: tu
     assert (by_type["Complete"]["status"], by_type["Complete"]["reason"]) == ready
     assert (by_type["Failed"]["status"], by_type["Failed"]["reason"]) == failed
     assert ((by_type["Stalled"]["status"], by_type["Stalled"]["reason"]) if "Stalled" in by_type else None) == stalled
+    assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == reconciled
     assert out["observedGeneration"] == 3 and all(c["observedGeneration"] == 3 for c in out["conditions"]
                                                   if c["type"] != "Stalled" or stalled)
     assert [c["type"] for c in out["conditions"]][:2] == ["Ready", "Complete"]
+
+
+def test_summary_keeps_the_reconcile_result_and_follows_the_phase_until_then() -> None:
+    """Reconciled is False with the phase as reason from the first status write on (so
+    `kubectl wait --for=condition=Reconciled` has something to watch), and once the
+    reconcile set it, later writes (drift checks, the terminal phase) keep its verdict."""
+    running = status.summarize({}, {"phase": "Running", "conditions": []}, generation=1, now=NOW)
+    reconciling = status.summarize(running, {"phase": "Reconciling"}, generation=1, now=NOW)
+    assert builders.condition_of(reconciling, "Reconciled")["reason"] == "Reconciling"
+    done = status.reconciled({**reconciling, "jobResult": "Succeeded", "overlayDigestBefore": "sha256:aa"},
+                             action="reconciled", replayed=False, digest_after="sha256:bb", manifest_digest=None,
+                             generation=1, now=LATER)
+    out = status.summarize(reconciling, done, generation=1, now=LATER)
+    rec = builders.condition_of(out, "Reconciled")
+    assert (rec["status"], rec["reason"], rec["lastTransitionTime"]) == ("True", "OverlayChanged", "2026-11-28T09:35:15Z")
+    drifted = status.summarize(out, status.drift(out, state="modified", recorded="sha256:bb", actual=None,
+                                                 generation=2, now=LATER), generation=2, now=LATER)
+    rec = builders.condition_of(drifted, "Reconciled")
+    assert (rec["status"], rec["reason"], rec["observedGeneration"]) == ("True", "OverlayChanged", 2)
 
 
 def test_lock_table_is_pruned_when_free() -> None:

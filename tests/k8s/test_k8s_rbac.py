@@ -77,8 +77,7 @@ def drive_lifecycle(site: Site, cluster: Cluster, vectors: Path) -> None:
         cluster.wait_phase("queued", "Running")
         cluster.kube.custom.delete_namespaced_custom_object(wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, "queued")
         wait_for("queued gone", lambda: cluster.get("queued") is None)
-        wait_for("audited deleted (ttlSecondsAfterFinished)",
-                 lambda: (b := cluster.get("audited")) is None or bool(b["metadata"].get("deletionTimestamp")))
+        wait_for("audited deleted (ttlSecondsAfterFinished)", lambda: cluster.get("audited") is None)
 
 
 def test_every_operator_call_is_allowed_and_every_granted_verb_is_used(
