@@ -67,6 +67,7 @@ __all__ = [
     "acquire_shared",
     "break_stale",
     "boot_id",
+    "held_here",
     "held_lock_fd",
     "inspect",
     "lease_path",
@@ -167,9 +168,11 @@ class Lease:
         """The image's identity key (the lease file's name without suffix)."""
         return os.path.basename(self.file_path).split(".", 1)[0]
 
-    def heartbeat(self, *, ttl: float | None = None) -> LeaseInfo:
+    def heartbeat(self, *, ttl: float | None = None, keeper: bool = False) -> LeaseInfo:
         """Extend the expiry: the record is rewritten (temp + rename) after checking that
-        the file under the lease name is still ours. Raises ImageBusy if it is not."""
+        the file under the lease name is still ours. Raises ImageBusy if it is not.
+        `keeper`: the calling process becomes the recorded holder (pid, start time, host,
+        boot_id): a lease keeper that outlives the acquiring process (engine/leasekeeper.py)."""
         current = read_info(self.file_path)
         if self._released or current is None or current.token != self.token:
             other = f"; {current.describe()}" if current is not None and current.token != self.token else ""
@@ -177,6 +180,10 @@ class Lease:
         now = time.time()
         new_ttl = self.info.ttl if ttl is None else float(ttl)
         record = dict(current.record, heartbeat=now, expires=now + new_ttl, ttl=new_ttl)
+        if keeper:
+            pid = os.getpid()
+            record.update(pid=pid, started=process_start_ticks(pid), host=socket.gethostname(),
+                          boot_id=boot_id(), keeper=True)
         self.info = replace_record(self.file_path, record, io=self._io)
         return self.info
 
@@ -287,7 +294,7 @@ def _try_once(
             "version": 2, **asdict(holder), "job_id": str(holder.job_id), "acquired": now,
             "heartbeat": now, "expires": now + ttl, "ttl": float(ttl), "boot_id": boot_id(),
             "mode": mode, "token": secrets.token_hex(16), "region": list(region), "image": image,
-            "key": key, "dev": st.st_dev, "ino": st.st_ino, "byte_lock": locked,
+            "key": key, "dev": st.st_dev, "ino": st.st_ino, "byte_lock": locked, "grace": float(grace),
         }
         if exclusive:
             file_path = _create_writer_file(image, targets, record, grace, io)
@@ -381,10 +388,22 @@ def resume(image_path: str | os.PathLike[str] | None, job_id: str, *, io: FileIO
            image_fd: int | None = None, key: str | None = None, state_dir: str | None = None) -> Lease | None:
     """The lease of `job_id` on the image as a `Lease` object, for a process other than
     the one that acquired it (Slurm: Prolog acquires, Epilog releases: by `key`, without
-    touching the image path). Holds no byte-range lock. None when the job holds none."""
+    touching the image path). Holds no byte-range lock. None when the job holds none
+    HERE: the record must name this host and this boot (boot_id). A job id alone is not
+    enough: the other nodes of a multi-node job, or a requeued run on another node (or
+    after a reboot), share the id and must not take over this lease (issue 13)."""
     target = lease_path(image_path, fd=image_fd, key=key, state_dir=state_dir)
     image = os.fspath(image_path) if image_path is not None else target
     for info in (read_info(target), *reader_infos(target)):
-        if info is not None and info.job_id == str(job_id):
+        if info is not None and info.job_id == str(job_id) and held_here(info):
             return Lease(str(info.record.get("image", image)), info, info.path, None, io)
     return None
+
+
+def held_here(info: LeaseInfo) -> bool:
+    """The record was written on this host during this boot (a missing boot_id on either
+    side, e.g. no /proc, compares by host name alone)."""
+    if info.host != socket.gethostname():
+        return False
+    here = boot_id()
+    return info.boot_id is None or here is None or info.boot_id == here

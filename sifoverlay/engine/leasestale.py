@@ -2,10 +2,15 @@
 
 Stale rule (a lease may be broken only when ALL of this holds):
   1. it is expired: ``now > heartbeat + ttl``; and
-  2. on the same host (same host name): the holder process is gone — its pid does not
-     exist, or exists with another start time (pid reuse), or the boot_id differs (the
-     node rebooted); on another host: it is expired by more than ``grace`` seconds,
-     because we cannot see that host's processes (it may only be partitioned).
+  2. on the same host (same host name) and the same boot (boot_id): the holder process
+     is gone — its pid does not exist, or exists with another start time (pid reuse);
+     same host name but another boot_id: the node rebooted, the holder is gone; on
+     another host: it is expired by more than ``grace`` seconds (the larger of the
+     caller's grace and the grace the record itself announces, so a breaker configured
+     with a shorter grace never cuts into the holder's keeper's margin), because we
+     cannot see that host's processes (it may only be partitioned or frozen). A pid is
+     never judged alone: on a cluster whose nodes share a pid space (containers, the
+     multi-node test bed) a pid of another host says nothing.
   An unreadable/torn lease file is judged by its mtime as if it were the heartbeat.
 
 Breaking renames the file to a unique tomb name (only one breaker can win that rename),
@@ -34,10 +39,23 @@ def holder_alive(info: LeaseInfo, *, grace: float = DEFAULT_GRACE, now: float | 
     if now <= info.expires:
         return True
     if info.host != socket.gethostname():
-        return now <= info.expires + grace
+        return now <= info.expires + max(grace, record_grace(info))
     if info.boot_id is not None and info.boot_id != procs.boot_id():
         return False
     return procs.process_alive(info.pid, info.started)
+
+
+def record_grace(info: LeaseInfo) -> float:
+    """The grace the holder announced in its record (its keeper fences by it), 0 if none."""
+    try:
+        return max(0.0, float(info.record.get("grace", 0.0)))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def breakable_at(info: LeaseInfo, *, grace: float = DEFAULT_GRACE) -> float:
+    """Wall-clock time from which another host may break the lease (expiry + grace)."""
+    return info.expires + max(grace, record_grace(info))
 
 
 def break_file(path: str, inode: int, *, io: FileIO = REAL_IO) -> bool:

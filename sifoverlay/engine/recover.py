@@ -115,6 +115,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_gone(entry: Entry) -> bool:
+    """The writer of a void (torn INTENT) entry is gone. Its op id names its host: on this
+    host, by its pid; on another host (a shared journal directory) a pid says nothing, so
+    by age: an INTENT is written in milliseconds, one older than a lease's ttl + grace
+    belongs to a dead writer."""
+    from .leasefile import DEFAULT_GRACE, DEFAULT_TTL
+
+    parts = entry.op_id.split("-")
+    if len(parts) >= 4 and parts[-3] != _host():
+        import time
+
+        return time.time() - entry.mtime > DEFAULT_TTL + DEFAULT_GRACE
+    return entry.owner_pid is None or not pid_alive(entry.owner_pid)
+
+
 def _open_for_recovery(image: str, intent_dev: int, intent_ino: int, io: FileIO) -> int:
     """The journalled image, opened checked (statedir.open_image_checked: no symlink, only
     a regular file, O_NONBLOCK) and verified to be the inode the journal recorded."""
@@ -215,7 +230,9 @@ def exclusive(
 
     held = None
     current = lease.inspect(image, image_fd=image_fd)
-    if job is None or current is None or current.job_id != str(job):
+    # Inside the job's own lease only when it was taken here (same host and boot): a job id
+    # alone would let another node, or a later boot, write under a live holder's lease.
+    if job is None or current is None or current.job_id != str(job) or not lease.held_here(current):
         holder = lease.Holder.current(job if job is not None else f"{source}-{os.getpid()}", source)
         held = lease.acquire(image, holder, ttl=LEASE_TTL, region=region if region is not None else (0, 0), io=io,
                              image_fd=image_fd)
@@ -242,7 +259,7 @@ def recover(
         for entry in journal.pending():
             if entry.intent is not None:
                 targets.append((entry.intent.image, entry.key))
-            elif entry.owner_pid is None or not pid_alive(entry.owner_pid):
+            elif _writer_gone(entry):
                 journal.remove(entry)  # torn INTENT of a dead writer: image never touched
                 outcomes.append(RecoverOutcome("?", None, "nothing", f"void entry {os.path.basename(entry.path)} removed"))
         targets = list(dict.fromkeys(targets))

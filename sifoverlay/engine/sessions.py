@@ -5,8 +5,10 @@ A session is written when a job starts using an image (Slurm Prolog, Kubernetes 
 reconciled, lease released). Whatever is left in the directory is work for the sweeper
 (crash-safety.md R10: keyed by job id, liveness decided from Slurm/K8s state).
 
-Files are named ``<job_id>.json`` (the job id restricted to a safe character set) and
-written with `FileIO.write_file_atomic` (temp + fsync + rename + directory fsync), so a
+Files are named ``<job_id>.json`` (the job id restricted to a safe character set), or
+``<job_id>@<host>.json`` for a per-host session (`start(per_host=True)`: Slurm, where
+every node of a multi-node job has its own mounts and lease and one shared journal
+directory serves all nodes), and written with `FileIO.write_file_atomic` (temp + fsync + rename + directory fsync), so a
 reader sees either no record or a whole one.
 """
 
@@ -70,11 +72,43 @@ def sessions_dir(journal_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(journal_dir), SESSIONS_SUBDIR)
 
 
-def session_path(journal_dir: str | os.PathLike[str], job_id: str) -> str:
+def session_path(journal_dir: str | os.PathLike[str], job_id: str, *, host: str | None = None) -> str:
+    """``<job>.json``, or ``<job>@<host>.json`` for a per-host session."""
     job = str(job_id)
     if not _JOB_ID.match(job):
         raise UsageError(None, f"job id {job!r} is not usable as a session name (allowed: letters, digits, ._:@+-)")
-    return os.path.join(sessions_dir(journal_dir), f"{job}.json")
+    if host is None:
+        return os.path.join(sessions_dir(journal_dir), f"{job}.json")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in host)[:64] or "host"
+    return os.path.join(sessions_dir(journal_dir), f"{job}@{safe}.json")
+
+
+def _find(journal_dir: str | os.PathLike[str], job_id: str, host: str | None) -> tuple[str, Session] | None:
+    """The open session of `job_id` and its file. `host` given: that host's per-host
+    session, else a plain one of that host. None: the plain one, else a per-host one
+    (this host's first)."""
+    import socket
+
+    plain = session_path(journal_dir, job_id)
+    candidates = [session_path(journal_dir, job_id, host=host), plain] if host is not None else [plain]
+    if host is None:
+        here = session_path(journal_dir, job_id, host=socket.gethostname())
+        prefix = f"{job_id}@"
+        try:
+            names = sorted(n for n in os.listdir(sessions_dir(journal_dir))
+                           if n.startswith(prefix) and n.endswith(".json"))
+        except FileNotFoundError:
+            names = []
+        candidates += [here] + [os.path.join(sessions_dir(journal_dir), n) for n in names]
+    for path in candidates:
+        try:
+            session = Session.from_json(_read_regular(path), path)
+        except FileNotFoundError:
+            continue
+        if host is not None and path == plain and session.host != host:
+            continue
+        return path, session
+    return None
 
 
 def start(
@@ -88,14 +122,16 @@ def start(
     source: str,
     details: dict[str, Any] | None = None,
     io: FileIO = REAL_IO,
+    per_host: bool = False,
 ) -> Session:
     """Durably record that `job_id` uses `image`. A requeued job (same id, same image)
-    replaces its old record; an open session of the same id on another image is refused."""
+    replaces its old record; an open session of the same id on another image is refused.
+    `per_host`: one record per (job, host) (see the module docstring)."""
     if mode not in _MODES:
         raise UsageError(None, f"session mode must be one of {', '.join(_MODES)}, not {mode!r}")
-    path = session_path(journal_dir, job_id)
+    path = session_path(journal_dir, job_id, host=host if per_host else None)
     image_path = os.path.abspath(os.fspath(image))
-    existing = load(journal_dir, job_id)
+    existing = load(journal_dir, job_id, host=host if per_host else None)
     if existing is not None:
         if existing.image != image_path:
             raise JournalError(path, f"job {job_id} already has an open session on {existing.image}")
@@ -109,14 +145,15 @@ def start(
     return session
 
 
-def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io: FileIO = REAL_IO) -> Session | None:
-    """Close the session of `job_id`: its record is removed (durably) and returned with
-    `finished`/`result` filled in. None (not an error) when there is no open session, so
-    an Epilog and a sweeper may both call it."""
-    session = load(journal_dir, job_id)
-    if session is None:
+def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io: FileIO = REAL_IO,
+           host: str | None = None) -> Session | None:
+    """Close the session of `job_id` (on `host`, see `load`): its record is removed
+    (durably) and returned with `finished`/`result` filled in. None (not an error) when
+    there is no open session, so an Epilog and a sweeper may both call it."""
+    found = _find(journal_dir, job_id, host)
+    if found is None:
         return None
-    path = session_path(journal_dir, job_id)
+    path, session = found
     try:
         io.unlink(path)
     except FileNotFoundError:
@@ -126,13 +163,10 @@ def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io:
     return Session(**{**_fields(session), "finished": time.time(), "result": str(result)})
 
 
-def load(journal_dir: str | os.PathLike[str], job_id: str) -> Session | None:
-    path = session_path(journal_dir, job_id)
-    try:
-        raw = _read_regular(path)
-    except FileNotFoundError:
-        return None
-    return Session.from_json(raw, path)
+def load(journal_dir: str | os.PathLike[str], job_id: str, *, host: str | None = None) -> Session | None:
+    """The open session of `job_id`; with `host`, the one of that host (see `_find`)."""
+    found = _find(journal_dir, job_id, host)
+    return None if found is None else found[1]
 
 
 def _read_regular(path: str) -> bytes:

@@ -32,6 +32,8 @@ _MODES: Final = ("rw", "ro")
 _MOUNTS: Final = ("fuse", "kernel")
 DEFAULT_MAX_OVERLAY: Final = 256 << 30
 DEFAULT_HASH_DEADLINE: Final = 600.0
+DEFAULT_LEASE_TTL: Final = 180.0  # seconds a Slurm lease lives without its keeper's heartbeat
+DEFAULT_LEASE_GRACE: Final = 120.0  # then seconds before another node may break it
 _UNITS: Final = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -57,6 +59,8 @@ class SlurmConfig:
     state_dir: str = "/var/lib/sifoverlay"  # root's lease records + scratch (engine/statedir.py)
     max_overlay: int = DEFAULT_MAX_OVERLAY  # bytes; bigger overlay regions are refused at Prolog
     hash_deadline: float = DEFAULT_HASH_DEADLINE  # seconds the Epilog may hash; then the sweeper
+    lease_ttl: float = DEFAULT_LEASE_TTL  # docs/slurm.md "Leases, heartbeats and fencing"
+    lease_grace: float = DEFAULT_LEASE_GRACE
     source: str = "<defaults>"  # where the values came from, for messages
 
     @property
@@ -105,12 +109,21 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             config = replace(config, max_overlay=parse_size(key, value, source))
         elif key == "hash_deadline":
             config = replace(config, hash_deadline=float(parse_size(key, value, source, units=False)))
+        elif key in ("lease_ttl", "lease_grace"):
+            config = replace(config, **{key: float(parse_size(key, value, source, units=False))})
         elif key == "mount":
             if value not in _MOUNTS:
                 raise UsageError(source, f"plugstack: mount={value}: expected fuse or kernel")
             config = replace(config, mount=value)
         else:
             raise UsageError(source, f"plugstack: unknown key '{key}'")
+    given = {arg.partition("=")[0] for arg in args}
+    if "state_dir" in given and "journal_dir" not in given:
+        # The journal lives beside the leases (issue 13): on a state directory shared by
+        # all nodes, any node can finish or roll back an interrupted commit.
+        config = replace(config, journal_dir=os.path.join(config.state_dir, "journal"))
+    if config.lease_ttl <= 3 * 0.5:
+        raise UsageError(source, f"plugstack: lease_ttl={config.lease_ttl:g}: must be at least 2 seconds")
     return config
 
 

@@ -34,7 +34,8 @@ from . import records
 from .authorize import verify_unchanged
 from .config import SlurmConfig
 
-__all__ = ["DEFAULT_TEXTFILE_DIR", "ENV_TEXTFILE_DIR", "JobEndOutcome", "finish_job", "metrics_dir", "record_event"]
+__all__ = ["DEFAULT_TEXTFILE_DIR", "ENV_TEXTFILE_DIR", "JobEndOutcome", "finish_foreign", "finish_job", "metrics_dir",
+           "record_event"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def record_event(directory: str | None, op: str, outcome: Any, *, seconds: float
 class JobEndOutcome:
     job_id: str
     image: str | None
-    result: str  # "reconciled" | "noop" | "released" | "refused" | "image-missing" | "nothing" | "failed"
+    result: str  # "reconciled" | "noop" | "released" | "fenced" | "refused" | "image-missing" | "nothing" | "failed"
     step: str  # the last step attempted
     detail: str = ""
     new_digest: str | None = None
@@ -86,25 +87,32 @@ class JobEndOutcome:
 
 
 def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None = None,
-               io: FileIO = REAL_IO) -> JobEndOutcome:
-    """Steps 1-5 for `job_id`; `reason` ("epilog", "sweeper") goes into the logs. The sync
-    is counted in `textfile_dir` (None: `metrics_dir()`). Lease records: the configured
-    root state directory (plugstack state_dir=)."""
+               io: FileIO = REAL_IO, host: str | None = None) -> JobEndOutcome:
+    """Steps 1-5 for `job_id` on `host` (None: this node); `reason` ("epilog", "sweeper")
+    goes into the logs. The sync is counted in `textfile_dir` (None: `metrics_dir()`).
+    Lease records: the configured root state directory (plugstack state_dir=). For another
+    host's session (the cluster sweeper, after that host's lease was found stale and
+    broken: sweeper.py) there is nothing to tear down here and the sync takes a lease of
+    its own."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
-        return _finish_job(job_id, config, reason=reason, textfile_dir=textfile_dir, io=io)
+        return _finish_job(job_id, config, reason=reason, textfile_dir=textfile_dir, io=io, host=host)
 
 
 def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None,
-                io: FileIO) -> JobEndOutcome:
+                io: FileIO, host: str | None = None) -> JobEndOutcome:
+    import socket
+
     from sifoverlay.engine import sessions
 
     textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
 
     start = time.monotonic()
-    session = sessions.load(config.journal_dir, job_id)
-    record = records.read(config.records_dir, job_id)
+    host = host or socket.gethostname()
+    local = host == socket.gethostname()
+    session = sessions.load(config.journal_dir, job_id, host=host)
+    record = records.read(config.records_dir, job_id) if local else None
 
     def outcome(result: str, step: str, detail: str = "", digest: str | None = None) -> JobEndOutcome:
         image = session.image if session is not None else (record.image if record else None)
@@ -114,6 +122,8 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
         return done
 
     if session is None:
+        if not local:
+            return outcome("nothing", "session", f"no open session of host {host}")
         _teardown_quietly(job_id, config)
         records.remove(config.records_dir, job_id, io=io)
         if record is not None and record.status == "refused":
@@ -124,9 +134,17 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
     try:
         from sifoverlay import runtime
 
-        runtime.teardown(job_id, base_dir=config.mounts_dir)
+        if local:
+            runtime.teardown(job_id, base_dir=config.mounts_dir)
         result, digest = "released", None
-        if not os.path.lexists(session.image):
+        fenced = _lost_lease(session, config) if local else None
+        if fenced is not None:
+            # Our lease was broken (this node was frozen or cut off past expiry + grace) and
+            # the keeper fenced the job: the image may belong to another job by now. Its
+            # writes since the last commit are lost; touching the image would corrupt it.
+            log.error("job %s: its lease on %s was lost (%s): not reconciled here", job_id, session.image, fenced)
+            result = "fenced"
+        elif not os.path.lexists(session.image):
             # Deleted while the job ran (or since): nothing left to reconcile, and keeping
             # the session would make every sweep fail forever.
             log.error("job %s: image %s no longer exists: closing its session", job_id, session.image)
@@ -143,14 +161,17 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
             deadline = time.monotonic() + config.hash_deadline if reason == "epilog" else None
             gid = session.details.get("gid")
             as_user = (session.uid, int(gid)) if gid is not None else None
-            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline, as_user)
+            synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline, as_user,
+                                   who=_job_who(job_id, session.uid, reason))
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
-        _release_lease(session.image, job_id, io, session.details.get("key"), config.state_dir)
+        if local:
+            _release_lease(session.image, job_id, io, session.details.get("key"), config.state_dir)
         step = "session"
-        sessions.finish(config.journal_dir, job_id, result, io=io)
+        sessions.finish(config.journal_dir, job_id, result, io=io, host=host)
         step = "record"
-        records.remove(config.records_dir, job_id, io=io)
+        if local:
+            records.remove(config.records_dir, job_id, io=io)
         return outcome(result, step, digest=digest)
     except SifOverlayError as exc:
         return outcome("failed", step, exc.message())
@@ -159,10 +180,58 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
         return outcome("failed", step, f"{type(exc).__name__}: {exc}")
 
 
+def finish_foreign(session: Any, config: SlurmConfig, *, textfile_dir: str | None = None,
+                   io: FileIO = REAL_IO) -> JobEndOutcome:
+    """The job end of ANOTHER host's session, run by the cluster sweeper after it found that
+    host's lease stale by its heartbeat and broke it (sweeper.py): recover the image's
+    interrupted operations from the shared journal and reconcile it under a lease of this
+    node (engine.sync takes it: the dead holder's is gone), then close the session. There
+    is nothing to tear down or release here: the mounts and keeper died with their node."""
+    from sifoverlay.engine import sessions, statedir
+
+    textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
+    start = time.monotonic()
+    step, result, digest = "verify", "released", None
+    try:
+        with statedir.using(config.state_dir):
+            if not os.path.lexists(session.image):
+                result = "image-missing"
+            elif session.mode == "rw":
+                dev, ino = session.details.get("dev"), session.details.get("ino")
+                identity = (int(dev), int(ino)) if dev is not None and ino is not None else None
+                if identity is not None:
+                    verify_unchanged(session.image, *identity)
+                step = "sync"
+                gid = session.details.get("gid")
+                as_user = (session.uid, int(gid)) if gid is not None else None
+                synced = _counted_sync(session.image, session.job_id, config, textfile_dir, io, identity, None,
+                                       as_user)
+                result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
+            step = "session"
+            sessions.finish(config.journal_dir, session.job_id, f"{result} by {_here()} for {session.host}",
+                            io=io, host=session.host)
+    except SifOverlayError as exc:
+        result, detail = "failed", exc.message()
+    except Exception as exc:  # noqa: BLE001 - a sweep goes on
+        log.exception("job %s (host %s): %s failed", session.job_id, session.host, step)
+        result, detail = "failed", f"{type(exc).__name__}: {exc}"
+    else:
+        detail = f"taken over from host {session.host}"
+    (log.error if result == "failed" else log.warning)("job %s of host %s: %s at step %s: %s", session.job_id,
+                                                        session.host, result, step, detail)
+    return JobEndOutcome(session.job_id, session.image, result, step, detail, digest, time.monotonic() - start)
+
+
+def _here() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _counted_sync(
     image: str, job_id: str, config: SlurmConfig, textfile_dir: str | None, io: FileIO,
     identity: tuple[int, int] | None = None, deadline: float | None = None,
-    as_user: tuple[int, int] | None = None,
+    as_user: tuple[int, int] | None = None, who: Any = None,
 ) -> Any:
     """engine.sync inside the job's lease, its result or exception counted (op "sync").
     `identity`: the inode the Prolog authorized; the engine re-checks it on its own fd, which
@@ -172,12 +241,20 @@ def _counted_sync(
     began = time.monotonic()
     try:
         synced = engine.sync(image, job=job_id, journal_dir=config.journal_dir, io=io, expect_identity=identity,
-                             deadline=deadline, max_bytes=config.max_overlay, as_user=as_user)
+                             deadline=deadline, max_bytes=config.max_overlay, as_user=as_user,
+                             who=who, op="recover" if who is not None and who.via == "sweeper" else "sync")
     except Exception as exc:
         record_event(textfile_dir, "sync", exc, seconds=time.monotonic() - began)
         raise
     record_event(textfile_dir, "sync", synced)  # its own .seconds is the duration
     return synced
+
+
+def _job_who(job_id: str, uid: int, reason: str) -> Any:
+    """The revision's who (issue 18): job, cluster, user, node, exit state."""
+    from .jobwho import who_for_job
+
+    return who_for_job(job_id, uid, reason=reason)
 
 
 def _release_lease(image: str, job_id: str, io: FileIO, key: str | None = None, state_dir: str | None = None) -> None:
@@ -195,7 +272,30 @@ def _release_lease(image: str, job_id: str, io: FileIO, key: str | None = None, 
     if held is None:
         log.info("job %s: no lease of its own on %s (already released)", job_id, image)
         return
+    from . import keeper
+
+    keeper.stop(held.info)  # before the release: a keeper that saw its record vanish would fence
     held.release()
+
+
+def _lost_lease(session: Any, config: SlurmConfig) -> str | None:
+    """Why the job's lease is no longer its own (broken or retaken since the Prolog took
+    it), or None. Sessions of older Prologs carry no token: never judged lost."""
+    from sifoverlay.engine import lease
+
+    token, key = session.details.get("token"), session.details.get("key")
+    if not token or not key:
+        return None
+    try:
+        current = [lease.inspect(key=str(key), state_dir=config.state_dir),
+                   *lease.readers(key=str(key), state_dir=config.state_dir)]
+    except OSError as exc:
+        log.warning("job %s: cannot read its lease: %s", session.job_id, exc)
+        return None
+    if any(info is not None and info.token == token for info in current):
+        return None
+    holder = current[0]
+    return f"now held by {holder.describe()}" if holder is not None else "the lease record is gone"
 
 
 def _teardown_quietly(job_id: str, config: SlurmConfig) -> None:

@@ -5,10 +5,11 @@ Runs as root on the node, with no PATH. For a job submitted with --oci-sif-overl
 
 1. authorize as the job's user (the uid must be able to write the image for rw, read it
    for ro; O_NOFOLLOW; inside the image roots) — `authorize.authorize`;
-2. take the lease with the job as holder (writer for rw, reader for ro);
+2. take the lease with the job as holder (writer for rw, reader for ro), TTL lease_ttl;
 3. check the path still names the inode that was authorized (symlink/rename swap);
-4. record the job session in the journal directory (what the Epilog and the sweeper
-   reconcile);
+4. record the job session (one per job and node) in the journal directory (what the
+   Epilog and the sweeper reconcile), and start the job's lease keeper (slurm/keeper.py:
+   heartbeat while the job runs, fencing when the lease is lost);
 5. rw only: if the ext3 was left dirty by an earlier crash, reconcile it first
    (engine.sync replays the ext3 journal with e2fsck in userspace and records the digest);
 6. assemble the rootfs with sifoverlay.runtime (FUSE mounts as the job's user by
@@ -41,10 +42,10 @@ __all__ = ["LEASE_TTL", "main", "prepare"]
 
 log = logging.getLogger(__name__)
 
-# Slurm, not the lease clock, decides when a job is over: the Epilog or the sweeper
-# (which asks slurmctld) releases the lease. A short TTL would let another job break
-# the lease of a long-running one.
-LEASE_TTL: Final = 365 * 24 * 3600.0
+# The lease lives lease_ttl seconds (plugstack, default 3 minutes) past its last
+# heartbeat; the job's keeper (slurm/keeper.py) renews it while the job runs, the job end
+# releases it. Kept for older callers: the default TTL.
+LEASE_TTL: Final = 180.0
 
 
 def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> Any:
@@ -53,17 +54,35 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
     holder = lease.Holder(socket.gethostname(), os.getpid(), job.job_id, "slurm", uid=job.uid)
     take = lease.acquire if job.mode == "rw" else lease.acquire_shared
     where = {"image_fd": identity.fd, "state_dir": config.state_dir}
+    timing = {"ttl": config.lease_ttl, "grace": config.lease_grace}
     try:
-        return take(identity.path, holder, ttl=LEASE_TTL, **where)
+        return take(identity.path, holder, **timing, **where)
     except ImageBusy:
-        # A requeued job (same id) whose previous run was not cleaned up yet: its lease.
+        # A requeued job (same id) whose previous run on THIS node and boot was not cleaned
+        # up yet: its lease (resume matches host and boot_id, never the job id alone).
         again = lease.resume(identity.path, job.job_id, **where)
         if again is not None:
             log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
             return again
         if not _finish_dead_holders(identity, config):
             raise
-    return take(identity.path, holder, ttl=LEASE_TTL, **where)
+    return take(identity.path, holder, **timing, **where)
+
+
+def _start_keeper(held: Any, identity: ImageIdentity, job: JobEnv, config: SlurmConfig, key: str) -> None:
+    """The job's lease keeper (heartbeat + fencing), unless one already keeps this lease
+    (a requeue on this node reusing it)."""
+    from sifoverlay.engine import procs
+
+    from . import keeper
+
+    info = held.info
+    if info.record.get("keeper") and procs.process_alive(info.pid, info.started):
+        return
+    keeper.start(job_id=job.job_id, key=key, token=held.token, image=identity.path, dev=identity.dev,
+                 ino=identity.ino, state_dir=config.state_dir, journal_dir=config.journal_dir,
+                 mounts_dir=config.mounts_dir, ttl=config.lease_ttl, grace=config.lease_grace,
+                 host=socket.gethostname())
 
 
 def _finish_dead_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
@@ -157,15 +176,19 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
     try:
         held = _take_lease(identity, job, config)
         started = assembled = False
+        host = socket.gethostname()
         try:
             verify_unchanged(image, identity.dev, identity.ino)
             _check_image(identity, writable, config)
-            sessions.start(config.journal_dir, job.job_id, image, mode=job.mode, host=socket.gethostname(),
-                           uid=job.uid, source="slurm", io=io,
+            key = statedir.identity_key(identity.fd)
+            sessions.start(config.journal_dir, job.job_id, image, mode=job.mode, host=host,
+                           uid=job.uid, source="slurm", io=io, per_host=True,
                            details={"dev": identity.dev, "ino": identity.ino, "gid": job.gid,
-                                    "user": job.user, "mount": config.mount,
-                                    "key": statedir.identity_key(identity.fd), "state_dir": config.state_dir})
+                                    "user": job.user, "mount": config.mount, "token": held.token,
+                                    "key": key, "state_dir": config.state_dir})
             started = True
+            # Before anything is mounted: the keeper's pid is older than the FUSE daemons'.
+            _start_keeper(held, identity, job, config, key)
             if writable:
                 _reconcile_if_dirty(identity, job, config)
             # The runtime mounts through our authorized fd (no path lookup after the check)
@@ -183,13 +206,23 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
             if assembled:
                 _quietly(runtime.teardown, job.job_id, base_dir=config.mounts_dir)
             if started:
-                _quietly(sessions.finish, config.journal_dir, job.job_id, "refused", io=io)
+                _quietly(sessions.finish, config.journal_dir, job.job_id, "refused", io=io, host=host)
+            from . import keeper
+
+            _quietly(keeper.stop, _current(held))
             _quietly(held.release)
             raise
     finally:
         identity.close()
     log.info("job %s: %s ready (%s) at %s", job.job_id, image, job.mode, path)
     return path
+
+
+def _current(held: Any) -> Any:
+    """The lease record as it is now (the keeper has rewritten it as holder)."""
+    from sifoverlay.engine.leasefile import read_info
+
+    return read_info(held.file_path)
 
 
 def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:

@@ -16,6 +16,17 @@ is stale by the engine's rule (holder gone, expired) is broken, so the next job 
 does not have to. Metrics (events textfile of `jobend.metrics_dir()`, or --textfile-dir):
 every sync (jobend), every stale lease broken, and the outcomes of `recover --slurm`.
 
+Cluster sweep (issue 13; the state directory, with leases, journal and sessions, is
+shared by all nodes): the sessions of OTHER hosts are looked at too, from the controller
+or any node. Such a session is taken over only when BOTH hold: slurmctld says its job is
+over or its node is DOWN (Slurm's opinion: a cut-off node's job is NODE_FAIL while it
+still runs), AND the lease of that job on that host is stale by its own heartbeat
+(engine/leasestale.py: expired + grace; the holder's keeper renews it while the node
+lives, even cut off from the controller). Then the stale lease is broken and the image is
+recovered from the shared journal and reconciled under this node's lease
+(`jobend.finish_foreign`), and the session closed. A live heartbeat always wins: the
+node that holds it ends the job itself once it is back (exactly one job end).
+
 Run it from a systemd timer (slurm_plugin/systemd/) and once at slurmd start.
 Exit status: 0 when nothing failed, 1 otherwise.
 """
@@ -27,6 +38,8 @@ import json
 import logging
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
@@ -88,15 +101,93 @@ def break_stale_lease(image: str, textfile_dir: str | None) -> bool:
 
 
 def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None,
-          textfile_dir: str | None = None) -> SweepReport:
-    """Finish this host's Slurm jobs that are over; `textfile_dir` None: `metrics_dir()`."""
+          textfile_dir: str | None = None, cluster: bool = True,
+          node_down: Callable[[str], bool | None] | None = None) -> SweepReport:
+    """Finish this host's Slurm jobs that are over, and (`cluster`) other hosts' whose
+    holder is gone (module docstring); `textfile_dir` None: `metrics_dir()`.
+    `node_down(host)`: is the node DOWN in slurmctld (None: cannot tell); default scontrol."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
-        return _sweep(config, jobstate, host=host, textfile_dir=textfile_dir)
+        return _sweep(config, jobstate, host=host, textfile_dir=textfile_dir, cluster=cluster,
+                      node_down=node_down or node_is_down)
 
 
-def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfile_dir: str | None) -> SweepReport:
+def node_is_down(node: str) -> bool | None:
+    """slurmctld's opinion of `node`: True when DOWN (or FAIL), None when unknown."""
+    import subprocess
+
+    from .jobstate import _find_tool
+
+    scontrol = _find_tool("scontrol")
+    if scontrol is None:
+        return None
+    try:
+        done = subprocess.run([scontrol, "show", "node", "-o", node], capture_output=True, text=True, timeout=20,
+                              check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    for word in done.stdout.split():
+        if word.startswith("State="):
+            flags = set(word[len("State="):].upper().replace("*", "").split("+"))
+            return bool(flags & {"DOWN", "FAIL", "FAILING", "POWERED_DOWN", "POWER_DOWN"})
+    return None
+
+
+def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report: SweepReport,
+                   textfile_dir: str | None, node_down: Callable[[str], bool | None]) -> None:
+    """Another host's session: take it over only when Slurm says its job is over or its
+    node DOWN, AND its lease's heartbeat says the holder is gone."""
+    from sifoverlay.engine import lease
+    from sifoverlay.engine.leasestale import break_file
+
+    from .jobend import finish_foreign
+
+    job, key, token = session.job_id, session.details.get("key"), session.details.get("token")
+    if not key:
+        report.skipped.append((job, f"session of host {session.host} without a lease key (older Prolog)"))
+        return
+    try:
+        held = [lease.inspect(key=str(key), state_dir=config.state_dir),
+                *lease.readers(key=str(key), state_dir=config.state_dir)]
+    except OSError as exc:
+        report.skipped.append((job, f"lease unreadable: {exc}"))
+        return
+    mine = next((h for h in held if h is not None and (h.token == token if token else
+                                                        (h.job_id == job and h.host == session.host))), None)
+    if mine is not None and mine.is_alive(grace=config.lease_grace):
+        report.skipped.append((job, f"host {session.host} still heartbeats its lease "
+                                    f"({time.time() - mine.heartbeat:.1f} s ago)"))
+        return
+    over = jobstate.is_alive(job) is False
+    down = node_down(session.host) is True if not over else False
+    if not (over or down):
+        report.skipped.append((job, f"lease of host {session.host} is stale but Slurm says job and node live"))
+        return
+    if mine is None:
+        # Nobody holds it for this job any more (broken by a job that took over, or released
+        # by its node's Epilog just now): the image is not ours to reconcile. Close the session.
+        from sifoverlay.engine import sessions
+
+        sessions.finish(config.journal_dir, job, f"superseded (lease gone), closed by {socket.gethostname()}",
+                        host=session.host)
+        report.outcomes.append(JobEndOutcome(job, session.image, "fenced", "lease",
+                                             f"host {session.host}: lease already gone; session closed"))
+        return
+    log.warning("job %s: host %s is gone (Slurm: %s; heartbeat %.1f s ago): taking over %s", job, session.host,
+                "job over" if over else "node DOWN", time.time() - mine.heartbeat, session.image)
+    if not break_file(mine.path, mine.inode):
+        report.skipped.append((job, "the stale lease changed while breaking it (renewed?)"))
+        return
+    record_event(textfile_dir, "break-stale", True)
+    report.stale_broken.append(session.image)
+    report.outcomes.append(finish_foreign(session, config, textfile_dir=textfile_dir))
+
+
+def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfile_dir: str | None,
+           cluster: bool = True, node_down: Callable[[str], bool | None] = node_is_down) -> SweepReport:
     from sifoverlay.engine import sessions
 
     host = host or socket.gethostname()
@@ -109,7 +200,10 @@ def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfil
             report.skipped.append((session.job_id, f"source {session.source}"))
             continue
         if session.host != host:
-            report.skipped.append((session.job_id, f"session of host {session.host}"))
+            if cluster:
+                _sweep_foreign(session, config, jobstate, report, textfile_dir, node_down)
+            else:
+                report.skipped.append((session.job_id, f"session of host {session.host}"))
             continue
         alive = jobstate.is_alive(session.job_id)
         if alive is None:

@@ -9,7 +9,8 @@
  *   state_dir=/var/lib/sifoverlay              (root's lease/journal state, docs/security.md)
  *   max_overlay=256G                           (bytes, or K/M/G/T binary units)
  *   hash_deadline=600                          (seconds the Epilog may hash; then the sweeper)
- * The last three are used by the Python side only; they are checked here with the same
+ *   lease_ttl=180 lease_grace=120              (seconds: lease heartbeat lifetime, takeover grace)
+ * The last five are used by the Python side only; they are checked here with the same
  * rules so both halves accept exactly the same lines.
  */
 #include <errno.h>
@@ -116,7 +117,7 @@ static int parse_one(const char *arg)
 		return copy_abs_path(key, value, state_dir, sizeof(state_dir));
 	if (!strcmp(key, "max_overlay"))
 		return check_size(key, value, 1);
-	if (!strcmp(key, "hash_deadline"))
+	if (!strcmp(key, "hash_deadline") || !strcmp(key, "lease_ttl") || !strcmp(key, "lease_grace"))
 		return check_size(key, value, 0);
 	if (!strcmp(key, "sifoverlay"))
 		return copy_abs_path(key, value, sifo_config.sifoverlay, sizeof(sifo_config.sifoverlay));
