@@ -1,0 +1,73 @@
+"""Issue 18 on the real cluster: every job end records a revision in the image (job id,
+cluster, user, node, exit state), read back with `sifoverlay log --json`; a rw job is
+refused at Prolog when the overlay is too full; resize, then a job uses the new space;
+compact lowers the file's allocated blocks after a job deleted a large file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.slurm.conftest import Cluster, User, sh
+from tests.slurm.test_jobs import WRITER, assert_reconciled, outdir, progress_lines, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
+
+SIFOVERLAY = str(REPO / ".venv" / "bin" / "sifoverlay")
+
+
+def log_of(image: Path) -> list[dict]:
+    done = sh(SIFOVERLAY, "log", "--json", str(image))
+    return json.loads(done.stdout)["revisions"]
+
+
+def cluster_name() -> str:
+    found = re.search(r"^ClusterName\s*=\s*(\S+)", sh("scontrol", "show", "config").stdout, re.MULTILINE)
+    assert found
+    return found.group(1)
+
+
+def test_job_ends_are_recorded_with_job_user_node_and_exit_state(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    base = log_of(image)
+    assert [r["op"] for r in base] == ["create"]
+    ok = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                        "--wrap", "echo one > /one.txt")
+    assert cluster.wait_finished(ok) == "COMPLETED"
+    d1 = assert_reconciled(cluster, image, ok)
+    failed = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                            "--wrap", "echo two > /two.txt; exit 3")
+    assert cluster.wait_finished(failed) == "FAILED"
+    d2 = assert_reconciled(cluster, image, failed)
+    killed = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                            "--wrap", WRITER)
+    cluster.wait_state(killed, {"RUNNING"})
+    wait_for(lambda: progress_lines(cluster, killed) >= 3, what="the job to write")
+    sh("scancel", "-s", "KILL", str(killed))
+    assert cluster.wait_finished(killed) == "CANCELLED"
+    d3 = assert_reconciled(cluster, image, killed)
+
+    revisions = log_of(image)
+    print(json.dumps(revisions[:3], indent=1))
+    assert [r["seq"] for r in revisions] == [4, 3, 2, 1]
+    assert [r["op"] for r in revisions] == ["sync", "sync", "sync", "create"]
+    name = cluster_name()
+    for rev, job, old, new, state in ((revisions[2], ok, base[0]["overlay"]["new"], d1, "COMPLETED"),
+                                      (revisions[1], failed, d1, d2, "FAILED (exit 3)"),
+                                      (revisions[0], killed, d2, d3, "KILLED")):
+        assert rev["overlay"] == {"old": old, "new": new}
+        if state == "KILLED":  # slurmd ends the tasks with SIGTERM/SIGKILL: ExitCode 0:15 or 0:9
+            assert re.fullmatch(r"KILLED \(signal (9|15)\)", rev["who"]["exit_state"]), rev["who"]
+            state = rev["who"]["exit_state"]
+        assert rev["who"] == {"job_id": str(job), "cluster": name, "uid": alice.uid, "user": alice.name,
+                              "node": cluster.host, "exit_state": state, "via": "epilog"}, rev
+        assert rev["bytes_hashed"] == 64 << 20
+    assert revisions[1]["manifest"]["old"] == revisions[2]["manifest"]["new"]
+    assert revisions[0]["manifest"]["old"] == revisions[1]["manifest"]["new"]
