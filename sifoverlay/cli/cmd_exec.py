@@ -33,7 +33,20 @@ def register(sub: Any) -> None:
     parser.add_argument("--writable", "-w", action="store_true", help="mount the ext3 overlay read-write and reconcile after")
     parser.add_argument("--mount", choices=("fuse", "kernel"), default="fuse",
                         help="fuse (default: FUSE daemons as the user) or kernel (trusted images only)")
-    parser.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro]]", help="bind a host path")
+    parser.add_argument("--bind", "-B", action="append", default=[], metavar="SRC[:DST[:ro|rw]][,...]",
+                        help="bind host paths (pyxis --container-mounts syntax; repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE|NAME",
+                        help="set NAME inside (wins over everything), or keep the caller's NAME over the image's")
+    parser.add_argument("--cleanenv", "-e", action="store_true",
+                        help="start from a clean environment (only HOME, USER, TERM, LANG, LC_*, SLURM_*, ...)")
+    parser.add_argument("--pwd", "--workdir", dest="workdir", metavar="DIR",
+                        help="working directory inside (must exist; default: the current directory if it "
+                        "exists inside, else the image's WorkingDir, else /)")
+    parser.add_argument("--no-home", action="store_true", help="do not bind $HOME")
+    parser.add_argument("--no-host-files", action="store_true",
+                        help="leave the image's /etc/passwd, /etc/group, /etc/hosts and /etc/resolv.conf alone")
+    parser.add_argument("--nv", action="store_true",
+                        help="NVIDIA GPUs: bind the host driver's libraries and tools (ldconfig cache + a list)")
     parser.add_argument("--user", "-u", metavar="USER|UID|UID:GID", help="run as this user (root only)")
     parser.add_argument("--job-id", help="job id for the lease, session and runtime dir (default exec-HOST-PID)")
     parser.add_argument("--base-dir", help="runtime directory (default $SIFOVERLAY_RUNTIME_DIR or /run/sifoverlay/jobs)")
@@ -52,7 +65,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sifoverlay.errors import NotAuthorized, UsageError
-    from sifoverlay.runtime import Bind, run_embedded
+    from sifoverlay.runtime import run_embedded
+    from sifoverlay.runtime.embedded import JobOptions
+    from sifoverlay.runtime.environment import EnvOptions
+    from sifoverlay.runtime.jobview import ViewRequest, parse_binds
 
     argv = list(args.command)
     if argv and argv[0] == "--":
@@ -70,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
                                         "refused (they reach beyond the caller's rights); an admin who means it "
                                         "adds --allow-root-options")
     user = resolve_user(args.user)
-    binds = [Bind.parse(spec) for spec in args.bind]
+    here = os.getcwd()
+    binds = [b for spec in args.bind for b in parse_binds(spec, what="--bind", cwd=here)]
+    options = JobOptions(ViewRequest(home=not args.no_home, host_files=not args.no_host_files), EnvOptions.parse(args.env, clean=args.cleanenv),
+                         args.workdir, args.nv)
     outcome = run_embedded(
-        args.image, argv, user=user, writable=args.writable, mode=args.mount, binds=binds, cwd=os.getcwd(),
+        args.image, argv, user=user, writable=args.writable, mode=args.mount, binds=binds, cwd=here, options=options,
         job_id=args.job_id, base_dir=args.base_dir, journal_dir=args.journal_dir, lease_ttl=args.lease_ttl,
         lease_wait=args.wait, sync=not args.no_sync,
     )

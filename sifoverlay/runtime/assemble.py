@@ -36,7 +36,7 @@ from sifoverlay.engine.procs import process_start_ticks
 from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
 from sifoverlay.fsio import REAL_IO, FileIO
 
-from . import mounts, state, validate
+from . import jobview, mounts, state, validate
 from .state import JobState, Step
 from .validate import Region
 
@@ -70,13 +70,15 @@ class TeardownReport:
 def assemble(
     image: str | os.PathLike[str], job_id: str, *, writable: bool, mode: str = "fuse", uid: int, gid: int,
     base_dir: str | os.PathLike[str], image_fd: int | None = None, hold_fds: Sequence[int] = (),
-    io: FileIO = REAL_IO,
+    mountpoints: Sequence[tuple[str, bool]] = (), io: FileIO = REAL_IO,
 ) -> Rootfs:
     """Mount the image's layers (+ overlay) for `job_id` under ``base_dir/<job_id>/``.
 
     `image_fd`: an fd the caller already opened with O_NOFOLLOW (else the path is opened
     so). `hold_fds`: fds inherited by the ext3 FUSE daemon (fuse mode), e.g. the lease's
     OFD lock fd, so the byte-range lock lives exactly as long as the ext3 mount.
+    `mountpoints`: (path, is_dir) the job view binds onto; those the image lacks come from
+    a stub layer under the image's layers (runtime.jobview), never from the overlay.
     On any failure everything already set up is torn down before the error propagates.
     """
     path = os.path.abspath(os.fspath(image))
@@ -97,8 +99,9 @@ def assemble(
             if overlay is not None:
                 validate.prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"), uid=uid,
                                       gid=gid)
+            stub = jobview.make_stub(directory, mountpoints, io=io) if mountpoints else None
             build = _assemble_fuse if mode == "fuse" else _assemble_kernel
-            build(current, base_dir, directory, fd, layers, overlay, hold_fds, io)
+            build(current, base_dir, directory, fd, layers, overlay, hold_fds, io, stub)
         except BaseException:
             teardown(job, base_dir=base_dir, io=io)
             raise
@@ -141,7 +144,8 @@ def teardown(job_id: str, *, base_dir: str | os.PathLike[str], timeout: float = 
     if left:
         raise ExternalToolError(directory, f"still mounted after teardown: {', '.join(left)}", tool="umount",
                                 returncode=1, output_tail="")
-    _empty_scratch(os.path.join(directory, "scratch"), io)
+    for name in ("scratch", jobview.STUB_DIR, jobview.VIEW_DIR):
+        _empty_scratch(os.path.join(directory, name), io)
     removed = _remove_job_dir(directory, io)
     log.info("tore down job %s: %d unmounted, %d daemons signalled", job, len(unmounted), len(signalled))
     return TeardownReport(job, tuple(unmounted), tuple(signalled), removed)
@@ -196,7 +200,8 @@ def _opt_escape(value: str) -> str:
 
 
 def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
-                   layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+                   layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
+                   stub: str | None = None) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
     # allow_other lets root enter the job user's mounts; an unprivileged exec enters them
@@ -209,6 +214,8 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
         current = _fuse_step(current, base_dir, Step("fuse", f"layer.{number}", target),
                              ["squashfuse", "-f", "-o", opts, source, target], fds=(fd,), io=io)
         lowers.insert(0, target)  # overlay lowerdir lists the top layer first
+    if stub is not None:
+        lowers.append(stub)  # lowest: the image's own files win over the mount points
     if overlay is not None:
         target = _mountpoint(directory, "ext3", owner, io)
         opts = f"offset={overlay.offset},fakeroot{other}" + ("" if current.writable else ",ro")
@@ -230,13 +237,16 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
 
 def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
-                     layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO) -> None:
+                     layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
+                     stub: str | None = None) -> None:
     lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", None, io)
         current = _kernel_step(current, base_dir, f"layer.{number}", target, fd, layer, readonly=True,
                                fstype="squashfs", options="ro,nosuid,nodev", io=io)
         lowers.insert(0, target)
+    if stub is not None:
+        lowers.append(stub)
     if overlay is not None:
         target = _mountpoint(directory, "ext3", None, io)
         options = "rw,nosuid,nodev" if current.writable else "ro,noload,nosuid,nodev"

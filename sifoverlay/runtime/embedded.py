@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from sifoverlay.errors import BadInput, NotAuthorized, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
+from . import environment, jobview
 from .assemble import assemble, teardown
 from .execute import Bind, StartError, exec_in
 
@@ -59,6 +60,33 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class JobOptions:
+    """The job environment options (runtime.jobview, runtime.environment, runtime.gpu)."""
+
+    view: jobview.ViewRequest = jobview.ViewRequest()
+    env: environment.EnvOptions = environment.EnvOptions()
+    workdir: str | None = None  # required inside; None: cwd, else the image's WorkingDir, else /
+    gpu: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    env: tuple[tuple[str, str], ...]
+    workdir: str | None
+
+    @classmethod
+    def of(cls, config: object) -> ImageSettings:
+        """From the OCI image config JSON (its "config" object: Env, WorkingDir)."""
+        inner = config.get("config") if isinstance(config, dict) else None
+        inner = inner if isinstance(inner, dict) else {}
+        raw = inner.get("Env")
+        entries: list[str] = [e for e in raw if isinstance(e, str)] if isinstance(raw, list) else []
+        workdir = inner.get("WorkingDir")
+        return cls(tuple(environment.image_env(entries)),
+                   workdir if isinstance(workdir, str) and workdir.startswith("/") else None)
+
+
+@dataclass(frozen=True, slots=True)
 class ExecOutcome:
     returncode: int
     job_id: str
@@ -71,7 +99,7 @@ def run_embedded(
     binds: Sequence[Bind] = (), cwd: str | None = None, env: Mapping[str, str] | None = None,
     job_id: str | None = None, base_dir: str | None = None, journal_dir: str | None = None,
     lease_ttl: float = DEFAULT_LEASE_TTL, lease_wait: float | None = None, sync: bool = True,
-    io: FileIO = REAL_IO,
+    options: JobOptions | None = None, io: FileIO = REAL_IO,
 ) -> ExecOutcome:
     from sifoverlay.engine import lease, sessions
     from sifoverlay.engine.procs import boot_id, process_start_ticks
@@ -95,6 +123,7 @@ def run_embedded(
     try:
         with SifFile.from_fd(os.dup(fd), path) as sif, open_image(sif) as img:
             region = (img.overlay.offset, img.overlay.size) if img.overlay is not None else (0, 0)
+            settings = ImageSettings.of(img.config.json)
         take = lease.acquire if writable else lease.acquire_shared
         held = take(path, lease.Holder.current(job, "cli"), ttl=lease_ttl, wait=lease_wait, region=region,
                     image_fd=fd, io=io)
@@ -105,7 +134,8 @@ def run_embedded(
                            io=io)
             returncode, failure = _assemble_and_run(path, job, argv, user=user, writable=writable, mode=mode,
                                                     binds=binds, cwd=cwd, env=env, base=base, fd=fd, held=held,
-                                                    lease_ttl=lease_ttl, io=io)
+                                                    lease_ttl=lease_ttl, options=options or JobOptions(),
+                                                    settings=settings, io=io)
             action, error = (None, None)
             # Also after a failed start (a rw mount may have touched the ext3), unless the
             # image was refused before anything was mounted.
@@ -128,18 +158,41 @@ def run_embedded(
 def _assemble_and_run(
     path: str, job: str, argv: Sequence[str], *, user: User, writable: bool, mode: str, binds: Sequence[Bind],
     cwd: str | None, env: Mapping[str, str] | None, base: str, fd: int, held: Lease, lease_ttl: float,
-    io: FileIO,
+    options: JobOptions, settings: ImageSettings, io: FileIO,
 ) -> tuple[int, SifOverlayError | None]:
     """(exit code, None) or (exit code, the error that kept the command from starting)."""
+    from . import state
+
     with _Heartbeat(held, lease_ttl / 3):
         try:
+            identity = jobview.Identity.lookup(user.uid, user.gid, user.groups)
+            request = options.view
+            extra: tuple[Bind, ...] = ()
+            append: tuple[tuple[str, str], ...] = ()
+            if options.gpu:
+                from . import gpu
+
+                extra, append = gpu.view_binds(gpu.discover(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            request = jobview.ViewRequest(tuple(binds) + request.binds, request.site_binds, request.home,
+                                          request.host_files, request.extra + extra)
+            directory = state.job_dir(base, job)
+            all_binds = jobview.check_sources(
+                jobview.plan(request, identity, os.path.join(directory, jobview.VIEW_DIR)), user.uid, user.gid)
             rootfs = assemble(path, job, writable=writable, mode=mode, uid=user.uid, gid=user.gid, base_dir=base,
-                              image_fd=fd, io=io)
+                              image_fd=fd, mountpoints=jobview.mountpoints(all_binds), io=io)
         except SifOverlayError as exc:  # assemble tore down what it had set up
             return exc.exit_code, exc
         try:
-            return exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups, binds=binds, cwd=cwd,
-                           env=env), None
+            if request.host_files:
+                jobview.write_identity(directory, rootfs.path, identity, io=io)
+            job_env = os.environ if env is None else env
+            # as root for another user (sudo): root's PATH must not reach the job as is
+            final_env = environment.compose(job_env, settings.env, options.env, user=identity.name,
+                                            home=identity.home, append=append,
+                                            drop_path=os.geteuid() == 0 and user.uid != 0)
+            cwds = environment.workdir_candidates(options.workdir, cwd, settings.workdir)
+            return exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups, binds=all_binds,
+                           cwd=cwds, cwd_required=options.workdir is not None, env=final_env), None
         except StartError as exc:
             return exc.exit_code, exc
         finally:

@@ -167,10 +167,7 @@ def exec_command(spec: dict[str, Any]) -> None:
     # From here until setuid only syscalls: nothing may be imported while root sits inside
     # the user-controlled tree (an import would load the image's files as root).
     _drop(spec)
-    try:
-        os.chdir(spec["cwd"] or "/")
-    except OSError:
-        os.chdir("/")
+    _enter_workdir(spec)
     argv = spec["argv"]
     try:
         os.execvpe(argv[0], argv, spec["env"])
@@ -178,6 +175,23 @@ def exec_command(spec: dict[str, Any]) -> None:
         raise SetupError(f"{argv[0]}: command not found in the image") from None
     except OSError as exc:
         raise SetupError(f"{argv[0]}: cannot execute: {exc.strerror}") from None
+
+
+def _enter_workdir(spec: dict[str, Any]) -> None:
+    """(as the job user) the first of spec["cwd"] that exists inside; when that is not the
+    first one, one warning line on stderr; spec["cwd_required"]: the first or nothing."""
+    wanted = spec["cwd"] if isinstance(spec["cwd"], list) else [spec["cwd"] or "/"]
+    for number, directory in enumerate([*wanted, "/"]):
+        try:
+            os.chdir(directory)
+        except OSError as exc:
+            if number == 0 and spec.get("cwd_required"):
+                raise SetupError(f"working directory {directory}: {exc.strerror} in the image") from None
+            continue
+        if number > 0:
+            os.write(2, f"sifoverlay: warning: {wanted[0]} does not exist in the image: "  # io-seam: exempt (stderr)
+                        f"working directory is {directory}\n".encode(errors="replace"))
+        return
 
 
 def _report(status_fd: int, exc: BaseException) -> int:

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from sifoverlay.errors import SifOverlayError, UsageError
 
 from .assemble import Rootfs
+from .jobview import Bind
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +38,22 @@ class StartError(SifOverlayError):
         self.exit_code = returncode
 
 
-@dataclass(frozen=True, slots=True)
-class Bind:
-    source: str  # host path (absolute)
-    dest: str  # path inside the image (absolute)
-    readonly: bool = False
-
-    @classmethod
-    def parse(cls, spec: str) -> Bind:
-        """SRC[:DST[:ro|rw]] as on the command line."""
-        parts = spec.split(":")
-        if not 1 <= len(parts) <= 3 or not parts[0]:
-            raise UsageError(None, f"bad --bind {spec!r}: expected SRC[:DST[:ro]]")
-        source = os.path.abspath(parts[0])
-        dest = parts[1] if len(parts) > 1 and parts[1] else source
-        flag = parts[2] if len(parts) > 2 else "rw"
-        if flag not in ("ro", "rw") or not dest.startswith("/"):
-            raise UsageError(None, f"bad --bind {spec!r}: DST must be absolute and the flag ro or rw")
-        if not os.path.exists(source):
-            raise UsageError(source, "bind source does not exist")
-        return cls(source, os.path.normpath(dest), flag == "ro")
-
-
 def exec_in(
     rootfs: Rootfs, argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[int] | None = None,
-    binds: Sequence[Bind] = (), cwd: str | None = None, env: Mapping[str, str] | None = None,
+    binds: Sequence[Bind] = (), cwd: str | Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+    cwd_required: bool = False,
 ) -> int:
     """Run argv inside `rootfs` as uid/gid; return its exit status (128+N for signal N).
-    Raises StartError (exit 125, or 127 for a missing command) when it never started."""
+    `cwd`: a directory, or candidates tried in order (a fallback warns on stderr; see
+    runtime.environment). Raises StartError (exit 125, or 127 for a missing command)
+    when it never started."""
     if not argv:
         raise UsageError(None, "no command given")
     read_end, write_end = os.pipe()
     spec = {
         "rootfs": rootfs.path, "argv": list(argv), "uid": uid, "gid": gid,
-        "groups": list(groups) if groups is not None else [gid], "cwd": cwd or "/",
+        "groups": list(groups) if groups is not None else [gid], "cwd": [cwd or "/"] if cwd is None or isinstance(cwd, str) else list(cwd),
+        "cwd_required": cwd_required,
         "binds": [[b.source, b.dest, b.readonly] for b in binds],
         "env": dict(os.environ if env is None else env), "status_fd": write_end, "parent": os.getpid(),
         "userns": os.geteuid() != 0,

@@ -46,7 +46,7 @@ def busybox_rootfs(image: Path, work: Path) -> Path:
 
 
 def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int] | None = None,
-                overlay: bool = True) -> Path:
+                overlay: bool = True, image_config: dict[str, object] | None = None) -> Path:
     """OCI-SIF with one squashfs layer made from `rootfs` and a 64 MiB sparse overlay."""
     layer = out.with_suffix(".sqfs")
     run("mksquashfs", str(rootfs), str(layer), "-noappend", "-no-xattrs", "-quiet", "-no-progress")
@@ -54,7 +54,7 @@ def build_image(rootfs: Path, out: Path, journal: Path, *, owner: tuple[int, int
     layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
     config = jsonedit.canonical({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "config": image_config if image_config is not None else {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     })
     config_ref = {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)}
@@ -124,3 +124,31 @@ def file_digest(path: Path) -> str:
 def clone_tree(src: Path, dst: Path) -> Path:
     run("cp", "-a", str(src), str(dst))  # keeps busybox's hard links (copytree would not)
     return dst
+
+
+def add_host_binaries(rootfs: Path, names: list[str], *, extra_libs: tuple[str, ...] = ()) -> None:
+    """Copy host binaries (found in PATH) into `rootfs` at the same paths, with their `ldd`
+    closure and `extra_libs` (e.g. libnss_files), and a plain nsswitch.conf: a dynamic
+    glibc inside the busybox image (busybox-static's own resolver cannot read /etc/hosts)."""
+    files: set[str] = set()
+    for name in names:
+        path = shutil.which(name)
+        assert path, f"{name} not found on the host"
+        files.add(os.path.realpath(path))
+        files.add(path)
+    for lib in extra_libs:
+        if os.path.exists(lib):
+            files.add(lib)
+    for binary in sorted(files):
+        out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith("/") and os.path.exists(word):
+                    files.add(word)
+    for path in sorted(files):
+        for source in {path, os.path.realpath(path)}:
+            target = rootfs / source.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                shutil.copy2(os.path.realpath(source), target)
+    (rootfs / "etc" / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files\n")
