@@ -247,11 +247,15 @@ def exclusive(
 
 
 def recover(
-    paths: list[str] | None = None, *, journal_dir: str | os.PathLike[str] | None = None, io: FileIO = REAL_IO
+    paths: list[str] | None = None, *, journal_dir: str | os.PathLike[str] | None = None, io: FileIO = REAL_IO,
+    grace: float | None = None,
 ) -> list[RecoverOutcome]:
     """Recover the given images (every image with pending entries when None). Each image
     is opened checked and must be the inode its entries recorded; one image that cannot
-    be (a symlink, a FIFO, renamed, gone, busy) is reported `failed` and the pass goes on."""
+    be (a symlink, a FIFO, renamed, gone, busy) is reported `failed` and the pass goes on.
+    The image's lease is taken first (R7); a holder on another host counts as gone only
+    once its lease expired more than `grace` seconds ago (default: the engine's; the
+    record's own announced grace if larger), whatever its pid says."""
     journal = Journal(journal_dir, io=io)
     outcomes: list[RecoverOutcome] = []
     targets: list[tuple[str, str | None]] = []  # (image, key)
@@ -267,15 +271,17 @@ def recover(
         targets = [(os.path.abspath(p) if os.geteuid() == 0 else os.path.realpath(p), None) for p in paths]
     for image, key in targets:
         try:
-            outcomes += _recover_one(image, key, journal, io)
+            outcomes += _recover_one(image, key, journal, io, grace)
         except Exception as exc:  # noqa: BLE001 - one bad image never aborts the pass
             log.exception("%s: recovery failed", image)
             outcomes.append(RecoverOutcome(image, None, "failed", f"{type(exc).__name__}: {exc}"))
     return outcomes
 
 
-def _recover_one(image: str, key: str | None, journal: Journal, io: FileIO) -> list[RecoverOutcome]:
+def _recover_one(image: str, key: str | None, journal: Journal, io: FileIO,
+                 grace: float | None = None) -> list[RecoverOutcome]:
     from . import lease, statedir
+    from .leasefile import DEFAULT_GRACE
 
     entries = journal.pending(key=key) if key is not None else None
     expect = None
@@ -298,7 +304,8 @@ def _recover_one(image: str, key: str | None, journal: Journal, io: FileIO) -> l
             return [RecoverOutcome(image, None, "nothing", "no unfinished operation")]
         try:
             held = lease.acquire(image, lease.Holder.current(f"recover-{os.getpid()}", "recover"),
-                                 ttl=LEASE_TTL, region=(0, 0), io=io, image_fd=fd)
+                                 ttl=LEASE_TTL, region=(0, 0), io=io, image_fd=fd,
+                                 grace=DEFAULT_GRACE if grace is None else grace)
         except ImageBusy as exc:
             return [RecoverOutcome(image, None, "failed", f"busy: {exc.problem}")]
         try:

@@ -275,7 +275,8 @@ def recover_slurm(args: argparse.Namespace, *, recover: Any, io: Any, out: Any =
 
     try:
         with statedir.using(config.state_dir):
-            outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io)
+            outcomes = recover(getattr(args, "images", None) or None, journal_dir=config.journal_dir, io=io,
+                               grace=config.lease_grace)
     except Exception as exc:
         record_event(textfile_dir, "recover", exc)
         raise

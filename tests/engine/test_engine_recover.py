@@ -150,7 +150,9 @@ def test_recover_refuses_while_a_live_writer_holds_the_lease(overlay_image: Path
 
 def test_void_entry_of_a_dead_writer_is_removed(overlay_image: Path, journal_dir: Path) -> None:
     journal_dir.mkdir(exist_ok=True)
-    torn = journal_dir / f"{image_key(overlay_image)}.1-host-999999-abcdef.sovj"
+    from sifoverlay.engine.recover import _host  # a writer of THIS host: judged by its pid
+
+    torn = journal_dir / f"{image_key(overlay_image)}.1-{_host()}-999999-abcdef.sovj"
     torn.write_bytes(b"SOVJ\x01\x00\x01\x00\xff\xff")
     before = overlay_image.read_bytes()
     [outcome] = engine.recover(journal_dir=journal_dir)
