@@ -12,7 +12,8 @@ flushing) instead. The lease counts as lost when
   * the record is gone or carries another token (broken and perhaps retaken), or
   * by the shared wall clock, ``now + margin > expires + grace``: from ``expires + grace``
     on another host may break it (engine/leasestale.py), so it is treated as broken
-    already (`margin` covers the time between this check and the renewal's rename), or
+    already (`margin` = min(grace/2, interval) covers the time between this check and
+    the renewal's rename), or
   * by CLOCK_MONOTONIC, more than ``ttl + grace - margin`` seconds passed since the last
     renewal that succeeded (a frozen or descheduled keeper; a wall clock stepped
     backwards cannot hide it), or
@@ -31,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
 from sifoverlay.errors import ImageBusy
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -42,8 +42,6 @@ from .leasestale import record_grace
 __all__ = ["KeeperTiming", "judge", "keep"]
 
 log = logging.getLogger(__name__)
-
-MAX_MARGIN: Final = 1.0  # seconds kept between "still ours" and "breakable by others"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +64,10 @@ class KeeperTiming:
 
     @property
     def margin(self) -> float:
-        return min(MAX_MARGIN, self.grace / 4, self.interval / 2)
+        """How long before "breakable by others" the keeper stops renewing: a renewal that
+        starts then must land (temp write, fsync, rename) within this margin. A keeper on
+        time renews at heartbeat + interval, a whole ttl + grace - interval away from it."""
+        return min(self.grace / 2, self.interval)
 
 
 def judge(info: LeaseInfo | None, token: str, timing: KeeperTiming, *, now: float, since_renewal: float) -> str | None:

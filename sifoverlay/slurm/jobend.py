@@ -205,7 +205,7 @@ def finish_foreign(session: Any, config: SlurmConfig, *, textfile_dir: str | Non
                 gid = session.details.get("gid")
                 as_user = (session.uid, int(gid)) if gid is not None else None
                 synced = _counted_sync(session.image, session.job_id, config, textfile_dir, io, identity, None,
-                                       as_user)
+                                       as_user, who=_job_who(session.job_id, session.uid, "sweeper"))
                 result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
             step = "session"
             sessions.finish(config.journal_dir, session.job_id, f"{result} by {_here()} for {session.host}",

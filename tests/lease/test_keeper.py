@@ -81,13 +81,15 @@ def test_resume_refuses_a_lease_taken_on_another_node_or_boot(image: Path, field
 # -- the keeper's judgement ------------------------------------------------------------------
 def test_judge_cases(image: Path) -> None:
     timing = leasekeeper.KeeperTiming(ttl=9, grace=6)
-    assert timing.interval == 3.0 and timing.margin == 1.0
+    assert timing.interval == 3.0 and timing.margin == 3.0
     held = lease.acquire(image, _holder(), ttl=9, grace=6, region=REGION)
     info, token, t0 = held.info, held.token, held.info.heartbeat
+    # breakable by others from t0 + 9 + 6; the keeper stops renewing a margin (3 s) before
     assert leasekeeper.judge(info, token, timing, now=t0 + 1, since_renewal=1) is None
-    assert leasekeeper.judge(info, token, timing, now=t0 + 13.9, since_renewal=1) is None  # expired, in grace
-    assert "past the grace of 6 s" in str(leasekeeper.judge(info, token, timing, now=t0 + 14.1, since_renewal=1))
-    assert "monotonic" in str(leasekeeper.judge(info, token, timing, now=t0 + 1, since_renewal=14.1))
+    assert leasekeeper.judge(info, token, timing, now=t0 + 11.9, since_renewal=1) is None  # expired, in grace
+    assert "past the grace of 6 s" in str(leasekeeper.judge(info, token, timing, now=t0 + 12.1, since_renewal=1))
+    assert leasekeeper.judge(info, token, timing, now=t0 + 1, since_renewal=11.9) is None
+    assert "monotonic" in str(leasekeeper.judge(info, token, timing, now=t0 + 1, since_renewal=12.1))
     assert "gone" in str(leasekeeper.judge(None, token, timing, now=t0, since_renewal=0))
     assert "taken over" in str(leasekeeper.judge(info, "other-token", timing, now=t0, since_renewal=0))
     with pytest.raises(ValueError):
