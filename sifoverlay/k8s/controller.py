@@ -42,6 +42,19 @@ Obj = dict[str, Any]
 _TERMINAL_POD_PHASES = ("Succeeded", "Failed")
 
 
+def _fd_args(resolved: safepath.Resolved | None) -> dict[str, Any]:
+    """The engine's image_fd/expect_identity for an image resolved with keep_open (none
+    when the file was missing: the engine then reports it by path)."""
+    if resolved is None or resolved.fd < 0:
+        return {}
+    return {"image_fd": resolved.fd, "expect_identity": resolved.identity}
+
+
+def _close(resolved: safepath.Resolved | None) -> None:
+    if resolved is not None and resolved.fd >= 0:
+        os.close(resolved.fd)
+
+
 class StillRunning(Exception):
     """Deletion must wait: a pod of the workload may still write the overlay."""
 
@@ -174,7 +187,20 @@ class Controller:
         gen, now = self._generation(body), self._clock()
         ref = builders.image_ref(spec, meta["namespace"], name=meta["name"])
         job = builders.workload_job(body, policy=self.config.pod_policy)  # validates before any effect
-        resolved = self._resolve(ref, body)  # no symlink beneath the volume root, before any effect
+        if ref.local_parts(self.config.volume_roots) is not None:  # root's own records: before any effect
+            safepath.check_state_dirs(f"OverlayJob {meta['namespace']}/{meta['name']}",
+                                      self.config.state_for(ref), self.config.journal_for(ref))
+        # no symlink beneath the volume root, before any effect; the engine reads that fd
+        resolved = self._resolve(ref, body, keep_open=True)
+        try:
+            self._start_resolved(body, status, ref, job, resolved)
+        finally:
+            _close(resolved)
+
+    def _start_resolved(self, body: Mapping[str, Any], status: Obj, ref: builders.ImageRef, job: Obj,
+                        resolved: safepath.Resolved | None) -> None:
+        meta, spec = body["metadata"], body["spec"]
+        gen, now = self._generation(body), self._clock()
         holder = self.leases.acquire(ref, body, now=now)
         if holder is not None:
             if status.get("phase") != wk.PHASE_WAITING or status.get("leaseHolder") != holder:
@@ -187,7 +213,8 @@ class Controller:
             before = manifest = None
             if local is not None:
                 journal = self.config.journal_for(ref)
-                before, manifest = reconcile.current_digests(local, journal, state_dir=self.config.state_for(ref))
+                before, manifest = reconcile.current_digests(local, journal, state_dir=self.config.state_for(ref),
+                                                             **_fd_args(resolved))
                 reconcile.start_session(journal, self._job_id(body), local,
                                         writable=spec.get("mode", "rw") == "rw")
             if not self.api.create_job(job):
@@ -319,12 +346,9 @@ class Controller:
             try:
                 outcome = reconcile.run(resolved.path, job_id=self._job_id(body),
                                         journal_dir=self.config.journal_for(ref), seal=seal,
-                                        image_fd=resolved.fd if resolved.fd >= 0 else None,
-                                        expect_identity=resolved.identity if resolved.fd >= 0 else None,
-                                        state_dir=self.config.state_for(ref))
+                                        state_dir=self.config.state_for(ref), **_fd_args(resolved))
             finally:
-                if resolved.fd >= 0:
-                    os.close(resolved.fd)
+                _close(resolved)
         except Exception as exc:
             metrics.RECONCILES.labels("error").inc()
             self._patch(body, st.reconcile_error(status, message=str(exc), generation=gen, now=self._clock()))
@@ -467,13 +491,17 @@ class Controller:
         if ref.local_parts(self.config.volume_roots) is None:
             return
         try:
-            resolved = self._resolve(ref, body)
+            resolved = self._resolve(ref, body, keep_open=True)
         except safepath.UnsafePath:
             return  # a symlink was planted since: nothing is read through it
         assert resolved is not None
         holder = self.leases.holder(ref)
         metrics.set_lease_after_finish(meta["namespace"], meta["name"], bool(holder and holder[1] == meta["uid"]))
-        report = reconcile.drift(resolved.path, self.config.journal_for(ref), state_dir=self.config.state_for(ref))
+        try:
+            report = reconcile.drift(resolved.path, self.config.journal_for(ref), state_dir=self.config.state_for(ref),
+                                     **_fd_args(resolved))
+        finally:
+            _close(resolved)
         if report.state == "in-use":
             return  # a writer holds it now: its own reconcile will follow
         metrics.set_drift(meta["namespace"], meta["name"], report.state in ("modified", "drift"))

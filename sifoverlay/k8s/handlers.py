@@ -26,7 +26,7 @@ from sifoverlay.k8s.config import OperatorConfig, from_env
 from sifoverlay.k8s.controller import Controller, StillRunning, job_result
 from sifoverlay.k8s.kubeapi import Conflict, KubeApi, load_client
 from sifoverlay.k8s.policy import PolicyViolation
-from sifoverlay.k8s.safepath import UnsafePath
+from sifoverlay.k8s.safepath import UnsafePath, UnsafeStateDir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +103,8 @@ class Operator:
             metrics.HANDLER_ERRORS.labels("permanent").inc()
             if isinstance(exc, PolicyViolation):
                 reason = exc.reason
+            elif isinstance(exc, UnsafeStateDir):
+                reason = wk.REASON_UNSAFE_STATE_DIR
             elif isinstance(exc, UnsafePath):
                 reason = wk.REASON_UNSAFE_PATH
             else:

@@ -8,10 +8,11 @@ root without following any symlink (fsio.open_dir_nofollow: openat2 RESOLVE_NO_S
 RESOLVE_NO_MAGICLINKS, or one component at a time with O_NOFOLLOW), with '.', '..' and
 empty segments refused outright, so the walk can neither be redirected nor leave the root.
 
-The reconcile then hands the engine that very descriptor and its (st_dev, st_ino)
-(`engine.sync(..., image_fd=fd, expect_identity=...)`): the engine reopens the fd through
-/proc/self/fd, never the path. Read-only checks (status, drift) still pass the path,
-right after resolving it.
+Every engine call of the operator then gets that very descriptor and its (st_dev,
+st_ino) (`image_fd=fd, expect_identity=...`): the digests read at start, the sync, the
+replay of an interrupted commit, seal, the manifest digest and the drift check. The
+engine reopens the fd through /proc/self/fd, never the path, so a directory renamed or
+swapped after the resolution cannot point any of them at another image.
 """
 
 from __future__ import annotations
@@ -27,6 +28,34 @@ from sifoverlay.errors import UsageError
 
 class UnsafePath(UsageError):
     """The path crosses a symlink, leaves the volume root, or is not a regular file."""
+
+
+class UnsafeStateDir(UnsafePath):
+    """The engine's state or journal directory for an image (on its volume by default)
+    is a symlink, or is not root-owned and private: a user could plant or swap records."""
+
+
+def check_state_dirs(what: str, *directories: str | None) -> None:
+    """Create (as root: root-owned) or check each of the engine's directories for an
+    image - its state directory (lease records, scratch) and its journal - before
+    anything uses them: as root every component must be a real directory, root-owned, not
+    group/other-writable (engine.statedir.ensure). A `.sifoverlay-state` a user created on
+    the shared volume from a workload, or planted as a symlink, is refused, not followed."""
+    from sifoverlay.engine import statedir
+    from sifoverlay.errors import NotAuthorized
+
+    for directory in directories:
+        if directory is None:
+            continue
+        try:
+            statedir.ensure(directory, mode=0o700 if os.path.basename(directory).endswith("journal") else 0o755)
+        except NotAuthorized as exc:
+            raise UnsafeStateDir(what, f"engine directory {directory}: {exc.problem}; refused") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+                raise UnsafeStateDir(what, f"engine directory {directory} is a symlink or not a directory; "
+                                           "refused") from None
+            raise
 
 
 @dataclass(frozen=True, slots=True)

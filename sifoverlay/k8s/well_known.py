@@ -132,6 +132,7 @@ REASON_USER_NOT_ALLOWED: Final = "UserNotAllowed"
 REASON_VOLUME_NOT_ALLOWED: Final = "VolumeNotAllowed"
 REASON_ENV_NOT_ALLOWED: Final = "EnvNotAllowed"
 REASON_UNSAFE_PATH: Final = "UnsafeImagePath"  # a symlink, or not a regular file, beneath the volume root
+REASON_UNSAFE_STATE_DIR: Final = "UnsafeStateDirectory"  # the engine's state/journal directory is not root's alone
 REASON_SEALED: Final = "Sealed"
 
 # --- job results recorded in status.jobResult ------------------------------------------------

@@ -166,3 +166,179 @@ def test_attack_swapped_scratch_file_of_the_seal(site: Site, cluster: Cluster, v
     with open_image(image) as img:
         assert img.overlay is None  # sealed: the ext3 became a read-only squashfs layer
         img.verify_layers()  # every layer, the new one included, is the bytes its digest names
+
+
+def swap_in(own: Path, other: Path) -> None:
+    """The attacker's move between the operator's resolution and its engine call: its own
+    `team` directory is renamed away and the other team's real `team` directory (no
+    symlink anywhere) takes its name."""
+    os.rename(own / "team", own / "team.real")
+    os.rename(other / "team", own / "team")
+
+
+def swap_back(own: Path, other: Path) -> None:
+    os.rename(own / "team", other / "team")
+    os.rename(own / "team.real", own / "team")
+
+
+def test_attack_directory_swapped_under_the_drift_check(site: Site, cluster: Cluster, vectors: Path,
+                                                        team_policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drift check reads the image through the descriptor it resolved, not the path:
+    a real directory renamed into place right after the resolution (the race window of a
+    path-based check) makes it read nothing of the other team's image."""
+    import kubernetes
+
+    from sifoverlay.k8s import reconcile, safepath
+    from sifoverlay.k8s.config import from_env
+    from sifoverlay.k8s.controller import Controller
+    from sifoverlay.k8s.kubeapi import KubeApi
+
+    own, other = site.volume / site.namespace, site.volume / "other-team"
+    site.make_image(vectors, f"{site.namespace}/team/app.sif")
+    victim = site.make_image(vectors, "other-team/team/app.sif")
+    write_into_overlay(victim, "victim.txt", b"unreconciled\n", site.work)
+    assert engine.status(victim, journal_dir=str(site.journal)).state == "modified"
+    ctl = Controller(KubeApi(kubernetes.client.ApiClient()), from_env())
+    cluster.create_overlayjob("drifty", image={"hostPath": {"path": team_policy}, "path": "team/app.sif"})
+    ctl.start(cluster.get("drifty"))
+    cluster.finish_job("drifty-run", "Complete")
+    ctl.workload_ended(cluster.ns, "drifty", "Succeeded", "Job completed")
+    assert cluster.status("drifty")["phase"] == "Succeeded"
+    real_resolve, real_drift, swaps = safepath.resolve_image, reconcile.drift, []
+
+    def resolve_then_swap(*args: Any, **kwargs: Any) -> Any:
+        resolved = real_resolve(*args, **kwargs)
+        swap_in(own, other)
+        swaps.append(resolved.path)
+        return resolved
+
+    def drift_then_swap_back(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_drift(*args, **kwargs)
+        finally:
+            swap_back(own, other)
+
+    monkeypatch.setattr(safepath, "resolve_image", resolve_then_swap)
+    monkeypatch.setattr(reconcile, "drift", drift_then_swap_back)
+    ctl.check_drift(cluster.get("drifty"))
+    assert swaps == [str(own / "team" / "app.sif")]  # the check ran, with the victim at that path
+    drift = cluster.condition("drifty", "DriftDetected")
+    assert (drift["status"], drift["reason"]) == ("False", "InSync"), drift  # its own image: clean
+    assert engine.status(victim, journal_dir=str(site.journal)).state == "modified"
+
+
+def test_attack_directory_swapped_under_the_recovery(site: Site, cluster: Cluster, vectors: Path,
+                                                     team_policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay of an interrupted commit (engine.recover, when the sync asks for it) and
+    the manifest digest the status reports work on the resolved descriptor: with the other
+    team's directory renamed into place, the other team's own interrupted commit stays
+    pending (its owner's recovery, not ours) and our image is the one reconciled."""
+    import subprocess
+    import sys
+
+    from sifoverlay.engine import statedir
+    from sifoverlay.engine.journal import Journal
+    from sifoverlay.engine.leasefile import lease_path
+    from sifoverlay.errors import RecoveryNeeded
+    from sifoverlay.k8s import reconcile, safepath
+    from tests.k8s.conftest import manifest_digest
+    from tests.k8s.test_k8s_crash import crash_points
+
+    own, other = site.volume / site.namespace, site.volume / "other-team"
+    mine = site.make_image(vectors, f"{site.namespace}/team/app.sif")
+    victim = site.make_image(vectors, "other-team/team/app.sif")
+    write_into_overlay(victim, "victim.txt", b"theirs\n", site.work)
+    crash_at = crash_points(victim, site.work, "their-job")["before-append"]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import sys; from sifoverlay import engine; from sifoverlay.fsio import CountingIO; "
+        "engine.sync(sys.argv[1], job='their-job', journal_dir=sys.argv[2], io=CountingIO(int(sys.argv[3]), mode='kill'))"),
+        str(victim), str(site.journal), str(crash_at)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    # the dead writer's lease record: gone, as when its lease expired long ago (otherwise a
+    # recovery of the victim would find it busy and not touch it anyway)
+    os.unlink(lease_path(str(victim)))
+    victim_key = statedir.key_of_path(str(victim))
+    assert len(Journal(str(site.journal)).pending(key=victim_key)) == 1
+    victim_bytes = victim.read_bytes()
+    write_into_overlay(mine, "mine.txt", b"mine\n", site.work)
+    mine_after = overlay_sha256(mine)
+    resolved = safepath.resolve_image(str(site.volume), f"{site.namespace}/team/app.sif", what="t", keep_open=True)
+    swap_in(own, other)
+    real_sync, asked = engine.sync, []
+
+    def sync_asking_for_recovery(*args: Any, **kwargs: Any) -> Any:
+        if not asked:
+            asked.append(kwargs.get("image_fd"))
+            raise RecoveryNeeded(str(args[0]), "simulated: an entry the inline recovery left")
+        return real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "sync", sync_asking_for_recovery)
+    try:
+        outcome = reconcile.run(resolved.path, job_id="k8s-mine", journal_dir=str(site.journal), seal=False,
+                                image_fd=resolved.fd, expect_identity=resolved.identity)
+    finally:
+        os.close(resolved.fd)
+        swap_back(own, other)
+    # the other team's interrupted commit: still pending, its image not written
+    assert len(Journal(str(site.journal)).pending(key=victim_key)) == 1 and victim.read_bytes() == victim_bytes
+    assert asked == [resolved.fd] and outcome.action == "reconciled" and outcome.digest_after == mine_after
+    assert outcome.manifest_digest == manifest_digest(mine) != manifest_digest(victim)
+
+
+@pytest.mark.parametrize("which, planted", [(".sifoverlay-state", "user-owned"), (".sifoverlay-state", "world-writable"),
+                                            (".sifoverlay-state", "symlink"), (".sifoverlay-journal", "symlink"),
+                                            (".sifoverlay-journal", "user-owned")])
+def test_attack_planted_state_directory_on_the_volume(site: Site, cluster: Cluster, vectors: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, which: str, planted: str) -> None:
+    """The engine's state directory on an image volume (`.sifoverlay-state`: lease records,
+    scratch) is root's. A user who writes into the shared volume from a workload may have
+    created it first (owned by the user, or root-owned but world-writable), or planted a
+    symlink to a directory of its own: the operator refuses the resource before anything
+    runs (condition UnsafeStateDirectory) and creates nothing in it or through it. The
+    same for the journal on the volume (`.sifoverlay-journal`)."""
+    monkeypatch.delenv("SIFOVERLAY_STATE_DIR")  # the defaults: both directories on the image's volume
+    monkeypatch.delenv("SIFOVERLAY_JOURNAL_DIR")
+    site.make_image(vectors)
+    state = site.volume / which
+    target = state
+    if planted == "symlink":
+        target = tmp_path / "attacker-state"
+        target.mkdir()
+        os.chown(target, 1000, 1000)
+        state.symlink_to(target)
+    else:
+        state.mkdir()
+        if planted == "user-owned":
+            os.chown(state, 1000, 1000)
+        else:
+            os.chmod(state, 0o777)
+    with kopf_runner():
+        cluster.create_overlayjob("planted")
+        failed = refused(cluster, "planted", "UnsafeStateDirectory")
+    why = {"user-owned": "is not root-owned and private (owner uid 1000, mode 755)",
+           "world-writable": "is not root-owned and private (owner uid 0, mode 777)",
+           "symlink": "Not a directory"}[planted]  # O_NOFOLLOW|O_DIRECTORY on the link itself
+    assert failed["message"].startswith(f"OverlayJob {cluster.ns}/planted: engine directory {state}: ") and \
+        why in failed["message"] and failed["message"].endswith("; refused"), failed["message"]
+    assert list(target.iterdir()) == [] and sessions.open_sessions(site.journal) == []
+    assert state.is_symlink() == (planted == "symlink")  # not replaced either: the admin decides
+
+
+def test_the_state_directory_on_the_volume_is_created_root_owned_and_used(site: Site, cluster: Cluster,
+                                                                          vectors: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a planted one, the operator creates `.sifoverlay-state` itself (root, 0755:
+    lease records readable, writable by root only) and the job runs on it."""
+    monkeypatch.delenv("SIFOVERLAY_STATE_DIR")
+    image = site.make_image(vectors)
+    state = site.volume / ".sifoverlay-state"
+    with kopf_runner():
+        cluster.create_overlayjob("fresh")
+        pod = cluster.start_pod(cluster.wait_job("fresh-run"))
+        write_into_overlay(image, "f.txt", b"f\n", site.work)
+        cluster.pod_phase(pod, "Succeeded")
+        cluster.finish_job("fresh-run", "Complete")
+        done = cluster.wait_phase("fresh", "Succeeded")
+    st = os.lstat(state)
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o755) and (state / "leases").is_dir()
+    assert done["overlayDigestAfter"] == overlay_sha256(image)
