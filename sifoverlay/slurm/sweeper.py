@@ -102,15 +102,17 @@ def break_stale_lease(image: str, textfile_dir: str | None) -> bool:
 
 def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None,
           textfile_dir: str | None = None, cluster: bool = True,
-          node_down: Callable[[str], bool | None] | None = None) -> SweepReport:
+          node_down: Callable[[str], bool | None] | None = None, io: Any = None) -> SweepReport:
     """Finish this host's Slurm jobs that are over, and (`cluster`) other hosts' whose
     holder is gone (module docstring); `textfile_dir` None: `metrics_dir()`.
-    `node_down(host)`: is the node DOWN in slurmctld (None: cannot tell); default scontrol."""
+    `node_down(host)`: is the node DOWN in slurmctld (None: cannot tell); default scontrol.
+    `io`: the FileIO of every job end's sync (`recover --slurm` passes io_from_env(): the
+    crash hook of the tests)."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
         return _sweep(config, jobstate, host=host, textfile_dir=textfile_dir, cluster=cluster,
-                      node_down=node_down or node_is_down)
+                      node_down=node_down or node_is_down, io=io)
 
 
 def node_is_down(node: str) -> bool | None:
@@ -137,7 +139,7 @@ def node_is_down(node: str) -> bool | None:
 
 
 def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report: SweepReport,
-                   textfile_dir: str | None, node_down: Callable[[str], bool | None]) -> None:
+                   textfile_dir: str | None, node_down: Callable[[str], bool | None], io: Any = None) -> None:
     """Another host's session: take it over only when Slurm says its job is over or its
     node DOWN, AND its lease's heartbeat says the holder is gone."""
     from sifoverlay.engine import lease
@@ -183,11 +185,16 @@ def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report
         return
     record_event(textfile_dir, "break-stale", True)
     report.stale_broken.append(session.image)
-    report.outcomes.append(finish_foreign(session, config, textfile_dir=textfile_dir))
+    report.outcomes.append(finish_foreign(session, config, textfile_dir=textfile_dir, **_io(io)))
+
+
+def _io(io: Any) -> dict[str, Any]:
+    return {} if io is None else {"io": io}
 
 
 def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfile_dir: str | None,
-           cluster: bool = True, node_down: Callable[[str], bool | None] = node_is_down) -> SweepReport:
+           cluster: bool = True, node_down: Callable[[str], bool | None] = node_is_down,
+           io: Any = None) -> SweepReport:
     from sifoverlay.engine import sessions
 
     host = host or socket.gethostname()
@@ -201,7 +208,7 @@ def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfil
             continue
         if session.host != host:
             if cluster:
-                _sweep_foreign(session, config, jobstate, report, textfile_dir, node_down)
+                _sweep_foreign(session, config, jobstate, report, textfile_dir, node_down, io)
             else:
                 report.skipped.append((session.job_id, f"session of host {session.host}"))
             continue
@@ -213,10 +220,11 @@ def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfil
             report.skipped.append((session.job_id, "job still alive"))
             continue
         log.warning("job %s is over but its session on %s is open: finishing it", session.job_id, session.image)
-        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper", textfile_dir=textfile_dir))
+        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper", textfile_dir=textfile_dir,
+                                          **_io(io)))
     for job_id in sorted(_leftover_jobs(config) - seen, key=int):
         if jobstate.is_alive(job_id) is False:
-            report.outcomes.append(finish_job(job_id, config, reason="sweeper", textfile_dir=textfile_dir))
+            report.outcomes.append(finish_job(job_id, config, reason="sweeper", textfile_dir=textfile_dir, **_io(io)))
     _break_stale_after(report, config, textfile_dir)
     return report
 
@@ -270,7 +278,7 @@ def recover_slurm(args: argparse.Namespace, *, recover: Any, io: Any, out: Any =
         config = replace(config, journal_dir=args.journal_dir)
     backend = select_backend(None if getattr(args, "backend", "auto") == "auto" else args.backend)
     textfile_dir = getattr(args, "textfile_dir", None) or metrics_dir()
-    report = sweep(config, backend, textfile_dir=textfile_dir)
+    report = sweep(config, backend, textfile_dir=textfile_dir, io=io)
     from sifoverlay.engine import statedir
 
     try:

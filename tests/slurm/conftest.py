@@ -124,7 +124,12 @@ class Cluster:
         return sh("sinfo", "-h", "-N", "-n", self.host, "-o", "%T", check=False).stdout.strip()
 
     def session_path(self, job: int) -> Path:
-        return self.journal_dir / "sessions" / f"{job}.json"
+        """The Prolog's session of `job` on this node (one per job and node, issue 13)."""
+        import socket
+
+        from sifoverlay.engine import sessions
+
+        return Path(sessions.session_path(self.journal_dir, str(job), host=socket.gethostname()))
 
 
 def _ensure_user(name: str) -> User:
