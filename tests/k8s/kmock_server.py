@@ -14,6 +14,9 @@ This subclass adds what a real API server does and kmock 0.8 does not:
   status subresource); a JSON patch's "test" op on it fails with 422 (see below);
 - delete preconditions (DeleteOptions.preconditions.uid / .resourceVersion): 409 Conflict
   when either differs from the object's, checked before finalizers are considered;
+- a DELETE of an object with finalizers marks it as kube-apiserver does: deletionTimestamp,
+  deletionGracePeriodSeconds 0, generation + 1, a new resourceVersion (a write: MODIFIED);
+  removing the last finalizer then deletes it (DELETED);
 - metadata.generation: bumped only when something outside metadata and status changes
   (a status write or a label change never bumps it), never taken from the client;
 - 201 Created (the kubernetes client maps only 201 for custom-object creates);
@@ -222,6 +225,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         async with self._write_lock:
             if request.action == enums.action.DELETE:
                 self._check_delete_preconditions(request)
+                await self._mark_for_deletion(request)
             elif isinstance(request.data, dict):
                 self._prepare_write(request)
             elif request.action == enums.action.UPDATE and isinstance(request.data, list):
@@ -252,6 +256,27 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                                      f"{wanted['resourceVersion']}, ResourceVersion in object meta: "
                                      f"{meta.get('resourceVersion')}")
 
+    async def _mark_for_deletion(self, request: Any) -> None:
+        """DELETE of an object with finalizers, as kube-apiserver's markAsDeleting does it:
+        deletionTimestamp (RFC 3339) and deletionGracePeriodSeconds 0 are set, generation
+        is bumped once (the first mark only), and it is a write: a new resourceVersion and
+        a MODIFIED event. kmock 0.8 sets only the timestamp (and keeps the resourceVersion),
+        after which its own DELETE branch sees the mark and leaves the object alone."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if not request.name or key not in self._objects or self._objects[key].deleted:
+                return
+            meta = self._objects[key].get("metadata", {})
+            if meta.get("deletionTimestamp") or not meta.get("finalizers"):
+                return
+            mark: dict[str, Any] = {
+                "deletionTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "deletionGracePeriodSeconds": 0, "resourceVersion": str(next(_resource_versions))}
+            if int(meta.get("generation") or 0) > 0:
+                mark["generation"] = int(meta["generation"]) + 1
+            self._objects[key].patch({"metadata": mark})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
+
     def _prepare_write(self, request: Any) -> None:
         data: dict[str, Any] = request.data
         meta = data.setdefault("metadata", {})
@@ -265,7 +290,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 meta.setdefault("namespace", request.namespace)
             if not meta.get("name") and meta.get("generateName"):  # kopf's Events use it
                 meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["uid"] = str(uuid.uuid4())  # server-set: a client's uid is ignored
             meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             meta["generation"] = 1
             meta["resourceVersion"] = str(next(_resource_versions))

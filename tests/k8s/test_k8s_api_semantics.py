@@ -152,3 +152,122 @@ def test_the_crd_cel_rule_keeps_the_spec_immutable(cluster: Cluster) -> None:
     # metadata and status remain writable
     cluster.kube.custom.patch_namespaced_custom_object(wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, "frozen",
                                                        {"metadata": {"labels": {"ok": "yes"}}})
+
+
+def test_delete_with_a_finalizer_marks_the_object_as_a_write(cluster: Cluster) -> None:
+    """As kube-apiserver's markAsDeleting: deletionTimestamp and a zero grace period, one
+    generation bump, a new resourceVersion (so a precondition or patch at the old one is
+    stale), a MODIFIED event; a second delete changes nothing; removing the finalizer
+    deletes it (DELETED)."""
+    custom = cluster.kube.custom
+    args = (wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL)
+    cluster.create_overlayjob("fin")
+    before = custom.patch_namespaced_custom_object(*args, "fin", {"metadata": {"finalizers": ["test/hold"]}})
+    watch = kubernetes.watch.Watch()
+    seen: list[tuple[str, str, Any]] = []
+
+    def follow() -> None:
+        for event in watch.stream(custom.list_namespaced_custom_object, *args, resource_version=rv(before),
+                                  timeout_seconds=30):
+            meta = event["object"]["metadata"]
+            seen.append((event["type"], meta["resourceVersion"], meta.get("deletionTimestamp")))
+            if event["type"] == "DELETED":
+                watch.stop()
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    custom.delete_namespaced_custom_object(*args, "fin")
+    marked = cluster.get("fin")
+    meta = marked["metadata"]
+    assert int(rv(marked)) > int(rv(before)) and meta["generation"] == before["metadata"]["generation"] + 1 == 2
+    assert meta["deletionGracePeriodSeconds"] == 0 and meta["deletionTimestamp"].endswith("Z")
+    with pytest.raises(kubernetes.client.ApiException) as err:  # a write at the version before the mark
+        custom.patch_namespaced_custom_object(*args, "fin", {"metadata": {"labels": {"a": "1"},
+                                                                          "resourceVersion": rv(before)}})
+    assert status_of(err) == (409, "Conflict")
+    custom.delete_namespaced_custom_object(*args, "fin")  # already marked: nothing changes
+    assert cluster.get("fin")["metadata"] == meta
+    custom.patch_namespaced_custom_object(*args, "fin", {"metadata": {"finalizers": None}})
+    follower.join(30)
+    assert cluster.get("fin") is None
+    # the mark is the first event after the list; the last is DELETED (whether the finalizer
+    # removal shows as a MODIFIED before it is not asserted: a real server's detail)
+    assert seen[0] == ("MODIFIED", rv(marked), meta["deletionTimestamp"]) and seen[-1][0] == "DELETED"
+
+
+def test_create_is_201_with_server_set_metadata_and_generate_name(cluster: Cluster) -> None:
+    body = {"apiVersion": wk.API_VERSION, "kind": wk.KIND, "metadata": {"name": "meta", "uid": "mine"},
+            "spec": {"image": {"hostPath": {"path": "/data/images"}, "path": "a.sif"}, "workload": {"command": ["x"]}},
+            "status": {"phase": "Succeeded"}}
+    created, code, _headers = cluster.kube.custom.create_namespaced_custom_object_with_http_info(
+        wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, body)
+    meta = created["metadata"]
+    assert code == 201 and meta["namespace"] == cluster.ns and meta["uid"] != "mine" and len(meta["uid"]) == 36
+    assert meta["creationTimestamp"].endswith("Z") and rv(created).isdigit() and meta["generation"] == 1
+    assert "status" not in created  # the status subresource: a create does not set it
+    made = cluster.kube.core.create_namespaced_config_map(cluster.ns, {"metadata": {"generateName": "cm-"}})
+    assert made.metadata.name.startswith("cm-") and len(made.metadata.name) == len("cm-") + 5
+
+
+def test_the_status_subresource_is_isolated_both_ways(cluster: Cluster) -> None:
+    custom = cluster.kube.custom
+    args = (wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, "iso")
+    cluster.create_overlayjob("iso")
+    custom.patch_namespaced_custom_object(*args, {"metadata": {"labels": {"a": "1"}}, "status": {"phase": "Failed"}})
+    assert cluster.get("iso").get("status") is None and cluster.get("iso")["metadata"]["labels"] == {"a": "1"}
+    custom.patch_namespaced_custom_object_status(*args, {"metadata": {"labels": {"a": "2"}}, "spec": {"mode": "ro"},
+                                                         "status": {"phase": "Running"}})
+    obj = cluster.get("iso")
+    assert obj["status"] == {"phase": "Running"} and obj["metadata"]["labels"] == {"a": "1"}
+    assert obj["spec"].get("mode", "rw") == "rw"
+
+
+def test_a_json_patch_test_op_that_fails_is_422_and_writes_nothing(cluster: Cluster) -> None:
+    """kopf adds and removes its finalizer with a JSON patch that tests resourceVersion."""
+    custom = cluster.kube.custom
+    args = (wk.GROUP, wk.VERSION, cluster.ns, wk.PLURAL, "jp")
+    version = rv(cluster.create_overlayjob("jp"))
+    stale = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
+             {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]}]
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom.patch_namespaced_custom_object(*args, stale)
+    assert status_of(err) == (422, "Invalid") and rv(cluster.get("jp")) == version
+    fresh = [{**stale[0], "value": version}, stale[1]]
+    patched = custom.patch_namespaced_custom_object(*args, fresh)
+    assert patched["metadata"]["finalizers"] == ["x/y"] and int(rv(patched)) > int(version)
+    custom.patch_namespaced_custom_object(*args, {"metadata": {"finalizers": None}})
+
+
+def test_label_selectors_on_list_and_dry_run_creates_nothing(cluster: Cluster) -> None:
+    core = cluster.kube.core
+    for name, labels in (("p1", {"a": "1", "b": "2"}), ("p2", {"a": "2"}), ("p3", {"c": "x"})):
+        core.create_namespaced_pod(cluster.ns, {"metadata": {"name": name, "labels": labels},
+                                                "spec": {"containers": [{"name": "c", "image": "i"}]}})
+
+    def names(selector: str) -> list[str]:
+        return sorted(p.metadata.name for p in core.list_namespaced_pod(cluster.ns, label_selector=selector).items)
+
+    assert names("a=1") == ["p1"] and names("a!=1") == ["p2", "p3"] and names("a in (1,2)") == ["p1", "p2"]
+    assert names("a notin (1)") == ["p2", "p3"] and names("!a") == ["p3"] and names("a,b==2") == ["p1"]
+    core.create_namespaced_pod(cluster.ns, {"metadata": {"name": "dry"}, "spec": {"containers": [{"name": "c",
+                                                                                                   "image": "i"}]}},
+                               dry_run="All")
+    assert names("") == ["p1", "p2", "p3"]
+
+
+def test_a_watch_continues_its_list_without_replaying_or_losing_changes(cluster: Cluster) -> None:
+    core = cluster.kube.core
+    for name in ("kept", "changed"):
+        core.create_namespaced_config_map(cluster.ns, {"metadata": {"name": name}})
+    listed = core.list_namespaced_config_map(cluster.ns)
+    assert sorted(c.metadata.name for c in listed.items) == ["changed", "kept"]
+    # a change between the list and the watch: the watch from the list's version shows it,
+    # and nothing the list already had
+    changed = core.patch_namespaced_config_map("changed", cluster.ns, {"data": {"k": "v"}})
+    watch = kubernetes.watch.Watch()
+    events = []
+    for event in watch.stream(core.list_namespaced_config_map, cluster.ns,
+                              resource_version=listed.metadata.resource_version, timeout_seconds=5):
+        events.append((event["type"], event["object"].metadata.name, event["object"].metadata.resource_version))
+        watch.stop()
+    assert events == [("MODIFIED", "changed", changed.metadata.resource_version)]
