@@ -164,6 +164,11 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
         if st.actual_digest:
             lines.append(f"  actual digest:   {st.actual_digest}")
         lines.append(f"  overlay: {st.overlay_size} bytes at offset {st.overlay_offset}, {st.free_bytes} bytes free")
+        if st.capacity:
+            cap = st.capacity
+            lines.append(f"  free: {cap['free_bytes']} bytes ({cap['available_bytes']} for users), "
+                         f"{cap['free_inodes']} of {cap['inodes']} inodes, {cap['descriptors_free']} of "
+                         f"{cap['descriptors_total']} descriptor slots (a sync needs {cap['slots_per_sync']})")
         if st.holder:
             lines.append(f"  in use: {st.holder['detail']}")
         if st.journal_pending:

@@ -8,7 +8,7 @@ commit protocol, with the fingerprint annotation recorded from the start.
 Refusals (one line each): a native SIF (its overlay is a SIF partition, which
 `singularity overlay create` already handles; we manage OCI-SIF overlays only), an image
 with signatures (our new digests would invalidate them), an image that already has an
-overlay, too few free descriptor slots (4 are needed: ext3, config, manifest, index).
+overlay, too few free descriptor slots (5 are needed: ext3, config, manifest, index, history).
 upper/ and work/ are owned by the image file's owner, so a root-run create hands a
 usable overlay to the user who owns the image.
 """
@@ -29,7 +29,7 @@ from .recover import exclusive, scratch_file
 
 log = logging.getLogger(__name__)
 
-SLOTS_NEEDED = 4
+SLOTS_NEEDED = 5  # = engine.capacity.SLOTS_NEEDED["create"]
 
 
 def check_can_add_overlay(path: str) -> None:

@@ -38,6 +38,7 @@ class Status:
     journal_pending: int
     overlay_offset: int = 0
     dirty: bool = False
+    capacity: dict[str, Any] | None = None  # engine.capacity.Capacity.as_dict()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +46,7 @@ class Status:
             "actual_digest": self.actual_digest, "fingerprint_recorded": self.fingerprint_recorded,
             "fingerprint_now": self.fingerprint_now, "overlay_offset": self.overlay_offset,
             "overlay_size": self.overlay_size, "free_bytes": self.free_bytes, "dirty": self.dirty,
-            "holder": self.holder, "journal_pending": self.journal_pending,
+            "holder": self.holder, "journal_pending": self.journal_pending, "capacity": self.capacity,
         }
 
 
@@ -94,6 +95,7 @@ def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callab
     from sifoverlay.ext3 import Superblock, hash_range
 
     from . import lease, quiesce
+    from .capacity import capacity_of
 
     overlay = img.require_overlay()
     sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
@@ -126,7 +128,7 @@ def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callab
         state=state, image=image, recorded_digest=overlay.recorded_digest, actual_digest=actual,
         fingerprint_recorded=recorded_fp, fingerprint_now=now, overlay_size=overlay.size,
         free_bytes=sb.free_bytes, holder=holder, journal_pending=pending,
-        overlay_offset=overlay.offset, dirty=sb.is_dirty,
+        overlay_offset=overlay.offset, dirty=sb.is_dirty, capacity=capacity_of(img).as_dict(),
     )
 
 

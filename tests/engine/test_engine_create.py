@@ -78,9 +78,9 @@ def test_create_refuses_too_few_slots(tmp_path: Path, vectors: Path) -> None:
     image = tmp_path / "full.sif"
     shutil.copyfile(vectors / "oci-sif/TestWrite/DockerManifest.golden", image)
     before = image.read_bytes()
-    with pytest.raises(CapacityError, match="needs 4 free descriptor slots.*only 0 free") as info:
+    with pytest.raises(CapacityError, match="needs 5 free descriptor slots.*only 0 free") as info:
         engine.create_overlay(image)
-    assert (info.value.needed, info.value.free) == (4, 0)
+    assert (info.value.needed, info.value.free) == (5, 0)
     assert image.read_bytes() == before
 
 

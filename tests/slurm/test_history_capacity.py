@@ -71,3 +71,48 @@ def test_job_ends_are_recorded_with_job_user_node_and_exit_state(
         assert rev["bytes_hashed"] == 64 << 20
     assert revisions[1]["manifest"]["old"] == revisions[2]["manifest"]["new"]
     assert revisions[0]["manifest"]["old"] == revisions[1]["manifest"]["new"]
+
+
+def fill_overlay(image: Path, leave: int) -> None:
+    """Write one file into upper/ (as root, through debugfs) so that about `leave` bytes stay available."""
+    from sifoverlay.engine.capacity import read_capacity
+    from sifoverlay.ocisif import open_image
+
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        cap = read_capacity(str(image), fd)
+    finally:
+        os.close(fd)
+    with open_image(str(image)) as img:
+        offset = img.overlay.offset  # type: ignore[union-attr]
+    filler = image.parent / "filler.bin"
+    # random bytes (debugfs leaves zero blocks as holes); 1 KiB blocks: ~1/256 more for indirect blocks
+    filler.write_bytes(os.urandom(int((cap.available_bytes - leave) / (1 + 1 / 250))))
+    sh("debugfs", "-w", "-R", f"write {filler} upper/filler.bin", f"{image}?offset={offset}")
+    filler.unlink()
+    sh(SIFOVERLAY, "overlay", "sync", str(image))
+
+
+def available(image: Path) -> int:
+    return int(json.loads(sh(SIFOVERLAY, "overlay", "status", "--json", "--no-verify", str(image)).stdout)
+               ["capacity"]["available_bytes"])
+
+
+def test_rw_job_refused_at_prolog_for_a_full_overlay(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """dev-cluster sets min_free=1M: below it a rw job fails with one line naming the image,
+    before anything is mounted; a read-only job still runs; the image is untouched."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    fill_overlay(image, 512 << 10)
+    free = available(image)
+    assert 0 < free < 1 << 20, free
+    before = image.read_bytes()
+    done = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}", "true", cwd="/")
+    cluster.settle(cancel=False)
+    assert done.returncode != 0
+    assert f"overlay has {free} bytes free, less than the required 1048576 (min_free)" in done.stderr, done.stderr
+    assert image.read_bytes() == before
+    ro = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}:ro", "true", cwd="/")
+    cluster.settle(cancel=False)
+    assert ro.returncode == 0, ro.stderr
