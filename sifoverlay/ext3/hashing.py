@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from sifoverlay.errors import Ext3FormatError
 
 DEFAULT_BUF = 4 << 20
+PIPELINE_MIN = 16 << 20  # smaller ranges: a reader thread costs more than it overlaps
+PIPELINE_DEPTH = 3  # buffers in flight: one hashed, one read, one spare
 
 Progress = Callable[[int, int], None]
 
@@ -83,6 +85,37 @@ def _fd_path(fd: int) -> str:
         return f"<fd {fd}>"
 
 
+def _chunks(fd: int, offset: int, end: int, buf: int) -> Iterator[tuple[int, int, bool]]:
+    """(position, length, is_data) pieces of [offset, end) in order: data pieces of at most
+    `buf` bytes, each hole as one piece of any length (hashed from the zero buffer)."""
+    pos = offset
+    while pos < end:
+        data = next_data(fd, pos, end)
+        if pos < data:
+            yield pos, data - pos, False
+            pos = data
+        if pos >= end:
+            break
+        hole = next_hole(fd, pos, end)
+        if hole <= pos:  # defensive: never spin on a bogus SEEK_HOLE answer
+            hole = end
+        while pos < hole:
+            n = min(buf, hole - pos)
+            yield pos, n, True
+            pos += n
+
+
+def _read_full(fd: int, view: memoryview, pos: int, n: int, name: str | None, offset: int, end: int) -> None:
+    """Fill view[:n] from fd at pos (a short read is continued; end of file is an error)."""
+    got = 0
+    while got < n:
+        r = os.preadv(fd, [view[got:n]], pos + got)
+        if r <= 0:
+            raise Ext3FormatError(name or _fd_path(fd),
+                                  f"unexpected end of file at byte {pos + got} while hashing [{offset}, {end})")
+        got += r
+
+
 def _hash_fd(fd: int, name: str | None, offset: int, size: int, progress: Progress | None, buf: int) -> str:
     if offset < 0 or size < 0 or buf <= 0:
         raise ValueError(f"hash_range: bad offset/size/buf {offset}/{size}/{buf}")
@@ -91,30 +124,86 @@ def _hash_fd(fd: int, name: str | None, offset: int, size: int, progress: Progre
     if end > file_size:
         raise Ext3FormatError(name or _fd_path(fd), f"byte range [{offset}, {end}) runs past the end of the file ({file_size} bytes)")
     h = hashlib.sha256()
+    pieces = _pipelined(fd, name, offset, end, buf) if size >= PIPELINE_MIN else _serial(fd, name, offset, end, buf)
     update = h.update
     zeros = _zeros(buf)
-    block = bytearray(buf)
-    view = memoryview(block)
-    pos = offset
-    while pos < end:
-        data = next_data(fd, pos, end)
-        while pos < data:  # hole: zeros without touching the disk
-            n = min(buf, data - pos)
-            update(zeros[:n])
-            pos += n
-            if progress is not None:
-                progress(pos - offset, size)
-        if pos >= end:
-            break
-        hole = next_hole(fd, pos, end)
-        if hole <= pos:  # defensive: never spin on a bogus SEEK_HOLE answer
-            hole = end
-        while pos < hole:
-            n = os.preadv(fd, [view[: min(buf, hole - pos)]], pos)
-            if n <= 0:
-                raise Ext3FormatError(name or _fd_path(fd), f"unexpected end of file at byte {pos} while hashing [{offset}, {end})")
-            update(view[:n])
-            pos += n
-            if progress is not None:
-                progress(pos - offset, size)
+    done = 0
+    for view, n in pieces:
+        if view is None:  # hole: zeros without touching the disk, progress per buffer
+            while n:
+                step = min(buf, n)
+                update(zeros[:step])
+                n -= step
+                done += step
+                if progress is not None:
+                    progress(done, size)
+            continue
+        update(view[:n])
+        done += n
+        if progress is not None:
+            progress(done, size)
     return "sha256:" + h.hexdigest()
+
+
+Piece = tuple[memoryview | None, int]  # (the bytes, or None for a hole; length)
+
+
+def _serial(fd: int, name: str | None, offset: int, end: int, buf: int) -> Iterator[Piece]:
+    view = memoryview(bytearray(min(buf, end - offset) or 1))
+    for pos, n, is_data in _chunks(fd, offset, end, buf):
+        if is_data:
+            _read_full(fd, view, pos, n, name, offset, end)
+            yield view, n
+        else:
+            yield None, n
+
+
+def _pipelined(fd: int, name: str | None, offset: int, end: int, buf: int) -> Iterator[Piece]:
+    """The pieces of _serial, read ahead by a thread into PIPELINE_DEPTH buffers: preadv
+    and sha256 both release the GIL, so reading the next buffer overlaps hashing this one
+    (the hash costs the larger of the two instead of their sum). The consumer returns each
+    buffer by asking for the next piece; leaving the loop early (an exception in a
+    progress callback) stops the reader before the caller may close fd."""
+    import queue
+    import threading
+
+    free: queue.Queue[memoryview | None] = queue.Queue()
+    ready: queue.Queue[Piece | BaseException | None] = queue.Queue()
+    for _ in range(PIPELINE_DEPTH):
+        free.put(memoryview(bytearray(buf)))
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for pos, n, is_data in _chunks(fd, offset, end, buf):
+                if not is_data:
+                    ready.put((None, n))
+                    continue
+                view = free.get()
+                if view is None or stop.is_set():
+                    return
+                _read_full(fd, view, pos, n, name, offset, end)
+                ready.put((view, n))
+            ready.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    thread = threading.Thread(target=reader, name="sifoverlay-hash-reader", daemon=True)
+    thread.start()
+    try:
+        lent: memoryview | None = None
+        while True:
+            if lent is not None:
+                free.put(lent)  # the consumer is done with it
+                lent = None
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            lent = item[0]
+            yield item
+    finally:
+        stop.set()
+        free.put(None)  # wakes a reader waiting for a buffer
+        thread.join()

@@ -133,3 +133,75 @@ def test_image_made_by_mkfs(overlay_img: Path) -> None:
 def test_random_layouts(tmp_path: Path, pieces: list[tuple[int, int]], start: int, length: int, buf: int) -> None:
     path = sparse_file(tmp_path / "r.bin", 8 * MIB, [(off, os.urandom(n)) for off, n in pieces])
     assert ext3.hash_range(str(path), start, length, buf=buf) == reference(path, start, length)
+
+
+def test_pipelined_read_ahead_equals_serial(tmp_path: Path) -> None:
+    """Ranges of PIPELINE_MIN and more are read ahead by a thread: same digest, holes and
+    short last pieces included, for a buffer size that is no divisor of anything."""
+    from sifoverlay.ext3 import hashing
+
+    size = hashing.PIPELINE_MIN + 7 * MIB
+    pieces = [(0, os.urandom(5 * MIB + 1)), (9 * MIB, os.urandom(3)), (size - MIB - 9, os.urandom(MIB))]
+    path = sparse_file(tmp_path / "big.bin", size + 11, pieces)
+    assert data_extents(path) >= 2
+    seen: list[int] = []
+    digest = ext3.hash_range(str(path), 3, size, buf=100_003, progress=lambda d, t: seen.append(d))
+    assert digest == reference(path, 3, size)
+    assert seen == sorted(seen) and seen[-1] == size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        serial = "sha256:" + hashlib.sha256(b"".join(
+            bytes(view[:n]) if view is not None else bytes(n)
+            for view, n in hashing._serial(fd, None, 3, 3 + size, 100_003))).hexdigest()
+    finally:
+        os.close(fd)
+    assert serial == digest
+
+
+def test_pipelined_reader_stops_when_the_consumer_raises(tmp_path: Path) -> None:
+    """A progress callback that raises (the Epilog's hash deadline) ends the read-ahead
+    thread before hash_range returns: the caller may close the fd at once."""
+    import threading
+
+    from sifoverlay.ext3 import hashing
+
+    path = tmp_path / "dense.bin"
+    path.write_bytes(os.urandom(hashing.PIPELINE_MIN + MIB))
+
+    class Deadline(Exception):
+        pass
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done >= 2 * MIB:
+            raise Deadline(done)
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(Deadline):
+            ext3.hash_range(fd, 0, hashing.PIPELINE_MIN + MIB, buf=MIB, progress=stop_after_two)
+        assert [t.name for t in threading.enumerate() if t.name == "sifoverlay-hash-reader"] == []
+    finally:
+        os.close(fd)
+
+
+def test_pipelined_read_error_reaches_the_caller(tmp_path: Path) -> None:
+    """The file shrinks under the read-ahead thread: the caller gets the same one-line
+    Ext3FormatError as the serial path, and no thread is left behind."""
+    import threading
+
+    from sifoverlay.ext3 import hashing
+
+    path = tmp_path / "shrinks.bin"
+    path.write_bytes(os.urandom(hashing.PIPELINE_MIN + 2 * MIB))
+    fd = os.open(path, os.O_RDONLY)
+
+    def shrink_once(done: int, total: int) -> None:
+        if done <= MIB:
+            os.truncate(path, 4 * MIB)
+
+    try:
+        with pytest.raises(Ext3FormatError, match=r"unexpected end of file at byte 4194304 while hashing"):
+            ext3.hash_range(fd, 0, hashing.PIPELINE_MIN + 2 * MIB, buf=MIB, progress=shrink_once)
+        assert [t.name for t in threading.enumerate() if t.name == "sifoverlay-hash-reader"] == []
+    finally:
+        os.close(fd)
