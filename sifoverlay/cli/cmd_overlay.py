@@ -119,7 +119,21 @@ def register(sub: Any) -> None:
                       help="count this reconcile in DIR/sifoverlay_events.prom for node_exporter's textfile "
                       "collector (default: $SIFOVERLAY_TEXTFILE_DIR, else none; see docs/metrics.md)")
     _common(sync)
-    sync.set_defaults(func=run, verb="sync")
+    sync.set_defaults(func=run, verb="sync", defer_logging=True)  # the no-op memo path logs nothing
+
+    resize = verbs.add_parser("resize", help="grow (or shrink, never below the used space) the overlay",
+                              description="Resize the ext3 overlay of IMAGE (crash-safe: resized on a copy, then "
+                              "committed).")
+    resize.add_argument("--size", type=parse_size, required=True, metavar="SIZE",
+                        help="new overlay size: MiB, or with a unit as in `overlay create` (64, 512M, 2G; >= 64 MiB)")
+    _common(resize)
+    resize.set_defaults(func=run, verb="resize")
+
+    compact = verbs.add_parser("compact", help="give the space of deleted files back (punch free ext3 blocks)",
+                               description="Punch the free blocks of the overlay out of IMAGE's allocation and "
+                               "record the new digest (crash-safe).")
+    _common(compact)
+    compact.set_defaults(func=run, verb="compact")
 
     seal = verbs.add_parser("seal", help="turn upper/ into a squashfs layer replacing the overlay",
                             description="Convert the overlay's upper/ into a squashfs layer (crash-safe).")
@@ -142,13 +156,25 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
 
     verb = args.verb
     if verb == "sync":
+        metrics = args.textfile_dir is not None or bool(os.environ.get(TEXTFILE_ENV))
+        if not args.force_hash and not metrics:  # issue 17: a no-op without loading the engine
+            import time
+
+            from sifoverlay.engine import noopmemo
+
+            started = time.monotonic()
+            digest = noopmemo.recorded_noop(args.image, args.journal_dir)
+            if digest is not None:
+                return (noopmemo.noop_result(args.image, digest, time.monotonic() - started),
+                        f"{args.image}: noop ({digest})")
+        getattr(args, "setup_logging", lambda: None)()
         from sifoverlay.engine.reconcile import sync
 
         def run_sync() -> Any:
             return sync(args.image, job=args.job, journal_dir=args.journal_dir, io=io_from_env(), progress=bar,
-                        force_hash=args.force_hash)
+                        force_hash=args.force_hash, remember_noop=True)
 
-        if args.textfile_dir is None and not os.environ.get(TEXTFILE_ENV):
+        if not metrics:
             result = run_sync()  # no metrics asked for: sifoverlay.metrics stays unimported
         else:
             from sifoverlay.metrics.record import recording
@@ -185,6 +211,23 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
         op = create_overlay(args.image, size_mib=args.size, sparse=args.sparse, journal_dir=args.journal_dir,
                             io=io_from_env())
         return op.as_dict(), f"{op.image}: overlay created ({op.layer_size} bytes, {op.layer_digest})"
+    if verb == "resize":
+        from sifoverlay.engine.resize import resize
+
+        if args.size < MIN_SIZE_MIB:
+            from sifoverlay.errors import UsageError
+
+            raise UsageError(args.image, f"overlay size must be at least {MIN_SIZE_MIB} MiB, got {args.size} MiB")
+        op = resize(args.image, size_mib=args.size, journal_dir=args.journal_dir, io=io_from_env())
+        if op.action == "unchanged":
+            return op.as_dict(), f"{op.image}: overlay already {op.layer_size} bytes"
+        return op.as_dict(), f"{op.image}: overlay resized to {op.layer_size} bytes ({op.layer_digest})"
+    if verb == "compact":
+        from sifoverlay.engine.compact import compact
+
+        done = compact(args.image, journal_dir=args.journal_dir, io=io_from_env())
+        return done.as_dict(), (f"{done.image}: {done.action}, {done.punched_bytes} bytes punched, allocated "
+                                f"{done.blocks_before * 512} -> {done.blocks_after * 512} bytes")
     from sifoverlay.engine.seal import seal
 
     op = seal(args.image, journal_dir=args.journal_dir, io=io_from_env())

@@ -68,6 +68,7 @@ class CommitPlan:
     old_root_digest: str | None
     new_root_digest: str
     extra: dict[str, object] = field(default_factory=dict)
+    zeroed: tuple[tuple[int, int], ...] = ()  # ranges inside live objects punched after the commit (compact)
 
 
 def live_ranges(metadata: bytes) -> list[tuple[int, int]]:
@@ -209,7 +210,7 @@ def make_intent(image: str, fd: int, plan: CommitPlan, *, job: str | None) -> In
         freed=plan.freed, before=plan.before, after=plan.after, small_blobs=small,
         job=job, host=os.uname().nodename, pid=os.getpid(), created=time.time(),
         extra={k: v for k, v in plan.extra.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        key=identity_key(fd),
+        key=identity_key(fd), zeroed=plan.zeroed,
     )
 
 
@@ -261,6 +262,8 @@ def collect_garbage(fd: int, intent: Intent, io: FileIO) -> None:
     end = data_end(intent.after)
     for start, stop in dead_segments(intent.freed, live, end):
         io.punch_hole(fd, start, stop - start)
+    for start, size in intent.zeroed:  # committed as zeros (compact): punching again is harmless
+        io.punch_hole(fd, start, min(size, max(0, end - start)))
     if os.fstat(fd).st_size > end:
         io.truncate(fd, end)
     io.fsync(fd)

@@ -104,6 +104,9 @@ class Intent:
     created: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. new overlay digest
     key: str = ""  # identity key of the image (engine/statedir.py); the entry name starts with it
+    # (offset, size) inside LIVE objects to punch after the commit point (compact: free ext3
+    # blocks, whose zeros the committed digest already counts); done by GC, so by recovery too
+    zeroed: tuple[tuple[int, int], ...] = ()
 
     def encode(self) -> bytes:
         sections: list[tuple[str, bytes]] = [("before", self.before), ("after", self.after)]
@@ -119,6 +122,8 @@ class Intent:
             "extra": self.extra, "key": self.key,
             "sections": [[name, len(raw)] for name, raw in sections],
         }
+        if self.zeroed:
+            meta["zeroed"] = [list(r) for r in self.zeroed]
         text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode("utf-8")
         return struct.pack("<I", len(text)) + text + b"".join(raw for _, raw in sections)
 
@@ -144,6 +149,7 @@ class Intent:
             job=meta.get("job"), host=meta.get("host", ""), pid=int(meta.get("pid", 0)),
             created=float(meta.get("created", 0.0)), extra=dict(meta.get("extra") or {}),
             key=str(meta.get("key") or ""),
+            zeroed=tuple((int(o), int(n)) for o, n in meta.get("zeroed") or ()),
         )
 
 

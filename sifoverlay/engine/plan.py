@@ -194,3 +194,25 @@ def plan_seal(img: OciSifImage, *, squashfs: BlobSource, now: int | None = None,
     )
     assert plan is not None
     return plan
+
+
+def plan_resize(img: OciSifImage, *, ext3: BlobSource, fingerprint: Mapping[str, Any], now: int | None = None,
+                revision: RevisionDraft | None = None) -> CommitPlan:
+    """The resized copy of the ext3 replaces the overlay: appended as a new object (the
+    old one is freed and punched), manifest layer size/digest, last diff_id, fingerprint."""
+    overlay = img.require_overlay()
+    last = len(img.layers) - 1
+    annotations = dict(img.layers[last].annotations)
+    annotations[OVERLAY_FINGERPRINT_ANNOTATION] = fingerprint_text(fingerprint)
+    manifest = jsonedit.replace_layer(img.manifest.json, last,
+                                      {"size": ext3.size, "digest": ext3.digest, "annotations": annotations})
+    config = jsonedit.set_diff_id(img.config.json, -1, ext3.digest)
+    plan = _replace_image(
+        img, op="resize", config=config, manifest=manifest, big=[ext3], remove_ids=(overlay.descriptor.id,), now=now,
+        extra={"overlay_digest": ext3.digest, "old_overlay_digest": overlay.recorded_digest},
+        revision=revision or draft("resize", None, old_overlay=overlay.recorded_digest, new_overlay=ext3.digest,
+                                   bytes_hashed=ext3.size),
+    )
+    assert plan is not None
+    return plan
+
