@@ -58,8 +58,11 @@ class SlurmConfig:
     mount: str = "fuse"
     state_dir: str = "/var/lib/sifoverlay"  # root's lease records + scratch (engine/statedir.py)
     max_overlay: int = DEFAULT_MAX_OVERLAY  # bytes; bigger overlay regions are refused at Prolog
+    min_free: int = 0  # bytes; a rw job on an overlay with less available is refused at Prolog (0: no minimum)
     hash_deadline: float = DEFAULT_HASH_DEADLINE  # seconds the Epilog may hash; then the sweeper
     lease_ttl: float = DEFAULT_LEASE_TTL  # docs/slurm.md "Leases, heartbeats and fencing"
+    binds: str = ""  # site binds of every job, SRC[:DST[:ro|rw]],... (runtime.jobview)
+    home: bool = True  # bind the job user's $HOME
     lease_grace: float = DEFAULT_LEASE_GRACE
     source: str = "<defaults>"  # where the values came from, for messages
 
@@ -107,10 +110,24 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             config = replace(config, default_mode=value)
         elif key == "max_overlay":
             config = replace(config, max_overlay=parse_size(key, value, source))
+        elif key == "min_free":
+            config = replace(config, min_free=parse_size(key, value, source))
         elif key == "hash_deadline":
             config = replace(config, hash_deadline=float(parse_size(key, value, source, units=False)))
         elif key in ("lease_ttl", "lease_grace"):
             config = replace(config, **{key: float(parse_size(key, value, source, units=False))})
+        elif key == "binds":
+            from sifoverlay.runtime.jobview import parse_binds
+
+            try:  # refuse a bad list where slurmd starts
+                parse_binds(value, what="plugstack binds=")
+            except UsageError as exc:
+                raise UsageError(source, exc.problem) from None
+            config = replace(config, binds=value)
+        elif key == "home":
+            if value not in ("yes", "no"):
+                raise UsageError(source, f"plugstack: home={value}: expected yes or no")
+            config = replace(config, home=value == "yes")
         elif key == "mount":
             if value not in _MOUNTS:
                 raise UsageError(source, f"plugstack: mount={value}: expected fuse or kernel")

@@ -33,7 +33,7 @@ from typing import Any, Final
 from sifoverlay.errors import Ext3FormatError, ImageBusy, OverlayStateError, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
-from . import records
+from . import records, taskview
 from .authorize import ImageIdentity, authorize, verify_unchanged
 from .config import SlurmConfig, load_config
 from .jobenv import JobEnv
@@ -126,6 +126,9 @@ def _check_image(identity: ImageIdentity, writable: bool, config: SlurmConfig | 
                                     "'sifoverlay overlay create' or run the job with :ro")
     if writable:
         check_overlay_bounds(identity.path, identity.fd, max_bytes=(config or SlurmConfig()).max_overlay)
+        from sifoverlay.engine.capacity import preflight  # issue 18: room for the job and its end-of-job commit
+
+        preflight(identity.path, identity.fd, min_free_bytes=(config or SlurmConfig()).min_free)
 
 
 def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> None:
@@ -195,12 +198,15 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
             # and hands the lease's byte-range lock fd to the ext3 FUSE daemon, so the lock
             # lives exactly as long as the ext3 mount, long after this Prolog exits.
             lock_fd = held.lock_fd  # None for a lease resumed after a requeue
+            view = taskview.plan(job.uid, job.gid, config.mounts_dir, job.job_id, config, os.environ)
             rootfs = runtime.assemble(image, job.job_id, writable=writable, mode=config.mount,
                                       uid=job.uid, gid=job.gid, base_dir=config.mounts_dir,
-                                      image_fd=identity.fd, hold_fds=() if lock_fd is None else (lock_fd,))
+                                      image_fd=identity.fd, hold_fds=() if lock_fd is None else (lock_fd,),
+                                      mountpoints=view.mountpoints)
             assembled = True
             verify_unchanged(image, identity.dev, identity.ino)
             path = rootfs.path
+            taskview.finish(view, config, job.job_id, path, identity.fd, io=io)  # job environment (issue 14)
             records.write_ready(config.records_dir, job.job_id, image, job.mode, path, requested=job.image, io=io)
         except BaseException:
             if assembled:

@@ -8,10 +8,13 @@
  *   sifoverlay=/opt/sifoverlay/bin/python     mount=fuse|kernel
  *   state_dir=/var/lib/sifoverlay              (root's lease/journal state, docs/security.md)
  *   max_overlay=256G                           (bytes, or K/M/G/T binary units)
+ *   min_free=1G                                (bytes: rw jobs refused at Prolog below this; issue 18)
  *   hash_deadline=600                          (seconds the Epilog may hash; then the sweeper)
  *   lease_ttl=180 lease_grace=120              (seconds: lease heartbeat lifetime, takeover grace)
- * The last five are used by the Python side only; they are checked here with the same
- * rules so both halves accept exactly the same lines.
+ *   binds=/scratch,/shared:ro                  (site binds of every job: SRC[:DST[:ro|rw]],...)
+ *   home=yes|no                                (bind the job user's $HOME; default yes)
+ * state_dir and every key after it are used by the Python side only; they are checked
+ * here with the same rules so both halves accept exactly the same lines.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -115,10 +118,26 @@ static int parse_one(const char *arg)
 		return copy_abs_path(key, value, sifo_config.runtime_dir, sizeof(sifo_config.runtime_dir));
 	if (!strcmp(key, "state_dir"))
 		return copy_abs_path(key, value, state_dir, sizeof(state_dir));
-	if (!strcmp(key, "max_overlay"))
+	if (!strcmp(key, "max_overlay") || !strcmp(key, "min_free"))
 		return check_size(key, value, 1);
 	if (!strcmp(key, "hash_deadline") || !strcmp(key, "lease_ttl") || !strcmp(key, "lease_grace"))
 		return check_size(key, value, 0);
+	if (!strcmp(key, "binds")) {
+		char err[SIFO_MSG_MAX];
+		if (strlen(value) >= 4 * PATH_MAX || sifo_mounts_check(value, err, sizeof(err)) < 0) {
+			sifo_error("plugstack: binds=%s: %s", value,
+				   strlen(value) >= 4 * PATH_MAX ? "too long" : err);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "home")) {
+		if (strcmp(value, "yes") && strcmp(value, "no")) {
+			sifo_error("plugstack: home=%s: expected yes or no", value);
+			return -1;
+		}
+		return 0;
+	}
 	if (!strcmp(key, "sifoverlay"))
 		return copy_abs_path(key, value, sifo_config.sifoverlay, sizeof(sifo_config.sifoverlay));
 	if (!strcmp(key, "image_roots"))
