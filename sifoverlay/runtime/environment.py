@@ -5,7 +5,8 @@ tests check both against the same expectations; docs/slurm.md writes them down).
 Environment, in order (a later step wins):
 
 1. the job's environment (Slurm: the task's; exec: the caller's), or with ``cleanenv``
-   only the names in `CLEANENV_KEEP` (and those starting with `CLEANENV_PREFIXES`);
+   only the names in `CLEANENV_KEEP`, those starting with `CLEANENV_PREFIXES` and those
+   listed bare in ``--oci-sif-env NAME``;
 2. ``HOME``, ``USER`` and ``LOGNAME`` of the job user (exec under sudo leaked root's);
 3. the image's config ``Env``: each NAME=VALUE replaces the job's value (pyxis: the
    image's ENV wins), except the NAMEs the user listed bare in ``--oci-sif-env NAME``
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from sifoverlay.errors import UsageError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LANGUAGE", "LC_ALL", "TZ", "CUDA_VISIBLE_DEVICES",
-                 "NVIDIA_VISIBLE_DEVICES")
+CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LANGUAGE", "LC_ALL", "TZ", "TMPDIR",
+                 "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
 CLEANENV_PREFIXES = ("LC_", "SLURM_", "SLURMD_", "PMI_", "PMIX_", "OMPI_", "MPIR_")
 
 
@@ -77,7 +78,8 @@ def compose(job_env: Mapping[str, str], image: Sequence[tuple[str, str]], option
             append: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
     """Steps 1-6 of the module docstring."""
     if options.clean:
-        env = {k: v for k, v in job_env.items() if k in CLEANENV_KEEP or k.startswith(CLEANENV_PREFIXES)}
+        env = {k: v for k, v in job_env.items()
+               if k in CLEANENV_KEEP or k.startswith(CLEANENV_PREFIXES) or k in options.keep}
     else:
         env = dict(job_env)
     if drop_path:

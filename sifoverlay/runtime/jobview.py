@@ -62,6 +62,8 @@ class Bind:
             parts[0] = os.path.join(cwd, parts[0])
         if not 1 <= len(parts) <= 3 or not parts[0]:
             raise UsageError(None, f"bad {what} {spec!r}: expected SRC[:DST[:ro|rw]]")
+        if len(parts) == 2 and parts[1] in ("ro", "rw"):  # SRC:ro - the flag, same path inside
+            parts = [parts[0], "", parts[1]]
         flag = parts[2] if len(parts) > 2 else "rw"
         dest = parts[1] if len(parts) > 1 and parts[1] else parts[0]
         if flag not in ("ro", "rw"):

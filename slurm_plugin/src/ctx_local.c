@@ -21,10 +21,12 @@ int sifo_local_post_opt(spank_t sp, int ac, char **av)
 	(void)ac;
 	(void)av;
 
-	if (sifo_args_env_twin(sp) < 0)
+	if (sifo_args_env_twin(sp) < 0 || sifo_task_opts_env_twins(sp, 0) < 0)
 		return -1;
 	if (!sifo_request.given)
 		return 0;
+	if (sifo_task_opts_to_prolog(sp) < 0)
+		return -1;
 	if (sifo_request.mode == SIFO_MODE_UNSET)
 		sifo_request.mode = sifo_config.default_mode;
 	snprintf(value, sizeof(value), "%s:%s", sifo_request.path, sifo_mode_name(sifo_request.mode));

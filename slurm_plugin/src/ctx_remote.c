@@ -63,6 +63,82 @@ static void task_cwd(spank_t sp, char *buf, size_t len)
 		snprintf(buf, len, "/");
 }
 
+static char task_cwds[3][PATH_MAX];
+static int n_task_cwds = -1; /* -1: this task does not run in an image */
+static bool task_cwd_required;
+
+/* (task_init, as the job user, already inside the image) the working directory rules:
+ * the first candidate, else the next with one warning line, else / (docs/slurm.md). */
+int sifo_remote_task_init(spank_t sp, int ac, char **av)
+{
+	uint32_t job_id = 0;
+	(void)ac;
+	(void)av;
+
+	if (n_task_cwds < 0)
+		return 0;
+	spank_get_item(sp, S_JOB_ID, &job_id);
+	for (int i = 0; i < n_task_cwds; i++) {
+		if (chdir(task_cwds[i]) == 0) {
+			if (i > 0)
+				dprintf(2, "sifoverlay: warning: %s does not exist in the image: working "
+					"directory is %s\n", task_cwds[0], task_cwds[i]);
+			return 0;
+		}
+		if (i == 0 && task_cwd_required)
+			return fail_task(job_id, "working directory %s: No such file or directory in the image",
+					 task_cwds[0]);
+	}
+	if (chdir("/") < 0)
+		return fail_task(job_id, "chdir / in the image failed");
+	if (n_task_cwds > 0 && strcmp(task_cwds[0], "/"))
+		dprintf(2, "sifoverlay: warning: %s does not exist in the image: working directory is /\n",
+			task_cwds[0]);
+	return 0;
+}
+
+/* The job view (taskview.c), the job user's credentials for her bind sources, the
+ * working directory candidates, then the environment (docs/slurm.md). */
+static int enter_with_view(spank_t sp, uint32_t job_id, const struct sifo_job_record *rec, const char *cwd)
+{
+	struct sifo_view view;
+	struct sifo_cred cred = { 0 };
+	const char *cwds[3];
+	int ncwds = 0, rc;
+	char err[SIFO_MSG_MAX];
+
+	if (sifo_task_opts_env_twins(sp, 1) < 0)
+		return fail_task(job_id, "bad job environment option (see above)");
+	if (sifo_view_load(sifo_config.runtime_dir, job_id, &view, err, sizeof(err)) < 0)
+		return fail_task(job_id, "%s", err);
+	if (spank_get_item(sp, S_JOB_UID, &cred.uid) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_GID, &cred.gid) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_SUPPLEMENTARY_GIDS, &cred.gids, &cred.ngids) != ESPANK_SUCCESS) {
+		sifo_view_free(&view);
+		return fail_task(job_id, "cannot read the job user's credentials");
+	}
+	if (sifo_opts.workdir_given) {
+		cwds[ncwds++] = sifo_opts.workdir;
+	} else {
+		cwds[ncwds++] = cwd;
+		if (view.workdir[0])
+			cwds[ncwds++] = view.workdir;
+	}
+	/* slurmstepd chdirs to the submit dir after this hook (to /tmp if the image lacks
+	 * it): the working directory is chosen in task_init, just before exec */
+	n_task_cwds = 0;
+	for (int i = 0; i < ncwds; i++)
+		snprintf(task_cwds[n_task_cwds++], PATH_MAX, "%s", cwds[i]);
+	task_cwd_required = sifo_opts.workdir_given;
+	rc = sifo_enter_rootfs(rec->rootfs, &view, &cred, cwds, 0, false, err, sizeof(err));
+	if (rc == 0 && sifo_apply_env(sp, &view, &sifo_opts, cred.uid, err, sizeof(err)) < 0)
+		rc = -1;
+	sifo_view_free(&view);
+	if (rc < 0)
+		return fail_task(job_id, "%s: %s", rec->image, err);
+	return 0;
+}
+
 int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	struct sifo_job_record rec;
@@ -107,8 +183,8 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 	task_cwd(sp, cwd, sizeof(cwd));
 	if (step_id == SLURM_BATCH_SCRIPT && keep_batch_script(sp, job_id) < 0)
 		return -1;
-	if (sifo_enter_rootfs(rec.rootfs, cwd, err, sizeof(err)) < 0)
-		return fail_task(job_id, "%s: %s", rec.image, err);
+	if (enter_with_view(sp, job_id, &rec, cwd) < 0)
+		return -1;
 	sifo_debug("job %u step %u: task runs in %s (%s)", job_id, step_id, rec.image, rec.rootfs);
 	return 0;
 }

@@ -1,8 +1,14 @@
 /*
  * Move the calling task (slurmstepd's child, still root, just before it drops to the
  * job's uid) into the rootfs the Prolog assembled: a private mount namespace, the
- * host's /proc /dev /sys /tmp bound onto the image's own directories, chroot, and the
- * submit cwd when the image has it (else /).
+ * host's /proc /dev /sys /tmp bound onto the image's own directories, the job view's
+ * binds (identity and network files, $HOME, --oci-sif-mounts, site binds, GPU driver
+ * files: the Prolog planned them, runtime/jobview.py), chroot, and the working directory
+ * (docs/slurm.md "Working directory").
+ *
+ * A user-named bind source is opened with the job user's fsuid, fsgid and groups (no
+ * capabilities): she binds only what she could reach herself, whatever she renamed
+ * since the Prolog checked it. The bind then goes through that fd.
  *
  * The rootfs is served by FUSE daemons that run as the job's user, so every lookup
  * inside it is user-controlled: bind targets are opened component by component with
@@ -14,6 +20,8 @@
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include <grp.h>
+#include <sys/fsuid.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -22,8 +30,9 @@
 
 static const char *const host_binds[] = { "/proc", "/dev", "/sys", "/tmp", NULL };
 
-/* Open a directory below rootfd without following any symlink; -1 if absent. */
-static int open_below(int rootfd, const char *rel)
+/* Open a path below rootfd without following any symlink; -1 if absent. The last
+ * component may be a file unless want_dir. */
+static int open_below_any(int rootfd, const char *rel, bool want_dir)
 {
 	char buf[PATH_MAX];
 	int fd = dup(rootfd);
@@ -34,17 +43,101 @@ static int open_below(int rootfd, const char *rel)
 	for (char *save = NULL, *part = strtok_r(buf, "/", &save); part;
 	     part = strtok_r(NULL, "/", &save)) {
 		int next;
+		bool last = !save || !*save || strspn(save, "/") == strlen(save);
 		if (!strcmp(part, "..") || !strcmp(part, ".")) {
 			close(fd);
 			return -1;
 		}
-		next = openat(fd, part, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		next = openat(fd, part, O_PATH | O_NOFOLLOW | O_CLOEXEC | (last && !want_dir ? 0 : O_DIRECTORY));
 		close(fd);
 		if (next < 0)
 			return -1;
 		fd = next;
 	}
 	return fd;
+}
+
+static int open_below(int rootfd, const char *rel)
+{
+	return open_below_any(rootfd, rel, true);
+}
+
+/* O_PATH fd of a user-named source, opened with the job user's file credentials. */
+static int open_as_user(const char *path, const struct sifo_cred *cred)
+{
+	gid_t saved[NGROUPS_MAX];
+	int nsaved = getgroups(NGROUPS_MAX, saved), fd, saved_errno;
+
+	if (nsaved < 0 || setgroups((size_t)cred->ngids, cred->gids) < 0)
+		return -1;
+	setfsgid(cred->gid);
+	setfsuid(cred->uid); /* drops CAP_DAC_OVERRIDE & co. until set back to 0 */
+	if ((uid_t)setfsuid(cred->uid) != cred->uid) {
+		fd = -1;
+		errno = EPERM;
+	} else {
+		fd = open(path, O_PATH | O_CLOEXEC);
+	}
+	saved_errno = errno;
+	setfsuid(0);
+	setfsgid(0);
+	if (setgroups((size_t)nsaved, saved) < 0 && fd >= 0) {
+		close(fd);
+		fd = -1;
+	}
+	errno = saved_errno;
+	return fd;
+}
+
+static int bind_view(int rootfd, const struct sifo_bind *b, const struct sifo_cred *cred, char *err,
+		     size_t errlen)
+{
+	char source[64], target[64];
+	struct stat st;
+	int src, dst;
+	unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV;
+
+	src = b->system || !cred ? open(b->source, O_PATH | O_CLOEXEC) : open_as_user(b->source, cred);
+	if (src < 0) {
+		snprintf(err, errlen, "bind source %s: %s%s", b->source, strerror(errno),
+			 b->system ? "" : " (as the job user)");
+		return -1;
+	}
+	if (fstat(src, &st) < 0) {
+		close(src);
+		snprintf(err, errlen, "bind source %s: %s", b->source, strerror(errno));
+		return -1;
+	}
+	dst = open_below_any(rootfd, b->dest + 1, S_ISDIR(st.st_mode));
+	if (dst < 0) {
+		close(src);
+		snprintf(err, errlen, "bind destination %s: missing in the image, or a symlink", b->dest);
+		return -1;
+	}
+	snprintf(source, sizeof(source), "/proc/self/fd/%d", src);
+	snprintf(target, sizeof(target), "/proc/self/fd/%d", dst);
+	if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0) {
+		snprintf(err, errlen, "cannot bind %s on %s: %s", b->source, b->dest, strerror(errno));
+		close(src);
+		close(dst);
+		return -1;
+	}
+	close(src);
+	close(dst);
+	/* the remount must name the new mount: resolve the destination again */
+	dst = open_below_any(rootfd, b->dest + 1, S_ISDIR(st.st_mode));
+	snprintf(target, sizeof(target), "/proc/self/fd/%d", dst);
+	if (b->readonly)
+		flags |= MS_RDONLY;
+	if (dst < 0 || mount(NULL, target, NULL, flags, NULL) < 0) {
+		snprintf(err, errlen, "cannot make the bind on %s nosuid,nodev%s: %s", b->dest,
+			 b->readonly ? ",ro" : "", strerror(errno));
+		if (dst >= 0)
+			close(dst);
+		return -1;
+	}
+	close(dst);
+	return 0;
 }
 
 static int bind_into(int rootfd, const char *host_dir, char *err, size_t errlen)
@@ -66,9 +159,10 @@ static int bind_into(int rootfd, const char *host_dir, char *err, size_t errlen)
 	return 0;
 }
 
-int sifo_enter_rootfs(const char *rootfs, const char *cwd, char *err, size_t errlen)
+int sifo_enter_rootfs(const char *rootfs, const struct sifo_view *view, const struct sifo_cred *cred,
+		      const char *const *cwds, int ncwds, bool cwd_required, char *err, size_t errlen)
 {
-	int rootfd, cwdfd = -1, newroot;
+	int rootfd, newroot;
 
 	if (unshare(CLONE_NEWNS) < 0) {
 		snprintf(err, errlen, "unshare(CLONE_NEWNS): %s", strerror(errno));
@@ -90,6 +184,12 @@ int sifo_enter_rootfs(const char *rootfs, const char *cwd, char *err, size_t err
 			return -1;
 		}
 	}
+	for (int i = 0; view && i < view->n_binds; i++) {
+		if (bind_view(rootfd, &view->binds[i], cred, err, errlen) < 0) {
+			close(rootfd);
+			return -1;
+		}
+	}
 	if (fchdir(rootfd) < 0 || chroot(".") < 0) {
 		snprintf(err, errlen, "cannot chroot into %s: %s", rootfs, strerror(errno));
 		close(rootfd);
@@ -97,19 +197,33 @@ int sifo_enter_rootfs(const char *rootfs, const char *cwd, char *err, size_t err
 	}
 	close(rootfd);
 	newroot = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
-	if (newroot >= 0 && cwd && cwd[0] == '/')
-		cwdfd = open_below(newroot, cwd + 1);
+	for (int i = 0; newroot >= 0 && i < ncwds; i++) {
+		int cwdfd = cwds[i] && cwds[i][0] == '/' ? open_below(newroot, cwds[i] + 1) : -1;
+		if (cwdfd >= 0 && fchdir(cwdfd) == 0) {
+			close(cwdfd);
+			close(newroot);
+			if (i > 0)
+				dprintf(2, "sifoverlay: warning: %s does not exist in the image: working "
+					"directory is %s\n", cwds[0], cwds[i]);
+			return 0;
+		}
+		if (cwdfd >= 0)
+			close(cwdfd);
+		if (i == 0 && cwd_required) {
+			close(newroot);
+			snprintf(err, errlen, "working directory %s: No such file or directory in the image",
+				 cwds[0]);
+			return -1;
+		}
+	}
 	if (newroot >= 0)
 		close(newroot);
-	if (cwdfd >= 0 && fchdir(cwdfd) == 0) {
-		close(cwdfd);
-		return 0;
-	}
-	if (cwdfd >= 0)
-		close(cwdfd);
 	if (chdir("/") < 0) {
 		snprintf(err, errlen, "chdir / in the image: %s", strerror(errno));
 		return -1;
 	}
+	if (ncwds > 0 && strcmp(cwds[0], "/"))
+		dprintf(2, "sifoverlay: warning: %s does not exist in the image: working directory is /\n",
+			cwds[0]);
 	return 0;
 }

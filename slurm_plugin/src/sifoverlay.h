@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include <slurm/spank.h>
 
@@ -70,14 +71,59 @@ struct sifo_job_record {
 };
 int sifo_job_record_load(const char *runtime_dir, unsigned job_id, struct sifo_job_record *rec);
 
-/* rootfs.c: move the calling task into the rootfs (private mount namespace + chroot). */
-int sifo_enter_rootfs(const char *rootfs, const char *cwd, char *err, size_t errlen);
+/* args.c: the job environment options (issue 14); each has an env twin OCI_SIF_<NAME>
+ * used when the flag is absent. */
+#define SIFO_MAX_ENV 64
+struct sifo_task_opts {
+	char mounts[4 * PATH_MAX];   /* --oci-sif-mounts: SRC[:DST[:ro|rw]][,...] */
+	char workdir[PATH_MAX];      /* --oci-sif-workdir */
+	char env[4 * PATH_MAX];      /* --oci-sif-env: NAME[=VALUE][,...] */
+	bool mounts_given, workdir_given, env_given, cleanenv, no_home, gpu;
+};
+extern struct sifo_task_opts sifo_opts;
+int sifo_task_opts_env_twins(spank_t sp, int remote);
+int sifo_task_opts_to_prolog(spank_t sp);
+int sifo_mounts_check(const char *list, char *err, size_t errlen);
+
+/* taskview.c: what the Prolog planned for the job's tasks (<runtime_dir>/slurm/<job>/view):
+ * binds, the image's Env and WorkingDir, environment appends (runtime/jobview.py). */
+struct sifo_bind {
+	char *source, *dest;
+	bool readonly, system;       /* system: root-made source (no check as the user) */
+};
+struct sifo_view {
+	struct sifo_bind *binds;
+	int n_binds;
+	char **image_env;            /* NAME=VALUE, image config order */
+	int n_image_env;
+	char **append;               /* NAME=VALUE appended with ':' */
+	int n_append;
+	char workdir[PATH_MAX];      /* image WorkingDir ("" if none) */
+	char *buf;
+};
+int sifo_view_load(const char *runtime_dir, unsigned job_id, struct sifo_view *view, char *err, size_t errlen);
+void sifo_view_free(struct sifo_view *view);
+int sifo_apply_env(spank_t sp, const struct sifo_view *view, const struct sifo_task_opts *opts, uid_t uid,
+		   char *err, size_t errlen);
+
+/* rootfs.c: move the calling task into the rootfs (private mount namespace + chroot),
+ * with the view's binds (user sources opened with the job user's credentials), then
+ * the first of `cwds` that exists inside (a later one warns; cwd_required: only the first). */
+struct sifo_cred {
+	uid_t uid;
+	gid_t gid;
+	gid_t *gids;
+	int ngids;
+};
+int sifo_enter_rootfs(const char *rootfs, const struct sifo_view *view, const struct sifo_cred *cred,
+		      const char *const *cwds, int ncwds, bool cwd_required, char *err, size_t errlen);
 
 /* Context handlers (one file each). */
 int sifo_local_init(spank_t sp, int ac, char **av);
 int sifo_local_post_opt(spank_t sp, int ac, char **av);
 int sifo_remote_init(spank_t sp, int ac, char **av);
 int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av);
+int sifo_remote_task_init(spank_t sp, int ac, char **av);
 int sifo_job_script_init(spank_t sp, int ac, char **av);
 int sifo_job_script_prolog(spank_t sp, int ac, char **av);
 int sifo_job_script_epilog(spank_t sp, int ac, char **av);

@@ -41,6 +41,13 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	return sifo_remote_task_init_privileged(sp, ac, av);
 }
 
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+	if (spank_context() != S_CTX_REMOTE)
+		return ESPANK_SUCCESS;
+	return sifo_remote_task_init(sp, ac, av);
+}
+
 int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
 {
 	if (spank_context() != S_CTX_JOB_SCRIPT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -152,3 +153,27 @@ def add_host_binaries(rootfs: Path, names: list[str], *, extra_libs: tuple[str, 
             if not target.exists():
                 shutil.copy2(os.path.realpath(source), target)
     (rootfs / "etc" / "nsswitch.conf").write_text("passwd: files\ngroup: files\nhosts: files\n")
+
+
+def overlay_tree(image: Path, tmp: Path) -> str:
+    """sha256 over the overlay's tree (path, type, mode, owner, content; no timestamps:
+    every run writes the superblock's mount times)."""
+    offset, _ = overlay_region(image)
+    out = tmp / f"dump-{secrets.token_hex(4)}"
+    out.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {out}", f"{image}?offset={offset}"], check=True,
+                   capture_output=True)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(out):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            st = path.lstat()
+            rel = str(path.relative_to(out))
+            if rel == "lost+found":
+                continue
+            h.update(f"{rel}\0{st.st_mode:o}\0{st.st_uid}\0".encode())
+            if path.is_file() and not path.is_symlink():
+                h.update(path.read_bytes())
+    shutil.rmtree(out)
+    return h.hexdigest()

@@ -6,7 +6,6 @@ tests/slurm/test_jobenv.py."""
 from __future__ import annotations
 
 import grp
-import hashlib
 import os
 import pwd
 import secrets
@@ -26,31 +25,6 @@ from .conftest import Env, TestUser
 pytestmark = pytest.mark.root
 MODES = ["fuse", "kernel"]
 IMAGE_ENV = ["PATH=/usr/bin:/bin:/image/bin", "FROM_IMAGE=image", "SHARED=image", "KEEPME=image"]
-
-
-def overlay_tree(image: Path, tmp: Path) -> str:
-    """sha256 over the overlay's tree (path, type, mode, owner, content; no timestamps:
-    every run writes the superblock's mount times)."""
-    require_tool("debugfs")
-    offset, _ = images.overlay_region(image)
-    out = tmp / f"dump-{secrets.token_hex(4)}"
-    out.mkdir()
-    subprocess.run(["debugfs", "-R", f"rdump / {out}", f"{image}?offset={offset}"], check=True,
-                   capture_output=True)
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(out):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = Path(root) / name
-            st = path.lstat()
-            rel = str(path.relative_to(out))
-            if rel == "lost+found":
-                continue
-            h.update(f"{rel}\0{st.st_mode:o}\0{st.st_uid}\0".encode())
-            if path.is_file() and not path.is_symlink():
-                h.update(path.read_bytes())
-    shutil.rmtree(out)
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -133,6 +107,7 @@ def test_identity_hosts_and_resolv_come_from_the_host(env: Env, mode: str, extra
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bind_writes_reach_the_host_never_the_overlay(env: Env, mode: str, tmp_path: Path, home: Path) -> None:
+    require_tool("debugfs")
     data = env.dir / "scratch-dir"
     data.mkdir()
     os.chown(data, env.user.uid, env.user.gid)
@@ -152,11 +127,11 @@ def test_bind_writes_reach_the_host_never_the_overlay(env: Env, mode: str, tmp_p
     # the same job with no bind, no $HOME, no host files, on a copy of the image
     plain = env.exec("--mount", mode, "-w", "--no-home", "--no-host-files", str(twin), "--", "sh", "-c", job)
     assert plain.returncode == 0, plain.stderr
-    assert overlay_tree(env.image, tmp_path) == overlay_tree(twin, tmp_path)
+    assert images.overlay_tree(env.image, tmp_path) == images.overlay_tree(twin, tmp_path)
     # and that digest is not blind: one more file in the overlay changes it
     more = env.exec("--mount", mode, "-w", "--no-home", str(twin), "--", "sh", "-c", "echo 1 > /tmp/other")
     assert more.returncode == 0, more.stderr
-    assert overlay_tree(env.image, tmp_path) != overlay_tree(twin, tmp_path)
+    assert images.overlay_tree(env.image, tmp_path) != images.overlay_tree(twin, tmp_path)
 
 
 def test_bind_source_checked_as_the_user(env: Env) -> None:
