@@ -63,6 +63,9 @@ def copy_region(src: int, offset: int, size: int, dst: int, io: FileIO = REAL_IO
 def _run(argv: list[str], fd: int, as_user: tuple[int, int] | None, what: str) -> subprocess.CompletedProcess[str]:
     full = (tools.unprivileged_argv(*as_user) if as_user is not None else []) + argv
     env = {"PATH": tools.TOOL_PATH, "LC_ALL": "C", "E2FSCK_CONFIG": "/dev/null"}
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if epoch.isdigit():  # reproducible runs: e2fsprogs stamps this time instead of the clock
+        env["E2FSPROGS_FAKE_TIME"] = env["E2FSCK_TIME"] = epoch
     try:
         return subprocess.run(full, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                               cwd="/", env=env, pass_fds=(fd,), timeout=TOOL_TIMEOUT, check=False)

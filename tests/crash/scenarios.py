@@ -10,6 +10,8 @@ bench/crash_exhaustive.py.
   seal-dirty    (root) the same dirty image -> seal
   seal-unclean  a seal SIGKILLed after its blobs were appended (journal entry, scratch
                 squashfs and lease left; the lease expired) -> seal again (recovers first)
+  resize        overlay with a file -> resize to 96 MiB (copy, e2fsck + resize2fs, commit)
+  compact       a large file written and deleted -> compact (punches in the commit's GC)
 """
 
 from __future__ import annotations
@@ -124,6 +126,36 @@ def _seal(image: Path, journal: Path, io: FileIO) -> object:
     return engine.seal(image, journal_dir=journal, io=io)
 
 
+def _resize(image: Path, journal: Path, io: FileIO) -> object:
+    from sifoverlay.engine.resize import resize
+
+    return resize(image, size_mib=96, journal_dir=journal, io=io)
+
+
+def _compact(image: Path, journal: Path, io: FileIO) -> object:
+    from sifoverlay.engine.compact import compact
+
+    return compact(image, journal_dir=journal, io=io)
+
+
+def _build_resize(work: Path) -> None:
+    require_tool("mkfs.ext3", "debugfs", "e2fsck", "resize2fs")
+    image = _with_overlay(work)
+    modify_overlay(image, work.parent, b"kept across the resize\n" * 2000)
+    engine.sync(image, journal_dir=work / "journal")
+
+
+def _build_compact(work: Path) -> None:
+    """A job wrote a large file and deleted it: its blocks are free but still allocated."""
+    require_tool("mkfs.ext3", "debugfs")
+    image = _with_overlay(work)
+    modify_overlay(image, work.parent, bytes(range(256)) * 8192, name="upper/big.bin")
+    modify_overlay(image, work.parent, b"stays\n", name="upper/small.txt")
+    engine.sync(image, journal_dir=work / "journal")
+    debugfs(image, "rm upper/big.bin")
+    engine.sync(image, journal_dir=work / "journal")
+
+
 def _build_create(work: Path) -> None:
     require_tool("mkfs.ext3")
     _golden(work)
@@ -182,6 +214,8 @@ BUILDERS = {
     "sync-dirty": (_build_dirty, _sync),
     "seal-dirty": (_build_dirty, _seal),
     "seal-unclean": (_build_unclean_seal, _seal),
+    "resize": (_build_resize, _resize),
+    "compact": (_build_compact, _compact),
 }
 NAMES = tuple(BUILDERS)
 

@@ -30,6 +30,8 @@ CI_PLANS = {
     "sync-dirty": harness.Plan(kill_fraction=0.5, power_fraction=0.4, k=2, nested_fraction=0.4, nested_points_fraction=0.3),
     "seal-dirty": harness.Plan(kill_fraction=0.3, power_fraction=0.2, k=2, nested_fraction=0.3, nested_points_fraction=0.3),
     "seal-unclean": harness.Plan(kill_fraction=0.2, power_fraction=0.15, k=2, nested_fraction=0.3, nested_points_fraction=0.3),
+    "resize": harness.Plan(kill_fraction=0.4, power_fraction=0.3, k=2, nested_fraction=0.3, nested_points_fraction=0.25),
+    "compact": harness.Plan(kill_fraction=0.8, power_fraction=0.6, k=2, nested_fraction=0.6, nested_points_fraction=0.4),
 }
 
 
