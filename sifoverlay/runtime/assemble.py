@@ -99,7 +99,8 @@ def assemble(
             if overlay is not None:
                 validate.prepare_ext3(path, fd, overlay, writable=writable, kernel=(mode == "kernel"), uid=uid,
                                       gid=gid)
-            stub = jobview.make_stub(directory, mountpoints, io=io) if mountpoints else None
+            # no layer (an image that is all overlay): the stub is the one lower layer overlayfs needs
+            stub = jobview.make_stub(directory, mountpoints, io=io) if mountpoints or not layers else None
             build = _assemble_fuse if mode == "fuse" else _assemble_kernel
             build(current, base_dir, directory, fd, layers, overlay, hold_fds, io, stub)
         except BaseException:

@@ -86,8 +86,8 @@ def validate(path: str, fd: int, writable: bool) -> tuple[list[Region], Region |
         overlay = Region(img.overlay.offset, img.overlay.size) if img.overlay is not None else None
     finally:
         sif.close()
-    if not layers:
-        raise OverlayStateError(path, "image has no squashfs layer to run")
+    if not layers and overlay is None:  # (an overlay alone is a rootfs: bench/gpu_check.sh builds one)
+        raise OverlayStateError(path, "image has no squashfs layer and no overlay to run")
     if overlay is None and writable:
         raise OverlayStateError(path, "--writable needs an ext3 overlay and this image has none "
                                       "(add one with: sifoverlay overlay create)")
