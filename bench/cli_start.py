@@ -54,10 +54,15 @@ def base_image(path: Path) -> None:
     write_ocisif(path, [layer, config, manifest], index)
 
 
+# The warm-up run writes the .pyc files, as an installed package has them: a shell with
+# PYTHONDONTWRITEBYTECODE would otherwise compile every module edited since on every run.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def wall(argv: list[str]) -> float:
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+                          stderr=subprocess.PIPE, env=ENV)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")

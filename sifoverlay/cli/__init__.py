@@ -35,6 +35,7 @@ from sifoverlay.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
 # (module name, ...) in the order they appear in --help.
@@ -285,18 +286,39 @@ def _unencodable(exc: UnicodeError) -> tuple[bytes, int]:
 codecs.register_error("sifoverlay-output", _unencodable)
 
 
+def _logging_setup(verbose: int) -> Callable[[], None]:
+    """A function that sets up logging on stderr at the -v level, the first time it is
+    called. Verbs with a fast path (the no-op `overlay sync`) call it only when they leave
+    it: importing logging alone costs a fast start ~10 ms, a path that logs nothing need
+    not pay it."""
+    done: list[bool] = []
+
+    def setup() -> None:
+        if not done:
+            done.append(True)
+            _basic_config(verbose)
+
+    return setup
+
+
+def _basic_config(verbose: int) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     _Parser.wants_json = "--json" in (words[: words.index("--")] if "--" in words else words)
     parser = build_parser(verb_of(words))
     args = parser.parse_args(words)
-    import logging
-
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    args.setup_logging = _logging_setup(args.verbose)
+    if not getattr(args, "defer_logging", False):  # a verb with a fast path calls args.setup_logging() itself
+        args.setup_logging()
     as_json = bool(getattr(args, "json", False))
     if sys.stdout is not None and isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="sifoverlay-output")
@@ -320,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         print_error(shown, as_json)
         return shown.exit_code
     except Exception as exc:  # a bug: still one line (the traceback with -v)
+        import logging
+
         from sifoverlay.ocisif.jsonedit import JsonError
+
+        args.setup_logging()
 
         typed = typed_paths(args)
         if isinstance(exc, JsonError):  # an OCI document of the image that a layer below did not wrap

@@ -65,9 +65,10 @@ class HashDeadline(OverlayStateError):
     session and lease stay for the sweeper, which has no deadline."""
 
 
-def _fast_noop(fd: int, image: str, journal: Journal) -> str | None:
+def _fast_noop(fd: int, image: str, journal: Journal, *, remember: bool = False) -> str | None:
     """The recorded digest when the no-op path applies, else None. Reads through the
-    caller's checked fd only."""
+    caller's checked fd only. `remember`: leave the CLI's memo of this decision
+    (engine/noopmemo.py)."""
     from sifoverlay.errors import SifOverlayError
     from sifoverlay.ext3.superblock import Superblock
     from sifoverlay.ocisif import open_image
@@ -75,7 +76,8 @@ def _fast_noop(fd: int, image: str, journal: Journal) -> str | None:
 
     from .statedir import identity_key
 
-    if journal.pending(key=identity_key(fd)):
+    key = identity_key(fd)
+    if journal.pending(key=key):
         return None
     try:
         with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
@@ -85,6 +87,11 @@ def _fast_noop(fd: int, image: str, journal: Journal) -> str | None:
             sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
             if sb.is_dirty or sb.fingerprint() != overlay.fingerprint:
                 return None
+            if remember:
+                from . import noopmemo
+
+                noopmemo.remember(fd, journal_dir=journal.directory, key=key, offset=overlay.offset,
+                                  size=overlay.size, digest=overlay.recorded_digest)
             return overlay.recorded_digest
     except OverlayStateError:
         raise
@@ -134,6 +141,7 @@ def sync(
     as_user: tuple[int, int] | None = None,
     who: Who | None = None,
     op: str = "sync",
+    remember_noop: bool = False,
 ) -> SyncResult:
     """Reconcile the overlay's digest into descriptor, manifest, config and root index.
 
@@ -149,6 +157,8 @@ def sync(
     by an unprivileged process of that user (ext3.replay_and_fsck), and quiesce trusts
     that uid's FUSE mounts besides root's and the owner's. `who` / `op`: the revision the
     commit records (engine.history; default: the calling process, op "sync").
+    `remember_noop`: a fast no-op leaves the memo that lets the next CLI sync answer
+    without loading the engine (engine/noopmemo.py; the CLI's own state directory).
     """
     from . import statedir
 
@@ -171,7 +181,7 @@ def sync(
             raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
     try:
         if not force_hash:
-            recorded = _fast_noop(fd, image, journal)
+            recorded = _fast_noop(fd, image, journal, remember=remember_noop)
             if recorded is not None:
                 return SyncResult("noop", image, recorded, recorded, 0, time.monotonic() - start, False)
         check_overlay_bounds(image, fd, max_bytes=max_bytes)

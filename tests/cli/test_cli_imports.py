@@ -5,6 +5,7 @@ sys.modules; no timing here (bench/cli_start.py measures the start-up cost)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,59 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
+
+
+# What the no-op sync answered from the memo (engine/noopmemo.py) must not load: the engine's
+# reconcile path, every parser, and the stdlib modules only they use (json: the probe itself loads it).
+NOT_FOR_MEMO_NOOP = (
+    "sifoverlay.engine.reconcile", "sifoverlay.engine.journal", "sifoverlay.engine.status", "sifoverlay.ocisif",
+    "sifoverlay.sif", "sifoverlay.ext3", "sifoverlay.metrics", "logging", "dataclasses", "hashlib",
+    "inspect",
+)
+
+
+@pytest.fixture
+def remembered_image(clean_image: tuple[Path, Path], tmp_path: Path,
+                     monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, str]:
+    """clean_image with the memo a CLI no-op sync leaves (QUIET_NS 0: just written)."""
+    from sifoverlay import engine
+    from sifoverlay.engine import noopmemo
+
+    image, journal = clean_image
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))  # inherited by loaded_by's interpreter
+    monkeypatch.setattr(noopmemo, "QUIET_NS", 0)
+    result = engine.sync(image, journal_dir=journal, remember_noop=True)
+    assert result.action == "noop"
+    return image, journal, result.new_digest
+
+
+def test_noop_sync_from_the_memo_loads_no_parser(remembered_image: tuple[Path, Path, str]) -> None:
+    image, journal, digest = remembered_image
+    code, out, modules = loaded_by("overlay", "sync", "--journal-dir", str(journal), str(image))
+    assert (code, out) == (0, f"{image}: noop ({digest})\n")
+    assert offending(modules, NOT_FOR_MEMO_NOOP) == [] and offending(modules, FORBIDDEN) == []
+    assert "sifoverlay.engine.noopmemo" in modules
+
+
+def test_memo_json_is_the_engines(remembered_image: tuple[Path, Path, str]) -> None:
+    """--json from the memo: the keys and values of the engine's no-op (but the seconds)."""
+    from sifoverlay import engine
+
+    image, journal, _ = remembered_image
+    code, out, modules = loaded_by("overlay", "sync", "--json", "--journal-dir", str(journal), str(image))
+    assert code == 0 and "sifoverlay.engine.reconcile" not in modules
+    fast = json.loads(out)
+    full = engine.sync(image, journal_dir=journal).as_dict()
+    assert list(fast) == list(full)
+    assert {k: v for k, v in fast.items() if k != "seconds"} == {k: v for k, v in full.items() if k != "seconds"}
+
+
+def test_force_hash_and_a_changed_image_take_the_full_path(remembered_image: tuple[Path, Path, str]) -> None:
+    image, journal, digest = remembered_image
+    code, out, modules = loaded_by("overlay", "sync", "--force-hash", "--journal-dir", str(journal), str(image))
+    assert (code, out) == (0, f"{image}: noop ({digest})\n")
+    assert "sifoverlay.engine.reconcile" in modules and "logging" in modules
+    os.chmod(image, 0o640)  # any change of the inode (here only its ctime): the memo no longer applies
+    code, out, modules = loaded_by("overlay", "sync", "--journal-dir", str(journal), str(image))
+    assert (code, out) == (0, f"{image}: noop ({digest})\n")
+    assert "sifoverlay.engine.reconcile" in modules
