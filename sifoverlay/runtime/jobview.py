@@ -125,8 +125,8 @@ class ViewRequest:
 
 
 def check_sources(binds: Sequence[Bind], uid: int, gid: int) -> list[Bind]:
-    """The binds with `is_dir` filled in, after checking every user-named source exists and
-    is reachable BY THE JOB USER (as root, in a child with her uid, gid and groups, no
+    """The binds with `is_dir` filled in, after checking every user-named source is a
+    directory or regular file readable BY THE JOB USER (as root, in a child with her uid, gid and groups, no
     capabilities). One clear UsageError naming the first that is not."""
     user = [b for b in binds if not b.system]
     if not user:
@@ -139,12 +139,15 @@ def check_sources(binds: Sequence[Bind], uid: int, gid: int) -> list[Bind]:
             continue
         kind = kinds.get(bind.source, "missing")
         if kind == "missing":
-            raise UsageError(bind.source, f"bind source does not exist or is not reachable by uid {uid}")
+            raise UsageError(bind.source, f"bind source does not exist or is not readable by uid {uid}")
         out.append(Bind(bind.source, bind.dest, bind.readonly, False, kind == "d"))
     return out
 
 
-_PROBE = 'for p; do if [ -d "$p" ]; then echo "d $p"; elif [ -e "$p" ]; then echo "f $p"; else echo "missing $p"; fi; done'
+# readable, not just reachable (a bind of a directory she may not list would show her nothing
+# she could not see anyway, but it is refused all the same, as slurm_plugin/src/rootfs.c does)
+_PROBE = ('for p; do if [ -d "$p" ] && [ -r "$p" ]; then echo "d $p"; elif [ -f "$p" ] && [ -r "$p" ]; '
+          'then echo "f $p"; else echo "missing $p"; fi; done')
 
 
 def _probe_as_user(paths: Sequence[str], uid: int, gid: int) -> dict[str, str]:

@@ -62,6 +62,32 @@ static int open_below(int rootfd, const char *rel)
 	return open_below_any(rootfd, rel, true);
 }
 
+/* O_PATH only needs the path to be traversable: also ask for read access to the
+ * directory or regular file itself (with the current fs credentials, i.e. the user's);
+ * anything else (device, FIFO, socket) is not bindable by a user. */
+static bool readable_as_current_fsuid(int fd)
+{
+	char self[64];
+	struct stat st;
+	int probe;
+
+	if (fstat(fd, &st) < 0)
+		return false;
+	if (S_ISDIR(st.st_mode)) {
+		probe = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	} else if (S_ISREG(st.st_mode)) {
+		snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+		probe = open(self, O_RDONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+	} else {
+		errno = EPERM;
+		return false;
+	}
+	if (probe < 0)
+		return false;
+	close(probe);
+	return true;
+}
+
 /* O_PATH fd of a user-named source, opened with the job user's file credentials. */
 static int open_as_user(const char *path, const struct sifo_cred *cred)
 {
@@ -77,6 +103,12 @@ static int open_as_user(const char *path, const struct sifo_cred *cred)
 		errno = EPERM;
 	} else {
 		fd = open(path, O_PATH | O_CLOEXEC);
+		if (fd >= 0 && !readable_as_current_fsuid(fd)) {
+			saved_errno = errno;
+			close(fd);
+			fd = -1;
+			errno = saved_errno;
+		}
 	}
 	saved_errno = errno;
 	setfsuid(0);

@@ -140,7 +140,7 @@ def test_bind_source_checked_as_the_user(env: Env) -> None:
     (private / "inside").mkdir()
     res = env.exec("-B", f"{private}/inside:/x", str(env.image), "--", "true")
     assert res.returncode == 2, res.stderr
-    assert f"{private}/inside: bind source does not exist or is not reachable by uid {env.user.uid}" in res.stderr
+    assert f"{private}/inside: bind source does not exist or is not readable by uid {env.user.uid}" in res.stderr
     bad = env.exec("-B", "/tmp:/x:rx", str(env.image), "--", "true")
     assert bad.returncode == 2 and "the flag must be ro or rw, not 'rx'" in bad.stderr, bad.stderr
 

@@ -174,7 +174,30 @@ def test_bind_source_is_checked_as_the_job_user(cluster: Cluster, slurm_users: t
                            "true", cwd="/tmp")
     cluster.settle(cancel=False)
     assert done.returncode != 0
-    assert f"{private}/data: bind source does not exist or is not reachable by uid {alice.uid}" in done.stderr
+    assert f"{private}/data: bind source does not exist or is not readable by uid {alice.uid}" in done.stderr
     bad = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}", "--oci-sif-mounts=relative:/d", "true",
                           cwd="/tmp")
     assert bad.returncode != 0 and "bad mount 'relative:/d'" in bad.stderr, bad.stderr
+
+
+def test_bind_source_swapped_for_a_symlink_after_the_prolog(cluster: Cluster, slurm_users: tuple[User, User],
+                                                           make_image, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The attack: the Prolog checked alice's bind source; she then replaces it with a
+    symlink to a directory only root may read and starts a step. The task opens the source
+    with her credentials: the step fails, root's directory is not bound."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    secret = user_dir.parent / "root-secret"
+    secret.mkdir(mode=0o700)
+    (secret / "key").write_text("root's\n")
+    src = user_dir / "src"
+    src.mkdir()
+    (src / "mine").write_text("alice's\n")
+    os.chown(src, alice.uid, alice.gid)
+    done = cluster.as_user(alice, "salloc", f"--oci-sif-overlay={image}", f"--oci-sif-mounts={src}:/x", "sh", "-c",
+                           f"srun cat /x/mine; mv {src} {src}.old && ln -s {secret} {src}; "
+                           "srun cat /x/key; echo step-exit=$?", cwd="/tmp")
+    cluster.settle(cancel=False)
+    assert "alice's\n" in done.stdout and "root's" not in done.stdout, done.stdout + done.stderr
+    assert "step-exit=0" not in done.stdout
+    assert f"bind source {src}: Permission denied (as the job user)" in done.stderr, done.stderr
