@@ -188,7 +188,10 @@ def summarize(status: Mapping[str, Any] | None, patch: Mapping[str, Any], *, gen
       the phase as reason otherwise;
     - Stalled (kstatus "Failed"): True alongside Failed=True, absent otherwise;
     - Reconciled: set by the reconcile (status.reconciled); until then False with the
-      phase as reason.
+      phase as reason;
+    - Reconciling (kstatus "InProgress"): True with the phase as reason while Pending,
+      Waiting or Running (the reconcile's steps set it in phase Reconciling); never True
+      once the resource finished.
     Every condition carries observedGeneration; status.observedGeneration is set too."""
     out: Obj = dict(patch)
     phase = str(out.get("phase") or (status or {}).get("phase") or wk.PHASE_PENDING)
@@ -213,6 +216,17 @@ def summarize(status: Mapping[str, Any] | None, patch: Mapping[str, Any], *, gen
     else:
         updates.append(condition(wk.COND_FAILED, False, phase, message, generation=generation, now=now))
         conds = [c for c in conds if c.get("type") != wk.COND_STALLED]
+    # kstatus reads Reconciling=True as InProgress (and Stalled=True as Failed, but only
+    # after a Reconciling=True earlier in the list): True from the first write until the
+    # resource finished - the phase as reason until the reconcile's own steps (InProgress,
+    # WaitingForPods, ...) take over; never left True on a finished resource
+    current_reconciling = next((c for c in conds if c.get("type") == wk.COND_RECONCILING), None)
+    if not (succeeded or failed):
+        if phase != wk.PHASE_RECONCILING and (current_reconciling is None
+                                              or current_reconciling.get("reason") in wk.PHASES):
+            updates.append(condition(wk.COND_RECONCILING, True, phase, message, generation=generation, now=now))
+    elif current_reconciling is not None and current_reconciling.get("status") == "True":
+        updates.append(condition(wk.COND_RECONCILING, False, phase, message, generation=generation, now=now))
     current_reconciled = next((c for c in conds if c.get("type") == wk.COND_RECONCILED), None)
     if current_reconciled is None or current_reconciled.get("reason") in wk.PHASES:
         # not reconciled (yet): False with the phase as reason, so that

@@ -412,6 +412,9 @@ def test_summary_conditions(phase: str, ready: tuple, failed: tuple, stalled: tu
     assert (by_type["Failed"]["status"], by_type["Failed"]["reason"]) == failed
     assert ((by_type["Stalled"]["status"], by_type["Stalled"]["reason"]) if "Stalled" in by_type else None) == stalled
     assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == reconciled
+    # kstatus: InProgress (Reconciling=True) only while not finished
+    assert ((by_type["Reconciling"]["status"], by_type["Reconciling"]["reason"]) if "Reconciling" in by_type
+            else None) == (("True", "Running") if phase == "Running" else None)
     assert out["observedGeneration"] == 3 and all(c["observedGeneration"] == 3 for c in out["conditions"]
                                                   if c["type"] != "Stalled" or stalled)
     assert [c["type"] for c in out["conditions"]][:2] == ["Ready", "Complete"]
@@ -422,14 +425,24 @@ def test_summary_keeps_the_reconcile_result_and_follows_the_phase_until_then() -
     `kubectl wait --for=condition=Reconciled` has something to watch), and once the
     reconcile set it, later writes (drift checks, the terminal phase) keep its verdict."""
     running = status.summarize({}, {"phase": "Running", "conditions": []}, generation=1, now=NOW)
-    reconciling = status.summarize(running, {"phase": "Reconciling"}, generation=1, now=NOW)
+    reconciling = status.summarize(running, status.job_ended(running, result="Succeeded", message="done",
+                                                             generation=1, now=NOW), generation=1, now=NOW)
     assert builders.condition_of(reconciling, "Reconciled")["reason"] == "Reconciling"
+    assert builders.condition_of(reconciling, "Reconciling")["reason"] == "InProgress"  # the step's own reason
     done = status.reconciled({**reconciling, "jobResult": "Succeeded", "overlayDigestBefore": "sha256:aa"},
                              action="reconciled", replayed=False, digest_after="sha256:bb", manifest_digest=None,
                              generation=1, now=LATER)
     out = status.summarize(reconciling, done, generation=1, now=LATER)
     rec = builders.condition_of(out, "Reconciled")
     assert (rec["status"], rec["reason"], rec["lastTransitionTime"]) == ("True", "OverlayChanged", "2026-11-28T09:35:15Z")
+    assert builders.condition_of(out, "Reconciling")["status"] == "False"
+    # a resource that fails while Waiting (Reconciling=True, "Waiting") is not left InProgress
+    waiting = status.summarize({}, {"phase": "Waiting", "conditions": []}, generation=1, now=NOW)
+    assert builders.condition_of(waiting, "Reconciling")["reason"] == "Waiting"
+    gave_up = status.summarize(waiting, status.failed(waiting, reason="InvalidImage", message="bad", generation=1,
+                                                      now=NOW), generation=1, now=NOW)
+    assert (builders.condition_of(gave_up, "Reconciling")["status"], builders.condition_of(gave_up, "Stalled")["status"]) \
+        == ("False", "True")
     drifted = status.summarize(out, status.drift(out, state="modified", recorded="sha256:bb", actual=None,
                                                  generation=2, now=LATER), generation=2, now=LATER)
     rec = builders.condition_of(drifted, "Reconciled")

@@ -40,16 +40,20 @@ def kubectl_wait_met(obj: dict[str, Any], ctype: str, value: str = "True") -> bo
 
 
 def kstatus(obj: dict[str, Any]) -> str:
-    """kstatus' generic rules for a custom resource: Stalled=True -> Failed;
-    Reconciling=True or Ready=False or an old observedGeneration -> InProgress; else Current."""
+    """kstatus' generic rules for a custom resource (cli-utils pkg/kstatus): deletion ->
+    Terminating; an old observedGeneration -> InProgress; then the conditions in their
+    order: the first Reconciling=True -> InProgress, the first Stalled=True -> Failed;
+    otherwise Current (Ready is not read)."""
     status = obj.get("status") or {}
+    if obj["metadata"].get("deletionTimestamp"):
+        return "Terminating"
     if int(status.get("observedGeneration", -1)) != int(obj["metadata"].get("generation", 0)):
         return "InProgress"
-    conds = {c["type"]: c["status"] for c in status.get("conditions") or []}
-    if conds.get("Stalled") == "True":
-        return "Failed"
-    if conds.get("Reconciling") == "True" or conds.get("Ready") == "False":
-        return "InProgress"
+    for cond in status.get("conditions") or []:
+        if cond["type"] == "Reconciling" and cond["status"] == "True":
+            return "InProgress"
+        if cond["type"] == "Stalled" and cond["status"] == "True":
+            return "Failed"
     return "Current"
 
 
@@ -115,6 +119,7 @@ def test_summary_conditions_follow_the_phase_and_kubectl_wait_sees_complete(site
     assert all(c["observedGeneration"] == body["metadata"]["generation"] == 1 for c in running["conditions"])
     assert running["observedGeneration"] == 1
     assert not kubectl_wait_met(body, "Complete") and kstatus(body) == "InProgress"
+    assert (by_type["Reconciling"]["status"], by_type["Reconciling"]["reason"]) == ("True", "Running")
     run_to_the_end(cluster, site, "waitme", "Complete")
     done = wait_for("Complete", lambda: kubectl_wait_met(b := cluster.get("waitme"), "Complete") and b)
     assert done["status"]["phase"] == "Succeeded" and kstatus(done) == "Current"
@@ -159,5 +164,6 @@ def test_a_refused_resource_goes_straight_to_failed_with_an_event(site: Site, cl
     refused = wait_for("Failed", lambda: kubectl_wait_met(b := cluster.get("nope"), "Failed") and b)
     by_type = {c["type"]: c for c in refused["status"]["conditions"]}
     assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == ("False", "Failed")
+    assert "Reconciling" not in by_type and kstatus(refused) == "Failed"
     events = wait_for("phase event", lambda: phase_events(cluster, "nope"))
     assert events == [("Warning", "phase Pending -> Failed")]
