@@ -37,7 +37,7 @@ source_id() {
 		find sifoverlay slurm_plugin/src slurm_plugin/hooks slurm_plugin/systemd packaging \
 			-type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0
 		printf '%s\0' pyproject.toml slurm_plugin/Makefile slurm_plugin/spank_sifoverlay.lds \
-			slurm_plugin/plugstack.conf.example LICENSE README.md
+			slurm_plugin/plugstack.conf.example slurm_plugin/job_submit.lua LICENSE README.md
 	} | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
 }
 
@@ -110,6 +110,7 @@ install -D -m 0644 slurm_plugin/systemd/sifoverlay-exporter.default "$ROOT/etc/d
 DOC=$ROOT/usr/share/doc/$PKG
 install -d "$DOC/examples"
 install -m 0644 slurm_plugin/plugstack.conf.example "$DOC/examples/plugstack-sifoverlay.conf"
+install -m 0644 slurm_plugin/job_submit.lua "$DOC/examples/job_submit.lua"  # docs/slurm.md "Writers queue"
 install -m 0644 slurm_plugin/systemd/slurmd-sifoverlay-sweeper.conf "$DOC/examples/slurmd-sifoverlay-sweeper.conf"
 install -m 0644 docs/*.md "$DOC/"
 install -m 0644 README.md "$DOC/README.md"

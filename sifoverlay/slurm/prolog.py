@@ -173,6 +173,10 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
 
     assert job.image is not None and job.mode is not None
     writable = job.mode == "rw"
+    if writable:  # before anything touches the image: never rw on two nodes
+        from .multinode import check_rw_allowed
+
+        check_rw_allowed(job.image, job.job_id)
     identity = authorize(job.image, uid=job.uid, gid=job.gid, user=job.user, writable=writable,
                          image_roots=config.image_roots)
     image = identity.path

@@ -17,7 +17,7 @@ struct sifo_task_opts sifo_opts;
 static int on_overlay_option(int val, const char *optarg, int remote);
 static int on_task_option(int val, const char *optarg, int remote);
 
-enum { OPT_MOUNTS = 1, OPT_WORKDIR, OPT_ENV, OPT_CLEANENV, OPT_NO_HOME, OPT_GPU };
+enum { OPT_MOUNTS = 1, OPT_WORKDIR, OPT_ENV, OPT_CLEANENV, OPT_NO_HOME, OPT_GPU, OPT_BATCH };
 
 static struct spank_option option_table[] = {
 	{ SIFO_OPTION, "PATH[:rw|:ro]",
@@ -25,6 +25,10 @@ static struct spank_option option_table[] = {
 	  "overlay writable (rw, default) or read-only (ro); the image is reconciled when "
 	  "the job ends. Environment: " SIFO_ENV_TWIN,
 	  1, 0, on_overlay_option },
+	{ SIFO_BATCH_OPTION, "image|host",
+	  "[" SIFO_PLUGIN "] where the batch script runs: inside the image (default) or on the "
+	  "host, where it can call srun; srun steps always run in the image. Environment: "
+	  SIFO_BATCH_ENV, 1, OPT_BATCH, on_task_option },
 	{ "oci-sif-mounts", "SRC[:DST[:ro|rw]][,...]",
 	  "[" SIFO_PLUGIN "] bind host paths into the image (given at submission: one list per "
 	  "job). Environment: OCI_SIF_MOUNTS", 1, OPT_MOUNTS, on_task_option },
@@ -132,6 +136,8 @@ static int on_task_option(int val, const char *optarg, int remote)
 	case OPT_GPU:
 		sifo_opts.gpu = true;
 		return 0;
+	case OPT_BATCH:
+		return sifo_batch_shape_parse(optarg, "--" SIFO_BATCH_OPTION);
 	}
 	return -1;
 }

@@ -180,6 +180,15 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 	    strcmp(sifo_request.path, rec.requested) != 0)
 		return fail_task(job_id, "this step asks for %s but the job runs %s: one image per job",
 				 sifo_request.path, rec.image);
+	if (step_id == SLURM_BATCH_SCRIPT) {
+		if (sifo_batch_shape_env_twin(sp) < 0)
+			return fail_task(job_id, "bad %s (see above)", SIFO_BATCH_ENV);
+		if (sifo_batch_on_host) {
+			/* the pyxis shape: the script stays on the host; its srun steps enter the image */
+			sifo_debug("job %u: batch script on the host, steps in %s", job_id, rec.image);
+			return 0;
+		}
+	}
 	task_cwd(sp, cwd, sizeof(cwd));
 	if (step_id == SLURM_BATCH_SCRIPT && keep_batch_script(sp, job_id) < 0)
 		return -1;

@@ -118,6 +118,13 @@ struct sifo_cred {
 int sifo_enter_rootfs(const char *rootfs, const struct sifo_view *view, const struct sifo_cred *cred,
 		      const char *const *cwds, int ncwds, bool cwd_required, char *err, size_t errlen);
 
+/* jobshape.c: --oci-sif-batch=image|host (OCI_SIF_BATCH): where the batch script runs. */
+#define SIFO_BATCH_OPTION "oci-sif-batch"
+#define SIFO_BATCH_ENV "OCI_SIF_BATCH"
+extern bool sifo_batch_on_host;
+int sifo_batch_shape_parse(const char *value, const char *from);
+int sifo_batch_shape_env_twin(spank_t sp);
+
 /* Context handlers (one file each). */
 int sifo_local_init(spank_t sp, int ac, char **av);
 int sifo_local_post_opt(spank_t sp, int ac, char **av);

@@ -213,6 +213,21 @@ def bed_dir(bed: Bed) -> Iterator[Path]:
 
 
 @pytest.fixture
+def bed_out(bed_dir: Path) -> Path:
+    """A directory every test user can write job output to (shared by all nodes)."""
+    path = bed_dir / "out"
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+def overlay_status(image: Path) -> str:
+    """First line of `sifoverlay overlay status IMAGE` ('<image>: clean' when reconciled)."""
+    done = sh(str(REPO / ".venv/bin/sifoverlay"), "overlay", "status", str(image), check=False)
+    return (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else ""
+
+
+@pytest.fixture
 def bed_image(imported_image: Path, base_images: dict[int, Path], bed_dir: Path) -> Callable[..., Path]:
     """bed_image(owner, name="img.oci.sif", mode=0o644) -> a fresh image owned by `owner`."""
 

@@ -1,0 +1,99 @@
+"""The multi-node rule for images (docs/slurm.md "Multi-node rules"): one ext3 is never
+mounted read-write on two nodes, so ``:rw`` is for single-node jobs only; ``:ro`` mounts on
+every node of the job.
+
+job_submit.lua refuses a multi-node rw job at submit time when the site runs it; the Prolog
+checks again on every node, before authorization, lease or mount: the allocation's node list
+(SLURM_JOB_NODELIST) and, for heterogeneous jobs, their components (slurmctld, through
+scontrol), because each component is a job of its own with its own node list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from typing import Final
+
+from sifoverlay.errors import SifOverlayError
+
+__all__ = ["RULE", "check_rw_allowed", "count_hosts"]
+
+log = logging.getLogger(__name__)
+
+RULE: Final = ("rw needs a single-node job (one ext3 is never mounted read-write on two nodes); "
+               "use -N1, or :ro for a multi-node job")
+_SCONTROL: Final = ("/usr/bin/scontrol", "/usr/local/bin/scontrol")
+
+
+def _split_top(text: str) -> list[str]:
+    """'a[1-3,5],b' -> ['a[1-3,5]', 'b']: commas outside brackets only."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def _range_size(spec: str) -> int:
+    total = 0
+    for item in spec.split(","):
+        lo, dash, hi = item.partition("-")
+        total += int(hi) - int(lo) + 1 if dash else 1
+    return total
+
+
+def count_hosts(hostlist: str) -> int:
+    """Number of hosts in a Slurm hostlist expression ('n[1-3],gpu07' -> 4)."""
+    count = 0
+    for part in _split_top(hostlist.strip()):
+        size = 1
+        rest = part
+        while "[" in rest:
+            head, _, tail = rest.partition("[")
+            spec, _, rest = tail.partition("]")
+            size *= _range_size(spec)
+        count += size
+    return count
+
+
+def _het_components(job_id: str, env: Mapping[str, str]) -> int:
+    """How many components the job's heterogeneous job has (1: not heterogeneous)."""
+    tool = next((t for t in _SCONTROL if os.access(t, os.X_OK)), None)
+    if tool is None:
+        return 1
+    child_env = {"PATH": "/usr/bin:/bin"}
+    if env.get("SLURM_CONF"):
+        child_env["SLURM_CONF"] = env["SLURM_CONF"]
+    try:
+        out = subprocess.run([tool, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                             env=child_env, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("job %s: cannot ask slurmctld whether it is heterogeneous: %s", job_id, exc)
+        return 1
+    for word in out.split():
+        key, _, value = word.partition("=")
+        if key == "HetJobIdSet" and value:
+            return count_hosts("x[" + value + "]")
+    return 1
+
+
+def check_rw_allowed(image: str, job_id: str, env: Mapping[str, str] | None = None) -> None:
+    """Raise the rule's refusal when a rw job spans more than one node."""
+    env = os.environ if env is None else env
+    nodes = count_hosts(env.get("SLURM_JOB_NODELIST", "") or env.get("SLURM_NODELIST", ""))
+    if nodes > 1:
+        raise SifOverlayError(image, f"{RULE} (job {job_id} has {nodes} nodes)")
+    if "SLURM_JOB_NODELIST" not in env:  # not run by slurmd: no allocation to ask about
+        return
+    components = _het_components(job_id, env)
+    if components > 1:
+        raise SifOverlayError(image, f"{RULE} (job {job_id} is one of {components} components of a "
+                                     "heterogeneous job)")
