@@ -111,6 +111,11 @@ def test_unprivileged_exec_reaches_no_further_than_the_user(env: Env, home: Path
     subprocess.run(["chown", "-R", f"{env.user.uid}:{env.user.gid}", str(share)], check=True)
     res = as_user(env, home, "exec", "--bind", f"{share}:/home:ro", "--bind", f"{secret}:/root", str(env.image), "--",
                   "sh", "-c", "cat /home/data; cat /root/key; echo x > /home/new")
+    # a source she cannot read is refused before anything runs (runtime.jobview.check_sources)
+    assert res.stdout == "" and res.returncode == 2, (res.stdout, res.stderr)
+    assert f"{secret}: bind source does not exist or is not readable by uid {env.user.uid}" in res.stderr
+    res = as_user(env, home, "exec", "--bind", f"{share}:/home:ro", str(env.image), "--",
+                  "sh", "-c", "cat /home/data; cat /root/key; echo x > /home/new")
     assert res.stdout == "hers\n", (res.stdout, res.stderr)
     assert "root only" not in res.stdout and res.returncode != 0
     assert not (share / "new").exists()
