@@ -14,15 +14,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 
-started_cluster=0
+started_cluster=0 started_bed=0
 cleanup() {
-  if ((started_cluster)); then slurm_plugin/dev-cluster down >/dev/null 2>&1 || true; fi
+  if ((started_cluster)); then slurm_plugin/dev-cluster down --single >/dev/null 2>&1 || true; fi
+  if ((started_bed)); then slurm_plugin/dev-cluster down --multi >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 if [[ -x slurm_plugin/dev-cluster ]]; then
-  running=$(slurm_plugin/dev-cluster status 2>/dev/null | grep -c ' running pid' || true)
+  running=$(slurm_plugin/dev-cluster status --single 2>/dev/null | grep -c ' running pid' || true)
   slurm_plugin/dev-cluster up || { echo "test.sh: dev-cluster up failed" >&2; exit 1; }
   ((running >= 3)) || started_cluster=1
+  # the 3-node test bed for tests/cluster/ (beside the single-node cluster; about 30 s)
+  slurm_plugin/dev-cluster status --multi >/dev/null 2>&1 || started_bed=1
+  slurm_plugin/dev-cluster up --nodes 3 || { echo "test.sh: dev-cluster up --nodes 3 failed" >&2; exit 1; }
 fi
 
 echo "test.sh: skips allowed (anything else fails the run):"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from sifoverlay.errors import SifOverlayError
 
-__all__ = ["RULE", "check_rw_allowed", "count_hosts"]
+__all__ = ["RULE", "check_rw_allowed", "count_hosts", "wait_for_ending_holders"]
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +98,55 @@ def check_rw_allowed(image: str, job_id: str, env: Mapping[str, str] | None = No
     if components > 1:
         raise SifOverlayError(image, f"{RULE} (job {job_id} is one of {components} components of a "
                                      "heterogeneous job)")
+
+
+# Job states in which a holder's lease is about to go: Slurm has ended the job (and given
+# its license to the next writer, see docs/slurm.md "Writers queue") but its Epilog, which
+# reconciles the image and releases the lease, may still run.
+_ENDING_STATES: Final = frozenset({"COMPLETING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
+                                   "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+
+
+def _job_state(job_id: str, env: Mapping[str, str]) -> str | None:
+    tool = next((t for t in _SCONTROL if os.access(t, os.X_OK)), None)
+    if tool is None or not job_id.isdigit() or not os.path.exists(env.get("SLURM_CONF", "/etc/slurm/slurm.conf")):
+        return None
+    child_env = {"PATH": "/usr/bin:/bin", **({"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {})}
+    try:
+        out = subprocess.run([tool, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                             env=child_env, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in out.split():
+        key, _, value = word.partition("=")
+        if key == "JobState":
+            return value
+    return None
+
+
+def wait_for_ending_holders(holders: Callable[[], list[tuple[str, str]]], *, timeout: float,
+                            env: Mapping[str, str] | None = None, poll: float = 0.5) -> bool:
+    """Wait while the image is held only by Slurm jobs that slurmctld has already ended
+    (their Epilog is releasing it). `holders()` -> [(source, job_id), ...] of the current
+    lease holders. True when none is left; False at once when a holder is live or not a
+    Slurm job, or when `timeout` passes."""
+    env = os.environ if env is None else env
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        current = holders()
+        if not current:
+            if waited:
+                log.info("the image's previous holder released it: going on")
+            return True
+        for source, job_id in current:
+            state = _job_state(job_id, env) if source == "slurm" else None
+            if state is None or state.split("+")[0] not in _ENDING_STATES:
+                return False
+        if time.monotonic() >= deadline:
+            log.warning("image still held by ended jobs %s after %.0fs", [j for _, j in current], timeout)
+            return False
+        if not waited:
+            log.info("image held by ended jobs %s whose Epilog is running: waiting", [j for _, j in current])
+            waited = True
+        time.sleep(poll)

@@ -64,9 +64,25 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
         if again is not None:
             log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
             return again
-        if not _finish_dead_holders(identity, config):
+        if not _finish_dead_holders(identity, config) and not _wait_for_ending_holders(identity, config):
             raise
     return take(identity.path, holder, **timing, **where)
+
+
+def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
+    """The holder's job is over in slurmctld (which gave its license to this job) but its
+    Epilog is still reconciling: wait for it, bounded by the Epilog's own hash deadline."""
+    from sifoverlay.engine import lease
+
+    from .multinode import wait_for_ending_holders
+
+    where = {"image_fd": identity.fd, "state_dir": config.state_dir}
+
+    def holders() -> list[tuple[str, str]]:
+        found = [lease.inspect(identity.path, **where), *lease.readers(identity.path, **where)]
+        return [(h.source, h.job_id) for h in found if h is not None]
+
+    return wait_for_ending_holders(holders, timeout=config.hash_deadline + 30)
 
 
 def _start_keeper(held: Any, identity: ImageIdentity, job: JobEnv, config: SlurmConfig, key: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sifoverlay.errors import SifOverlayError
-from sifoverlay.slurm.multinode import RULE, check_rw_allowed, count_hosts
+from sifoverlay.slurm.multinode import RULE, check_rw_allowed, count_hosts, wait_for_ending_holders
 from tests.cluster.conftest import NODES, Bed, User, overlay_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.root, pytest.mark.slow]
@@ -31,6 +31,21 @@ def test_prolog_refuses_rw_on_more_than_one_node() -> None:
         check_rw_allowed("/img.oci.sif", "42", {"SLURM_JOB_NODELIST": "n[1-2]"})
     assert refused.value.message() == f"/img.oci.sif: {RULE} (job 42 has 2 nodes)"
     check_rw_allowed("/img.oci.sif", "43", {})  # no allocation (not run by slurmd): nothing to refuse
+
+
+def test_prolog_waits_only_for_holders_slurm_has_ended() -> None:
+    no_ctld = {"SLURM_CONF": "/nonexistent/slurm.conf"}
+    assert wait_for_ending_holders(lambda: [], timeout=5, env=no_ctld) is True
+    # a non-Slurm holder, or a job slurmctld cannot tell about: refuse at once, never wait
+    assert wait_for_ending_holders(lambda: [("k8s", "pod-1")], timeout=60, env=no_ctld) is False
+    assert wait_for_ending_holders(lambda: [("slurm", "41")], timeout=60, env=no_ctld) is False
+    calls = []
+
+    def releasing() -> list[tuple[str, str]]:
+        calls.append(1)
+        return []
+
+    assert wait_for_ending_holders(releasing, timeout=5, env=no_ctld) is True and len(calls) == 1
 
 
 def test_rw_on_two_nodes_is_refused_at_submit(bed: Bed, bed_users: tuple[User, User], bed_image, bed_out: Path) -> None:
