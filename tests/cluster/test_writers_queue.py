@@ -4,6 +4,8 @@ writer stays PENDING with Reason=Licenses and starts when the holder ends."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -68,3 +70,50 @@ def test_two_writers_on_two_nodes_take_turns(bed: Bed, bed_users: tuple[User, Us
     assert bed.wait_finished(second) == "COMPLETED"
     assert read_in_image(bed, alice, image, "/log.txt", bed_out) == "first n1\nsecond n2\n"
     assert overlay_status(image) == f"{image}: clean"
+
+
+def test_next_writer_waits_for_the_epilog_of_an_ended_holder(bed: Bed, bed_users: tuple[User, User], bed_image,
+                                                             bed_out: Path) -> None:
+    """Slurm gives the license back when a job ends, before its Epilog has released the
+    lease. The next writer's Prolog then finds the lease held by a job slurmctld reports
+    as over: it waits for the release (instead of refusing the job) and goes on."""
+    from sifoverlay.engine import lease
+
+    alice = bed_users[0]
+    image = bed_image(alice)
+    ended = bed.sbatch(alice, "-N1", "--wrap", "true", cwd=str(bed_out))  # a job that is over
+    assert bed.wait_finished(ended) == "COMPLETED"
+    # its "Epilog still running": the lease, held on another host in ended's name
+    held = lease.acquire(str(image), lease.Holder("elsewhere", os.getpid(), str(ended), "slurm", uid=0),
+                         ttl=120, state_dir=str(bed.state_dir))
+    releaser = threading.Timer(6, held.release)
+    releaser.start()
+    try:
+        job = bed.sbatch(alice, "-N1", f"--oci-sif-overlay={image}:rw", "-o", str(bed_out / "%j.out"),
+                         "--wrap", "echo after >> /after.txt", cwd=str(bed_out))
+        assert bed.wait_finished(job) == "COMPLETED", (bed_out / f"{job}.out").read_text()
+    finally:
+        releaser.join()
+    assert read_in_image(bed, alice, image, "/after.txt", bed_out) == "after\n"
+    assert overlay_status(image) == f"{image}: clean"
+
+
+def test_writer_held_by_a_live_job_outside_the_queue_is_refused(bed: Bed, bed_users: tuple[User, User],
+                                                                bed_image, bed_out: Path) -> None:
+    """A holder that is no ended Slurm job (here: a CLI user's lease) is never waited for:
+    the job fails at once, naming the holder."""
+    from sifoverlay.engine import lease
+
+    alice = bed_users[0]
+    image = bed_image(alice)
+    held = lease.acquire(str(image), lease.Holder("elsewhere", os.getpid(), "cli-1", "cli", uid=0), ttl=120,
+                         state_dir=str(bed.state_dir))
+    try:
+        started = time.monotonic()
+        job = bed.sbatch(alice, "-N1", f"--oci-sif-overlay={image}:rw", "-o", str(bed_out / "%j.out"),
+                         "--wrap", "true", cwd=str(bed_out))
+        assert bed.wait_finished(job) == "FAILED"
+        assert time.monotonic() - started < 30
+        assert "held by job cli-1" in (bed_out / f"{job}.out").read_text()
+    finally:
+        held.release()
