@@ -42,6 +42,9 @@ def snapshot_families(snap: Snapshot) -> list[Metric]:
     last = gauge(names.OVERLAY_LAST_RECONCILE)
     size = gauge(names.OVERLAY_SIZE)
     free = gauge(names.OVERLAY_FREE)
+    inodes = gauge(names.OVERLAY_FREE_INODES)
+    slots = gauge(names.SIF_FREE_DESCRIPTORS)
+    revisions = counter(names.IMAGE_REVISIONS)
     errors = 0
     for report in snap.images:
         for value in names.STATES:
@@ -55,6 +58,12 @@ def snapshot_families(snap: Snapshot) -> list[Metric]:
             size.add_metric([report.image], float(report.overlay_size))
         if report.free_bytes is not None:
             free.add_metric([report.image], float(report.free_bytes))
+        if report.free_inodes is not None:
+            inodes.add_metric([report.image], float(report.free_inodes))
+        if report.free_descriptors is not None:
+            slots.add_metric([report.image], float(report.free_descriptors))
+        if report.revisions is not None:
+            revisions.add_metric([report.image], float(report.revisions))
     images = gauge(names.EXPORTER_IMAGES)
     images.add_metric(["ok"], float(len(snap.images) - errors))
     images.add_metric(["error"], float(errors))
@@ -71,7 +80,7 @@ def snapshot_families(snap: Snapshot) -> list[Metric]:
         family = gauge(spec)
         family.add_metric([], float(value))
         singles.append(family)
-    return [state, last, size, free, images, *singles]
+    return [state, last, size, free, inodes, slots, revisions, images, *singles]
 
 
 class OverlayCollector(Collector):
@@ -97,9 +106,11 @@ class OverlayCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         # Families without samples: lets registry.register() check names without a scan.
         for spec in (names.OVERLAY_STATE, names.OVERLAY_LAST_RECONCILE, names.OVERLAY_SIZE, names.OVERLAY_FREE,
+                     names.OVERLAY_FREE_INODES, names.SIF_FREE_DESCRIPTORS,
                      names.EXPORTER_IMAGES, names.JOURNAL_PENDING, names.JOURNAL_OLDEST_AGE, names.LEASES_HELD,
                      names.LEASES_STALE, names.EXPORTER_SCAN_DURATION, names.EXPORTER_LAST_SCAN,
                      names.EXPORTER_VERIFY_QUEUE):
             yield gauge(spec)
         yield counter(names.HASHED_BYTES)
+        yield counter(names.IMAGE_REVISIONS)
         yield build_info()

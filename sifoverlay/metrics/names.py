@@ -63,6 +63,15 @@ OVERLAY_SIZE: Final = _spec(
     "overlay_size_bytes", GAUGE, "Size of the image's ext3 overlay region.", "image")
 OVERLAY_FREE: Final = _spec(
     "overlay_free_bytes", GAUGE, "Free bytes in the image's ext3 overlay filesystem (superblock).", "image")
+OVERLAY_FREE_INODES: Final = _spec(
+    "overlay_free_inodes", GAUGE, "Free inodes in the image's ext3 overlay filesystem (superblock).", "image")
+SIF_FREE_DESCRIPTORS: Final = _spec(
+    "sif_free_descriptors", GAUGE,
+    "Unused descriptor slots of the image's SIF; a sync needs 4 at once (engine/capacity.py).", "image")
+IMAGE_REVISIONS: Final = _spec(
+    "image_revisions", COUNTER,
+    "Sequence number of the image's newest recorded revision (commits: create, sync, seal, resize, compact).",
+    "image")
 JOURNAL_PENDING: Final = _spec(
     "journal_pending_entries", GAUGE,
     "Unfinished operations in the journal directory (crashed or running create/sync/seal).")
@@ -109,7 +118,8 @@ SLURM_OPEN_SESSIONS: Final = _spec(
     "slurm_open_sessions", GAUGE, "Job sessions open on this node (running jobs + work for the sweeper).")
 
 ALL: Final[tuple[MetricSpec, ...]] = (
-    OVERLAY_STATE, OVERLAY_LAST_RECONCILE, OVERLAY_SIZE, OVERLAY_FREE, JOURNAL_PENDING, JOURNAL_OLDEST_AGE,
+    OVERLAY_STATE, OVERLAY_LAST_RECONCILE, OVERLAY_SIZE, OVERLAY_FREE, OVERLAY_FREE_INODES, SIF_FREE_DESCRIPTORS,
+    IMAGE_REVISIONS, JOURNAL_PENDING, JOURNAL_OLDEST_AGE,
     LEASES_HELD, LEASES_STALE, EXPORTER_IMAGES, EXPORTER_SCAN_DURATION, EXPORTER_LAST_SCAN,
     EXPORTER_VERIFY_QUEUE, BUILD_INFO,
     RECONCILES, RECONCILE_DURATION, HASHED_BYTES, RECOVERIES, STALE_LEASES_BROKEN, LAST_EVENT,

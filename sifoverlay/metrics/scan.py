@@ -53,6 +53,9 @@ class ImageReport:
     free_bytes: int | None = None
     last_reconcile: float | None = None
     error: str | None = None
+    free_inodes: int | None = None
+    free_descriptors: int | None = None
+    revisions: int | None = None  # newest revision's sequence number (issue 18)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,8 @@ class _Known:
     fp_now: dict[str, Any] | None = None
     state: str = "unknown"
     verified: tuple[FileKey, dict[str, Any], str] | None = field(default=None)  # key, fp, state
+    free_descriptors: int | None = None
+    revisions: int | None = None
 
 
 class VerifyStopped(Exception):
@@ -202,6 +207,19 @@ def _fuse_daemon_files(proc: str = "/proc") -> set[tuple[int, int]]:
     return ids
 
 
+def _newest_revision(sif: Any) -> int | None:
+    """The image's newest revision's sequence number (0: no history; issue 18), None when
+    the history is unreadable."""
+    from sifoverlay.errors import SifOverlayError
+    from sifoverlay.ocisif import history
+
+    try:
+        found = history.read(sif)
+    except SifOverlayError:
+        return None
+    return found.next_seq - 1
+
+
 class Scanner:
     """Scans the images under `scan_paths`; thread-safe (one scan or verify at a time
     mutates the cache; readers take `latest`)."""
@@ -278,7 +296,9 @@ class Scanner:
             (log.debug if self._reported.get(path) == key else log.warning)("%s: cannot scan: %s", path, exc)
             self._reported[path] = key
             return ImageReport(path, "unknown", error=type(exc).__name__), None
-        return ImageReport(path, known.state, known.size, sb.free_bytes, known.last_reconcile), lease_state
+        return ImageReport(path, known.state, known.size, sb.free_bytes, known.last_reconcile,
+                           free_inodes=sb.free_inodes, free_descriptors=known.free_descriptors,
+                           revisions=known.revisions), lease_state
 
     def _refresh(self, path: str, key: FileKey, old: _Known | None) -> _Known:
         """Re-read the overlay's metadata after the file changed."""
@@ -287,6 +307,8 @@ class Scanner:
             if overlay is None:
                 raise OverlayStateError(path, "image does not contain a writable overlay (last layer is not ext3)")
             known = _Known(key, overlay.offset, overlay.size, overlay.recorded_digest, overlay.fingerprint)
+            known.free_descriptors = sum(1 for d in img.sif.descriptors if not d.is_used)
+            known.revisions = _newest_revision(img.sif)
         if old is not None:
             known.verified = old.verified
             if (old.recorded_digest, old.recorded_fp) == (known.recorded_digest, known.recorded_fp):

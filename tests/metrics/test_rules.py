@@ -21,7 +21,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_rules_file_is_valid() -> None:
     proc = promtool("check", "rules", str(RULES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 7 rules found" in proc.stdout
+    assert "SUCCESS: 9 rules found" in proc.stdout
 
 
 def test_rules_unit_tests_pass() -> None:
