@@ -91,22 +91,47 @@ class VerifyStopped(Exception):
     """Raised from the hashing progress callback when the exporter shuts down."""
 
 
-class RateLimit:
-    """A progress callback that sleeps so hashing stays under `bytes_per_second`."""
+class RateBudget:
+    """One byte rate shared by the hashing threads of a verify pass: each RateLimit adds
+    what it hashed, and all of them together stay under `bytes_per_second`."""
 
-    def __init__(self, bytes_per_second: float | None, stop: threading.Event | None = None) -> None:
+    def __init__(self, bytes_per_second: float | None) -> None:
+        self.rate = bytes_per_second if bytes_per_second and bytes_per_second > 0 else None
+        self.started = time.monotonic()
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> float:
+        """Count `nbytes` more; the seconds the caller should wait to stay under the rate."""
+        with self._lock:
+            self.done += nbytes
+            if self.rate is None:
+                return 0.0
+            return self.done / self.rate - (time.monotonic() - self.started)
+
+
+class RateLimit:
+    """A progress callback that sleeps so hashing stays under `bytes_per_second` (or,
+    with `budget`, under the budget's rate shared with other images hashed meanwhile)."""
+
+    def __init__(self, bytes_per_second: float | None, stop: threading.Event | None = None, *,
+                 budget: RateBudget | None = None) -> None:
         self.rate = bytes_per_second if bytes_per_second and bytes_per_second > 0 else None
         self.stop = stop
         self.started = time.monotonic()
         self.done = 0
+        self.budget = budget
 
     def __call__(self, done: int, total: int) -> None:
-        self.done = done
+        delta, self.done = done - self.done, done
         if self.stop is not None and self.stop.is_set():
             raise VerifyStopped("exporter stopping")
-        if self.rate is None:
+        if self.budget is not None:
+            ahead = self.budget.add(delta)
+        elif self.rate is None:
             return
-        ahead = done / self.rate - (time.monotonic() - self.started)
+        else:
+            ahead = done / self.rate - (time.monotonic() - self.started)
         if ahead > 0:
             if self.stop is not None:
                 if self.stop.wait(ahead):
@@ -200,11 +225,42 @@ def _fuse_daemon_files(proc: str = "/proc") -> set[tuple[int, int]]:
             fds = os.listdir(os.path.join(proc, pid, "fd"))
         except OSError:
             continue
+        fuse_mounts = _fuse_mount_ids(os.path.join(proc, pid, "mountinfo"))
         for fd in fds:
+            if _mount_id(os.path.join(proc, pid, "fdinfo", fd)) in fuse_mounts:
+                continue  # a file inside a FUSE mount: stat() would hang on a stopped daemon, and no image is held so
             found = _file_id(os.path.join(proc, pid, "fd", fd))
             if found:
                 ids.add(found)
     return ids
+
+
+def _fuse_mount_ids(mountinfo: str) -> set[int]:
+    """Mount ids of the FUSE filesystems in a process's mount table."""
+    out: set[int] = set()
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and fields and fields[0].isdigit() and tail and tail[0].startswith("fuse"):
+            out.add(int(fields[0]))
+    return out
+
+
+def _mount_id(fdinfo: str) -> int | None:
+    """The mnt_id of an open file (/proc/PID/fdinfo/FD), read without touching the file."""
+    try:
+        with open(fdinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _newest_revision(sif: Any) -> int | None:
@@ -351,7 +407,8 @@ class Scanner:
         try:
             result = engine.status(path, verify=True, journal_dir=self.journal_dir, progress=limiter)
         finally:
-            self.verified_bytes += limiter.done
+            with self._lock:  # verify runs on several threads (run_verify_pass)
+                self.verified_bytes += limiter.done
         with self._lock:
             known = self._known.get(path)
             if known is not None and result.actual_digest is not None:
@@ -360,20 +417,48 @@ class Scanner:
         return result.state
 
 
+def verify_workers() -> int:
+    """Hashing threads of a verify pass: one per core the process may run on (sha256 and
+    the reads release the GIL; more threads than cores only share the same cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def run_verify_pass(scanner: Scanner, *, rate_bytes: float | None, stop: threading.Event,
-                    on_error: Callable[[str, Exception], None] | None = None) -> int:
-    """Hash every current candidate once (stops early on `stop`); returns how many."""
-    count = 0
-    for path in scanner.verify_candidates():
-        if stop.is_set():
-            break
+                    on_error: Callable[[str, Exception], None] | None = None, workers: int | None = None) -> int:
+    """Hash every current candidate once (stops early on `stop`); returns how many.
+
+    At most `workers` images (default verify_workers()) are hashed at a time, by a pool of
+    threads: one image's reads overlap another's hashing, and each core hashes one image.
+    `rate_bytes` bounds the pass as a whole (one RateBudget), not each thread."""
+    candidates = scanner.verify_candidates()
+    count = workers if workers is not None else verify_workers()
+    if count < 1:
+        raise ValueError(f"run_verify_pass: workers must be >= 1, got {count}")
+    budget = RateBudget(rate_bytes)
+    stopped = threading.Event()  # a VerifyStopped in one thread ends the others' queue too
+
+    def one(path: str) -> bool:
+        if stop.is_set() or stopped.is_set():
+            return False
         try:
-            scanner.verify(path, rate=RateLimit(rate_bytes, stop))
-            count += 1
+            scanner.verify(path, rate=RateLimit(rate_bytes, stop, budget=budget))
+            return True
         except VerifyStopped:
-            break
+            stopped.set()
+            return False
         except Exception as exc:  # noqa: BLE001 - one bad image never stops the pass
             log.warning("%s: verify failed: %s", path, exc)
             if on_error is not None:
                 on_error(path, exc)
-    return count
+            return False
+
+    count = min(count, len(candidates))
+    if count <= 1:
+        return sum(one(path) for path in candidates)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="sifoverlay-verify") as pool:
+        return sum(pool.map(one, candidates))
