@@ -116,3 +116,56 @@ def test_rw_job_refused_at_prolog_for_a_full_overlay(
     ro = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}:ro", "true", cwd="/")
     cluster.settle(cancel=False)
     assert ro.returncode == 0, ro.stderr
+
+
+def test_resize_then_a_job_uses_the_new_space(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 64 MiB overlay with a file in it is grown to 256 MiB by root (resize2fs runs as the
+    image's owner); the next job writes 150 MiB, which did not fit before."""
+    alice = slurm_users[0]
+    image = make_image(alice)
+    job = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                         "--wrap", "dd if=/dev/urandom of=/keep.bin bs=1M count=8 2>/dev/null; md5sum /keep.bin > /keep.md5")
+    assert cluster.wait_finished(job) == "COMPLETED"
+    assert_reconciled(cluster, image, job)
+    assert available(image) < 150 << 20
+    done = sh(SIFOVERLAY, "overlay", "resize", "--size", "256M", "--json", str(image))
+    assert json.loads(done.stdout)["layer_size"] == 256 << 20
+    assert available(image) > 180 << 20
+    big = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                         "--wrap", "dd if=/dev/urandom of=/big.bin bs=1M count=150 2>/dev/null && md5sum -c /keep.md5")
+    assert cluster.wait_finished(big) == "COMPLETED", (outdir / f"{big}.out").read_text()
+    assert_reconciled(cluster, image, big)
+    check = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}:ro", "stat", "-c", "%s", "/big.bin", cwd="/")
+    cluster.settle(cancel=False)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split() == [str(150 << 20)]
+    ops = [r["op"] for r in log_of(image)]
+    assert ops[:3] == ["sync", "resize", "sync"]
+
+
+def test_compact_after_a_job_deleted_a_large_file(
+        cluster: Cluster, slurm_users: tuple[User, User], make_image, outdir: Path) -> None:  # type: ignore[no-untyped-def]
+    alice = slurm_users[0]
+    image = make_image(alice)
+    write = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                           "--wrap", "dd if=/dev/urandom of=/big.bin bs=1M count=40 2>/dev/null; echo small > /keep.txt")
+    assert cluster.wait_finished(write) == "COMPLETED"
+    assert_reconciled(cluster, image, write)
+    delete = cluster.sbatch(alice, f"--oci-sif-overlay={image}", "-o", f"{outdir}/%j.out", "-D", "/",
+                            "--wrap", "rm /big.bin")
+    assert cluster.wait_finished(delete) == "COMPLETED"
+    assert_reconciled(cluster, image, delete)
+    before = int(sh("stat", "-c", "%b", str(image)).stdout)
+    done = json.loads(sh(SIFOVERLAY, "overlay", "compact", "--json", str(image)).stdout)
+    after = int(sh("stat", "-c", "%b", str(image)).stdout)
+    print(f"stat -c %b: {before} -> {after} (512-byte blocks); punched {done['punched_bytes']}")
+    assert done["action"] == "compacted" and (before, after) == (done["blocks_before"], done["blocks_after"])
+    assert (before - after) * 512 >= 39 << 20
+    recorded, actual = __import__("tests.slurm.test_jobs", fromlist=["ext3_sha256"]).ext3_sha256(image)
+    assert recorded == actual == done["new_digest"]
+    read = cluster.as_user(alice, "srun", f"--oci-sif-overlay={image}", "cat", "/keep.txt", cwd="/")
+    cluster.settle(cancel=False)
+    assert read.returncode == 0 and read.stdout == "small\n", read.stderr
+    assert [r["op"] for r in log_of(image)][:2] == ["sync", "compact"] or \
+        [r["op"] for r in log_of(image)][:1] == ["compact"]
