@@ -3,6 +3,7 @@
 independent consistency check of every image.
 
     .venv/bin/python bench/soak.py --n 200 --k 5 [--seed S] [--json-out FILE]
+    .venv/bin/python bench/soak.py --nodes 3 --n 200 --k 5   (multi-node: bench/soak_cluster.py)
 
 Needs root and the local cluster (`slurm_plugin/dev-cluster up`; never taken down here:
 the cluster is shared). Every job writes a file named after itself into its image's
@@ -446,10 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster-wait", type=float, default=1800, help="seconds to poll for the cluster")
     parser.add_argument("--keep", action="store_true", help="keep the images")
     parser.add_argument("--json-out", help="also write the JSON result here")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="more than 1: the multi-node soak on the test bed (bench/soak_cluster.py)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("soak.py: needs root (Slurm daemons, demo user, mounts)", file=sys.stderr)
         return 2
+    if args.nodes > 1:
+        sys.path.insert(0, str(REPO / "bench"))
+        import soak_cluster
+
+        return soak_cluster.main(args)
     start = time.monotonic()
     cluster_ready(args.cluster_wait)
     ensure_user(SOAK_USER, SOAK_UID)
