@@ -184,9 +184,9 @@ class ClusterSoak:
 
     def submit(self, job: Job, args: list[str], script: str) -> None:
         out = self.work / "out" / f"{job.name}.%A_%a.out"
-        proc = soak.as_user(soak.SOAK_USER, ["sbatch", "--parsable", "-J", job.name, "-o", str(out), *args,
-                                             "--wrap", script], check=False, cwd="/tmp",
-                            env=dict(os.environ, SLURM_CONF=BED_CONF))
+        # as_user starts from an empty environment: the bed's SLURM_CONF goes on the command line
+        proc = soak.as_user(soak.SOAK_USER, ["env", f"SLURM_CONF={BED_CONF}", "sbatch", "--parsable", "-J", job.name,
+                                             "-o", str(out), *args, "--wrap", script], check=False, cwd="/tmp")
         if proc.returncode != 0:
             job.states[""] = "SUBMIT_REFUSED"
             job.out = proc.stderr.strip()
