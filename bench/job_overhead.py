@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Job start and end overhead of --oci-sif-overlay against plain jobs (issue 17 item 1).
+Prints a table; asserts nothing. Needs root and a running dev cluster
+(`slurm_plugin/dev-cluster up`, under the Slurm lock); creates the job user `sifo-bench`
+if missing. A job that fails ends the rounds: the table then covers the complete rounds.
+
+Kinds, --runs jobs each (default 20), interleaved round by round, each submitted when the
+node is idle:
+
+  plain    srun sh -c 'cat /proc/uptime; echo $SLURM_JOB_ID'
+  ro       the same with --oci-sif-overlay=IMG:ro
+  rw       the same with :rw, writing nothing (untouched overlay)
+  rw-1     :rw, writing 1 MiB into the overlay
+  rw-1024  :rw, writing 1024 MiB
+
+Each job prints the boot-clock time (/proc/uptime, the same clock inside the container:
+no time namespace on the single-node cluster) when its command starts and, for the
+writers, when it is done. Per job:
+
+  submit-to-start  uptime at the command's start - client boot clock before `srun`;
+  start-to-end     client boot clock when `srun` returned - the command's last uptime;
+  end-to-idle      `srun` returned -> the job no longer COMPLETING (its Epilog done;
+                   squeue polled every --poll s).
+
+The table gives medians and their difference to `plain` from the same run. Targets (issue
+17): ro and rw (untouched) add <= 0.5 s to start and <= 0.3 s to end (start-to-end +
+end-to-idle). /proc/uptime has 10 ms resolution.
+
+    .venv/bin/python bench/job_overhead.py [--runs 20] [--kinds plain,ro,rw,rw-1,rw-1024] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+USER = "sifo-bench"  # not a tests/slurm user: a test's settle() cancels every job of those
+USER_ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"]
+PROBE = "cat /proc/uptime; echo job=$SLURM_JOB_ID"
+WRITE = "cat /proc/uptime; echo job=$SLURM_JOB_ID; head -c {n} /dev/zero > /bench.bin; cat /proc/uptime"
+KINDS = {
+    "plain": (None, PROBE),
+    "ro": ("ro", PROBE),
+    "rw": ("rw", PROBE),
+    "rw-1": ("rw", WRITE.format(n=1 << 20)),
+    "rw-1024": ("rw", WRITE.format(n=1 << 30)),
+}
+START_TARGET_S, END_TARGET_S = 0.5, 0.3
+
+
+def boot_clock() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def ensure_user() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(USER)
+    except KeyError:
+        sh("useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/sh",
+           "--user-group", USER)
+        entry = pwd.getpwnam(USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def make_images(work: Path, root: Path, kinds: list[str], uid: int, gid: int) -> dict[str, Path]:
+    """busybox imported with `sifoverlay import`, a sparse 1280 MiB overlay owned by the job
+    user, one copy per overlay kind (rw jobs on one image would queue behind each other)."""
+    from sifoverlay.engine import create_overlay
+
+    layout = work / "layout"
+    sh(sys.executable, str(REPO / "scripts" / "busybox-layout.py"), str(layout))
+    base = work / "busybox.oci.sif"
+    sh(str(REPO / ".venv" / "bin" / "sifoverlay"), "import", str(layout), str(base))
+    create_overlay(base, size_mib=1280, sparse=True, uid=uid, gid=gid, journal_dir=str(work / "journal"))
+    images = {}
+    for kind in kinds:
+        if KINDS[kind][0] is None:
+            continue
+        target = root / f"{kind}.oci.sif"
+        sh("cp", "--sparse=always", str(base), str(target))
+        os.chown(target, uid, gid)
+        images[kind] = target
+    return images
+
+
+def job_state(job: str) -> str:
+    return sh("squeue", "-h", "-j", job, "-t", "all", "-o", "%T", check=False).stdout.strip()
+
+
+def wait_idle(job: str, poll: float, timeout: float = 600) -> float:
+    """Boot-clock time at which `job` was first seen no longer COMPLETING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "COMPLETING" not in job_state(job):
+            return boot_clock()
+        time.sleep(poll)
+    raise SystemExit(f"job {job}: still COMPLETING after {timeout} s")
+
+
+def run_job(kind: str, image: Path | None, poll: float) -> dict[str, float]:
+    mode, script = KINDS[kind]
+    option = [] if image is None else [f"--oci-sif-overlay={image}:{mode}"]
+    argv = ["runuser", "-u", USER, "--", "env", "-i", *USER_ENV, "srun", "-N1", "-n1", *option,
+            "sh", "-c", script]
+    submitted = boot_clock()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL, cwd="/")
+    returned = boot_clock()
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind}: srun failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    uptimes = [float(line.split()[0]) for line in proc.stdout.splitlines()
+               if line and line[0].isdigit() and len(line.split()) == 2]
+    job = next(line.split("=", 1)[1] for line in proc.stdout.splitlines() if line.startswith("job="))
+    idle = wait_idle(job, poll)
+    return {"submit_to_start": uptimes[0] - submitted, "start_to_end": returned - uptimes[-1],
+            "end_to_idle": idle - returned, "work": uptimes[-1] - uptimes[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--poll", type=float, default=0.05)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no new round after this many seconds (the table covers the complete rounds)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    began = time.monotonic()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if os.geteuid() != 0 or "plain" not in kinds or any(k not in KINDS for k in kinds):
+        parser.error(f"needs root and kinds from {sorted(KINDS)} including plain")
+    from sifoverlay.slurm.config import load_config
+
+    config = load_config()
+    root = Path(config.image_roots[0]) / f"bench-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o755)
+    work = Path(tempfile.mkdtemp(prefix="sifoverlay-jobbench-"))
+    uid, gid = ensure_user()
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    try:
+        images = make_images(work, root, kinds, uid, gid)
+        run_job("plain", None, args.poll)  # warm caches (slurmd, page cache)
+        for kind in kinds:
+            if kind != "plain":
+                run_job(kind, images[kind], args.poll)
+        load_before = os.getloadavg()[0]
+        rounds = 0
+        try:
+            for _ in range(args.runs):
+                if args.max_seconds is not None and time.monotonic() - began > args.max_seconds:
+                    print(f"--max-seconds reached after {rounds} rounds", file=sys.stderr)
+                    break
+                got = {kind: run_job(kind, images.get(kind), args.poll) for kind in kinds}
+                for kind, sample in got.items():
+                    samples[kind].append(sample)
+                rounds += 1
+        except SystemExit as exc:
+            print(f"stopped after {rounds} complete rounds: {exc}", file=sys.stderr)
+            if rounds == 0:
+                raise
+        load_after = os.getloadavg()[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{rounds} jobs per kind, interleaved; load average (1 min) {load_before:.2f} -> {load_after:.2f}; "
+          f"{os.cpu_count()} CPUs; medians in seconds, (+x) = difference to plain in this run")
+    fields = ("submit_to_start", "start_to_end", "end_to_idle", "work")
+    base = {f: statistics.median(s[f] for s in samples["plain"]) for f in fields}
+    print(f"{'kind':<9}" + "".join(f"{f:>22}" for f in fields))
+    verdicts = []
+    for kind in kinds:
+        med = {f: statistics.median(s[f] for s in samples[kind]) for f in fields}
+        print(f"{kind:<9}" + "".join(f"{med[f]:>12.3f} ({med[f] - base[f]:+6.3f})" for f in fields))
+        if kind in ("ro", "rw"):
+            start = med["submit_to_start"] - base["submit_to_start"]
+            end = (med["start_to_end"] + med["end_to_idle"]) - (base["start_to_end"] + base["end_to_idle"])
+            verdicts.append(f"{kind}: start +{start:.3f} s (<= {START_TARGET_S}: "
+                            f"{'met' if start <= START_TARGET_S else 'NOT met'}), end +{end:.3f} s "
+                            f"(<= {END_TARGET_S}: {'met' if end <= END_TARGET_S else 'NOT met'})")
+    print("targets: " + "; ".join(verdicts))
+    print("Prolog/Epilog phase breakdown: the Prolog and Epilog write no timing records yet (not measured)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
