@@ -3,7 +3,8 @@
 SHA-256 has no shortcut for zero runs, so holes still cost CPU, but feeding them from a
 shared zero buffer instead of reading them halves the time on sparse images and keeps
 the page cache clean (test-stack-lowlevel §4). The digest equals hashlib.sha256 of the
-bytes. Memory use is one read buffer plus one zero buffer.
+bytes. Memory use is one zero buffer plus one read buffer (PIPELINE_DEPTH of them
+when a range of PIPELINE_MIN or more is read ahead on a thread).
 """
 
 from __future__ import annotations
