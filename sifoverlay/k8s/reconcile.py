@@ -104,7 +104,7 @@ def finish_session(journal_dir: str | None, job_id: str, result: str) -> None:
 
 def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool,
         image_fd: int | None = None, expect_identity: tuple[int, int] | None = None,
-        state_dir: str | None = None) -> ReconcileOutcome:
+        state_dir: str | None = None, who: Any = None) -> ReconcileOutcome:
     """engine.sync (which replays an interrupted commit of this image first); if the
     engine asks for a recovery it cannot do inline, run engine.recover and sync again.
     Running it twice is harmless: the second sync is a noop.
@@ -116,14 +116,19 @@ def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool,
     the image in messages and journal records. Seal stages its squashfs in the engine's private scratch
     directory (root-owned, random names: engine.recover.scratch_file), never beside the
     image where the image's owner could swap it. `state_dir`: the engine's state directory
-    on the image's volume (lease records shared with the workload pods)."""
+    on the image's volume (lease records shared with the workload pods). `who`: the
+    revision each commit records (engine.history.Who; default: this workload, via the
+    operator)."""
     from sifoverlay import engine
+    from sifoverlay.engine.history import Who
     from sifoverlay.fsio import io_from_env
 
+    if who is None:
+        who = Who.current(via="operator", job_id=job_id)
     with state(state_dir):
         try:
             result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env(),
-                                 image_fd=image_fd, expect_identity=expect_identity)
+                                 image_fd=image_fd, expect_identity=expect_identity, who=who)
         except RecoveryNeeded:
             log.info("%s: recovering an interrupted commit before the reconcile", path)
             if image_fd is not None:
@@ -131,10 +136,10 @@ def run(path: str, *, job_id: str, journal_dir: str | None, seal: bool,
             else:
                 engine.recover([path], journal_dir=journal_dir)
             result = engine.sync(path, job=job_id, journal_dir=journal_dir, io=io_from_env(),
-                                 image_fd=image_fd, expect_identity=expect_identity)
+                                 image_fd=image_fd, expect_identity=expect_identity, who=who)
         _release_job_lease(path, job_id, image_fd)
         if seal:
-            engine.seal(path, journal_dir=journal_dir, image_fd=image_fd, expect_identity=expect_identity)
+            engine.seal(path, journal_dir=journal_dir, image_fd=image_fd, expect_identity=expect_identity, who=who)
     return ReconcileOutcome(
         action=result.action, replayed=bool(result.replayed), digest_before=result.old_digest,
         digest_after=result.new_digest, manifest_digest=manifest_digest(path, image_fd), seconds=float(result.seconds),

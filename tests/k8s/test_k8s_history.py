@@ -1,0 +1,45 @@
+"""Issue 18: the operator's reconcile records who changed the image (the workload, via the
+operator) in the image's revision history."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sifoverlay.engine.history import read_log
+from tests.conftest import require_tool
+
+
+@pytest.fixture(autouse=True)
+def private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIFOVERLAY_JOURNAL_DIR", str(tmp_path / "journal"))
+    monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+
+def test_operator_reconcile_records_the_workload(tmp_path: Path) -> None:
+    require_tool("mkfs.ext3", "debugfs")
+    from sifoverlay import engine
+    from sifoverlay.k8s import reconcile
+    from tests.conftest import engine_base_source
+    from tests.engine.conftest import modify_overlay
+
+    image = tmp_path / "img" / "image.sif"
+    image.parent.mkdir()
+    image.write_bytes(engine_base_source().read_bytes())
+    engine.create_overlay(image, sparse=True)
+    modify_overlay(image, tmp_path, b"written by the pod\n")
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        out = reconcile.run(str(image), job_id="team-a/train-7", journal_dir=str(tmp_path / "journal"), seal=False,
+                            image_fd=fd, expect_identity=(st.st_dev, st.st_ino))
+    finally:
+        os.close(fd)
+    assert out.action == "reconciled"
+    newest = read_log(image).newest_first()[0]
+    assert newest["op"] == "sync" and newest["overlay"]["new"] == out.digest_after
+    assert newest["who"]["job_id"] == "team-a/train-7" and newest["who"]["via"] == "operator"
+    assert newest["who"]["uid"] == os.getuid() and newest["who"]["node"] == os.uname().nodename
