@@ -215,6 +215,10 @@ class Controller:
                 journal = self.config.journal_for(ref)
                 before, manifest = reconcile.current_digests(local, journal, state_dir=self.config.state_for(ref),
                                                              **_fd_args(resolved))
+                if spec.get("mode", "rw") == "rw" and resolved is not None and resolved.fd >= 0:
+                    from sifoverlay.engine.capacity import preflight  # issue 18: its final sync must be able to commit
+
+                    preflight(local, resolved.fd)  # CapacityError (BadInput): Failed with the one-line reason
                 reconcile.start_session(journal, self._job_id(body), local,
                                         writable=spec.get("mode", "rw") == "rw")
             if not self.api.create_job(job):

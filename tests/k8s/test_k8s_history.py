@@ -43,3 +43,20 @@ def test_operator_reconcile_records_the_workload(tmp_path: Path) -> None:
     assert newest["op"] == "sync" and newest["overlay"]["new"] == out.digest_after
     assert newest["who"]["job_id"] == "team-a/train-7" and newest["who"]["via"] == "operator"
     assert newest["who"]["uid"] == os.getuid() and newest["who"]["node"] == os.uname().nodename
+
+
+def test_rw_workload_refused_at_admission_without_descriptor_slots_for_its_sync(
+        site, cluster, vectors: Path, operator: object) -> None:  # type: ignore[no-untyped-def]
+    """The operator's admission runs the same pre-flight as the Prolog: an image whose end-of-job
+    sync could not commit (fewer than 4 free SIF descriptor slots) fails at once, nothing runs."""
+    from tests.engine.test_engine_capacity import fill_slots
+
+    image = site.make_image(vectors)
+    fill_slots(image, 3)
+    before = image.read_bytes()
+    cluster.create_overlayjob("full")
+    cluster.wait_phase("full", "Failed")
+    failed = cluster.condition("full", "Failed")
+    assert "only 3 free SIF descriptor slots, the sync at job end needs 4" in failed["message"], failed
+    assert cluster.job("full-run") is None
+    assert image.read_bytes() == before
