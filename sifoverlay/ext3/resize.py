@@ -139,20 +139,39 @@ def free_ranges(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
         bitmap = os.pread(fd, bs, offset + bitmap_block * bs)
         base = first_data_block + group * blocks_per_group
         count = min(blocks_per_group, total - base)
-        run_start = None
-        for i in range(count + 1):
-            free = i < count and not bitmap[i >> 3] & (1 << (i & 7))
-            if free and run_start is None:
-                run_start = i
-            elif not free and run_start is not None:
-                start = (base + run_start) * bs
-                end = (base + i) * bs
-                if out and out[-1][1] == start:
-                    out[-1] = (out[-1][0], end)
-                else:
-                    out.append((start, end))
-                run_start = None
+        for lo, hi in _zero_bit_runs(bitmap, count):
+            start, end = (base + lo) * bs, (base + hi) * bs
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
     return out
+
+
+def _zero_bit_runs(bitmap: bytes, count: int) -> Iterator[tuple[int, int]]:
+    """[lo, hi) runs of clear bits among the first `count` bits (LSB first), a whole byte
+    at a time where it is 0x00 or 0xff (large filesystems have 32768 bits per group)."""
+    run_start = None
+    i = 0
+    while i < count:
+        byte = bitmap[i >> 3] if (i >> 3) < len(bitmap) else 0xFF
+        if not i & 7 and i + 8 <= count and byte in (0, 0xFF):
+            if byte == 0 and run_start is None:
+                run_start = i
+            elif byte == 0xFF and run_start is not None:
+                yield run_start, i
+                run_start = None
+            i += 8
+            continue
+        free = not byte & (1 << (i & 7))
+        if free and run_start is None:
+            run_start = i
+        elif not free and run_start is not None:
+            yield run_start, i
+            run_start = None
+        i += 1
+    if run_start is not None:
+        yield run_start, count
 
 
 def hash_as_zeroed(fd: int, offset: int, size: int, zeroed: list[tuple[int, int]]) -> str:
