@@ -162,7 +162,7 @@ def cluster(slurm_users: tuple[User, User]) -> Iterator[Cluster]:
     yield Cluster(host=os.uname().nodename.split(".")[0], image_root=Path(config.image_roots[0]),
                   journal_dir=Path(config.journal_dir), runtime_dir=Path(config.runtime_dir))
     if not was_up:  # leave a cluster somebody else started (the demo) running
-        sh(str(DEV_CLUSTER), "down", check=False)
+        sh(str(DEV_CLUSTER), "down", "--single", check=False)
 
 
 @pytest.fixture(autouse=True)
