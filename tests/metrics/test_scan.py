@@ -169,7 +169,8 @@ def test_names_follow_the_conventions() -> None:
         assert not spec.name.endswith("_total"), spec.name  # the exposition adds it to counters
         assert spec.sample_name.endswith("_total") == (spec.type == names.COUNTER)
         assert "image" not in spec.labels or spec in (
-            names.OVERLAY_STATE, names.OVERLAY_LAST_RECONCILE, names.OVERLAY_SIZE, names.OVERLAY_FREE)
+            names.OVERLAY_STATE, names.OVERLAY_LAST_RECONCILE, names.OVERLAY_SIZE, names.OVERLAY_FREE,
+            names.OVERLAY_FREE_INODES, names.SIF_FREE_DESCRIPTORS, names.IMAGE_REVISIONS)
         assert not {"job", "job_id", "user", "uid", "path"} & set(spec.labels)
         if "seconds" in spec.name or "bytes" in spec.name:
             assert spec.name.endswith(("_seconds", "_bytes")), spec.name
