@@ -63,6 +63,7 @@ class SlurmConfig:
     lease_ttl: float = DEFAULT_LEASE_TTL  # docs/slurm.md "Leases, heartbeats and fencing"
     binds: str = ""  # site binds of every job, SRC[:DST[:ro|rw]],... (runtime.jobview)
     home: bool = True  # bind the job user's $HOME
+    slurmd_spool_dir: str = "/var/spool/slurmd"  # used by the plugin only (srun --mpi=pmix)
     lease_grace: float = DEFAULT_LEASE_GRACE
     source: str = "<defaults>"  # where the values came from, for messages
 
@@ -124,6 +125,8 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             except UsageError as exc:
                 raise UsageError(source, exc.problem) from None
             config = replace(config, binds=value)
+        elif key == "slurmd_spool_dir":  # the plugin's (srun --mpi=pmix); checked here alike
+            config = replace(config, slurmd_spool_dir=_abs_path(key, value, source))
         elif key == "home":
             if value not in ("yes", "no"):
                 raise UsageError(source, f"plugstack: home={value}: expected yes or no")

@@ -34,6 +34,7 @@ __all__ = ["VIEW_FILE", "JobView", "finish", "plan"]
 log = logging.getLogger(__name__)
 
 VIEW_FILE: Final = "view"
+PMIX_DIR: Final = "/.sifoverlay/pmix"  # SIFO_PMIX_DIR in slurm_plugin/src/sifoverlay.h
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,8 @@ class JobView:
 
     @property
     def mountpoints(self) -> list[tuple[str, bool]]:
-        return jobview.mountpoints(self.binds)
+        # + where a step's PMIx server directory is bound (srun --mpi=pmix; slurm_plugin/src/ctx_remote.c)
+        return [*jobview.mountpoints(self.binds), (PMIX_DIR, True)]
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -13,8 +13,10 @@
  *   lease_ttl=180 lease_grace=120              (seconds: lease heartbeat lifetime, takeover grace)
  *   binds=/scratch,/shared:ro                  (site binds of every job: SRC[:DST[:ro|rw]],...)
  *   home=yes|no                                (bind the job user's $HOME; default yes)
- * state_dir and every key after it are used by the Python side only; they are checked
- * here with the same rules so both halves accept exactly the same lines.
+ *   slurmd_spool_dir=/var/spool/slurmd         (slurm.conf SlurmdSpoolDir: srun --mpi=pmix dirs)
+ * slurmd_spool_dir is the plugin's only; state_dir and the other keys after it are used by
+ * the Python side only; they are checked on both sides with the same rules so both halves
+ * accept exactly the same lines.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -131,6 +133,9 @@ static int parse_one(const char *arg)
 		}
 		return 0;
 	}
+	if (!strcmp(key, "slurmd_spool_dir"))
+		return copy_abs_path(key, value, sifo_config.slurmd_spool_dir,
+				     sizeof(sifo_config.slurmd_spool_dir));
 	if (!strcmp(key, "home")) {
 		if (strcmp(value, "yes") && strcmp(value, "no")) {
 			sifo_error("plugstack: home=%s: expected yes or no", value);
@@ -173,6 +178,7 @@ int sifo_config_parse(int ac, char **av)
 	memset(&sifo_config, 0, sizeof(sifo_config));
 	strcpy(sifo_config.journal_dir, "/var/lib/sifoverlay/journal");
 	strcpy(sifo_config.runtime_dir, "/run/sifoverlay");
+	strcpy(sifo_config.slurmd_spool_dir, "/var/spool/slurmd");
 	sifo_config.default_mode = SIFO_MODE_RW;
 	sifo_config.mount = SIFO_MOUNT_FUSE;
 

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -63,6 +64,7 @@ static void task_cwd(spank_t sp, char *buf, size_t len)
 		snprintf(buf, len, "/");
 }
 
+static char pmix_dir[PATH_MAX]; /* this step's PMIx server dir on the host ("" if none) */
 static char task_cwds[3][PATH_MAX];
 static int n_task_cwds = -1; /* -1: this task does not run in an image */
 static bool task_cwd_required;
@@ -78,6 +80,8 @@ int sifo_remote_task_init(spank_t sp, int ac, char **av)
 	if (n_task_cwds < 0)
 		return 0;
 	spank_get_item(sp, S_JOB_ID, &job_id);
+	if (pmix_dir[0])
+		sifo_rewrite_env_paths(sp, "PMIX_", pmix_dir, SIFO_PMIX_DIR);
 	for (int i = 0; i < n_task_cwds; i++) {
 		if (chdir(task_cwds[i]) == 0) {
 			if (i > 0)
@@ -97,9 +101,33 @@ int sifo_remote_task_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* srun --mpi=pmix: the step's PMIx server directory (shared-memory store) is
+ * <SlurmdSpoolDir>/pmix.<job>.<step>, outside the image, made before the tasks fork: bind
+ * it on the stub mount point SIFO_PMIX_DIR. slurmstepd puts the PMIX_* variables naming
+ * it into the task's environment only after this hook: task_init rewrites them. Opened as
+ * the job user (a user bind): the directory is hers. */
+static int add_pmix_bind(uint32_t job_id, uint32_t step_id, struct sifo_view *view)
+{
+	struct sifo_bind *grown;
+	struct stat st;
+
+	snprintf(pmix_dir, sizeof(pmix_dir), "%s/pmix.%u.%u", sifo_config.slurmd_spool_dir, job_id, step_id);
+	if (lstat(pmix_dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+		pmix_dir[0] = '\0';
+		return 0;
+	}
+	grown = realloc(view->binds, sizeof(*grown) * (size_t)(view->n_binds + 1));
+	if (!grown)
+		return -1;
+	view->binds = grown;
+	view->binds[view->n_binds++] = (struct sifo_bind){ pmix_dir, (char *)SIFO_PMIX_DIR, false, false };
+	return 0;
+}
+
 /* The job view (taskview.c), the job user's credentials for her bind sources, the
  * working directory candidates, then the environment (docs/slurm.md). */
-static int enter_with_view(spank_t sp, uint32_t job_id, const struct sifo_job_record *rec, const char *cwd)
+static int enter_with_view(spank_t sp, uint32_t job_id, uint32_t step_id, const struct sifo_job_record *rec,
+			   const char *cwd)
 {
 	struct sifo_view view;
 	struct sifo_cred cred = { 0 };
@@ -130,6 +158,10 @@ static int enter_with_view(spank_t sp, uint32_t job_id, const struct sifo_job_re
 	for (int i = 0; i < ncwds; i++)
 		snprintf(task_cwds[n_task_cwds++], PATH_MAX, "%s", cwds[i]);
 	task_cwd_required = sifo_opts.workdir_given;
+	if (add_pmix_bind(job_id, step_id, &view) < 0) {
+		sifo_view_free(&view);
+		return fail_task(job_id, "out of memory");
+	}
 	rc = sifo_enter_rootfs(rec->rootfs, &view, &cred, cwds, 0, false, err, sizeof(err));
 	if (rc == 0 && sifo_apply_env(sp, &view, &sifo_opts, cred.uid, err, sizeof(err)) < 0)
 		rc = -1;
@@ -192,7 +224,7 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 	task_cwd(sp, cwd, sizeof(cwd));
 	if (step_id == SLURM_BATCH_SCRIPT && keep_batch_script(sp, job_id) < 0)
 		return -1;
-	if (enter_with_view(sp, job_id, &rec, cwd) < 0)
+	if (enter_with_view(sp, job_id, step_id, &rec, cwd) < 0)
 		return -1;
 	sifo_debug("job %u step %u: task runs in %s (%s)", job_id, step_id, rec.image, rec.rootfs);
 	return 0;

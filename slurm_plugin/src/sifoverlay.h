@@ -36,6 +36,7 @@ struct sifo_config {
 	char journal_dir[PATH_MAX];
 	char runtime_dir[PATH_MAX];
 	char sifoverlay[PATH_MAX];   /* interpreter/executable running the Prolog/Epilog */
+	char slurmd_spool_dir[PATH_MAX]; /* SlurmdSpoolDir (where srun --mpi=pmix puts its dirs) */
 	char image_roots[SIFO_MAX_ROOTS][PATH_MAX];
 	int n_image_roots;
 	enum sifo_mode default_mode;
@@ -101,8 +102,10 @@ struct sifo_view {
 	char workdir[PATH_MAX];      /* image WorkingDir ("" if none) */
 	char *buf;
 };
+#define SIFO_PMIX_DIR "/.sifoverlay/pmix"
 int sifo_view_load(const char *runtime_dir, unsigned job_id, struct sifo_view *view, char *err, size_t errlen);
 void sifo_view_free(struct sifo_view *view);
+void sifo_rewrite_env_paths(spank_t sp, const char *prefix, const char *host_dir, const char *inside);
 int sifo_apply_env(spank_t sp, const struct sifo_view *view, const struct sifo_task_opts *opts, uid_t uid,
 		   char *err, size_t errlen);
 

@@ -166,6 +166,21 @@ static bool listed_bare(const char *list, const char *name, size_t len)
 	return false;
 }
 
+/* `in` with every `from` replaced by `to` (truncated to outlen). */
+static void replace_all(const char *in, const char *from, const char *to, char *out, size_t outlen)
+{
+	size_t used = 0, flen = strlen(from);
+	const char *hit;
+
+	out[0] = '\0';
+	while (flen && (hit = strstr(in, from)) && used < outlen) {
+		used += (size_t)snprintf(out + used, outlen - used, "%.*s%s", (int)(hit - in), in, to);
+		in = hit + flen;
+	}
+	if (used < outlen)
+		snprintf(out + used, outlen - used, "%s", in);
+}
+
 static int set(spank_t sp, const char *name, const char *value, char *err, size_t errlen)
 {
 	spank_err_t rc = spank_setenv(sp, name, value, 1);
@@ -258,4 +273,27 @@ int sifo_apply_env(spank_t sp, const struct sifo_view *view, const struct sifo_t
 		}
 	}
 	return 0;
+}
+
+/* Every variable starting with `prefix` whose value names `host_dir`: named `inside` instead. */
+void sifo_rewrite_env_paths(spank_t sp, const char *prefix, const char *host_dir, const char *inside)
+{
+	char **env = NULL, *todo[256], err[SIFO_MSG_MAX];
+	int n = 0;
+
+	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !env)
+		return;
+	for (char **e = env; *e && n < 256; e++)
+		if (!strncmp(*e, prefix, strlen(prefix)) && strstr(*e, host_dir))
+			todo[n++] = strdup(*e);
+	for (int i = 0; i < n; i++) {
+		char *eq = todo[i] ? strchr(todo[i], '=') : NULL, out[8192];
+		if (eq) {
+			*eq = '\0';
+			replace_all(eq + 1, host_dir, inside, out, sizeof(out));
+			if (set(sp, todo[i], out, err, sizeof(err)) < 0)
+				sifo_error("%s", err);
+		}
+		free(todo[i]);
+	}
 }

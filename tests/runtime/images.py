@@ -177,3 +177,45 @@ def overlay_tree(image: Path, tmp: Path) -> str:
                 h.update(path.read_bytes())
     shutil.rmtree(out)
     return h.hexdigest()
+
+
+OPENMPI_TREES = ("/usr/lib/x86_64-linux-gnu/openmpi", "/usr/lib/x86_64-linux-gnu/pmix2", "/usr/share/openmpi",
+                 "/usr/share/pmix", "/etc/openmpi")
+
+
+def add_host_tree(rootfs: Path, binaries: list[str], *, trees: tuple[str, ...] = (),
+                  rename: dict[str, str] | None = None) -> None:
+    """Copy host files into `rootfs`: `binaries` (at the same path, or `rename`d) and whole
+    directory `trees` (relative symlinks kept), plus the `ldd` closure of every ELF file
+    among them, as plain files at the paths ldd names (Debian's MPI into a busybox image:
+    its plugins are dlopen'd, so their closure counts too)."""
+    rename = rename or {}
+    copies: dict[str, str] = {}  # host file -> path inside
+    for binary in binaries:
+        copies[binary] = rename.get(binary, binary)
+    for top in trees:
+        for root, _dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(root, name)
+                copies[path] = path
+    closure: set[str] = set()
+    for path in list(copies):
+        out = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            for word in line.split():
+                if word.startswith("/") and os.path.exists(word):
+                    closure.add(word)
+    for host, inside in sorted(copies.items()):
+        target = rootfs / inside.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            continue
+        if os.path.islink(host) and not os.readlink(host).startswith("/"):
+            os.symlink(os.readlink(host), target)
+        else:
+            shutil.copy2(os.path.realpath(host), target)
+    for lib in sorted(closure - set(copies)):
+        target = rootfs / lib.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() and not target.is_symlink():
+            shutil.copy2(os.path.realpath(lib), target)

@@ -58,13 +58,13 @@ def test_plan_as_root_for_a_job(tmp_path: Path) -> None:
     expected += [(home, home, False, False, True)] if os.path.isdir(home) and home != "/" else []
     expected += [(str(site), "/site", True, True, True), (str(mine), "/in/file.txt", False, False, False)]
     assert got == expected
-    assert view.mountpoints == [(b[1], b[4]) for b in expected]
+    assert view.mountpoints == [*((b[1], b[4]) for b in expected), ("/.sifoverlay/pmix", True)]
     no_home = taskview.plan(0, 0, config.mounts_dir, "42", config, {"SPANK_OCI_SIF_NO_HOME": "1"})
     assert all(b.dest != home for b in no_home.binds)
     admin_no_home = taskview.plan(0, 0, config.mounts_dir, "42", SlurmConfig(home=False), {})
     assert all(b.dest != home for b in admin_no_home.binds)
     missing = {"SPANK_OCI_SIF_MOUNTS": f"{tmp_path}/nope:/x"}
-    with pytest.raises(UsageError, match="bind source does not exist or is not reachable by uid 0"):
+    with pytest.raises(UsageError, match="bind source does not exist or is not readable by uid 0"):
         taskview.plan(0, 0, config.mounts_dir, "42", config, missing)
 
 
