@@ -18,6 +18,7 @@
 | SIFOVERLAY_ALLOW_KERNEL_MOUNTS | "true": honour spec.mountMode: kernel (privileged pods) | false |
 | SIFOVERLAY_OPERATOR_IMAGE | the pinned runner image of workload pods and reconcile Jobs | ghcr.io/sifoverlay/operator:0.1.0 |
 | SIFOVERLAY_POLICY | the admin policy, JSON of the chart's `policy` value (see k8s/policy.py) | none: no image volume allowed |
+| SIFOVERLAY_MIN_FREE_BYTES | a rw OverlayJob whose overlay has fewer bytes available fails at admission (0: no minimum) | 0 |
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class OperatorConfig:
     metrics_port: int = METRICS_PORT
     metrics_addr: str = "0.0.0.0"
     pod_policy: PodPolicy = field(default_factory=PodPolicy)
+    min_free_bytes: int = 0  # capacity pre-flight of rw workloads (engine/capacity.py), like plugstack min_free
 
     def journal_for(self, ref: ImageRef) -> str | None:
         """Where the journal of `ref`'s commits and sessions lives: SIFOVERLAY_JOURNAL_DIR,
@@ -134,4 +136,5 @@ def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
         metrics_port=int(_number(env, "SIFOVERLAY_METRICS_PORT", METRICS_PORT)),
         metrics_addr=env.get("SIFOVERLAY_METRICS_ADDR") or "0.0.0.0",
         pod_policy=policy,
+        min_free_bytes=int(_number(env, "SIFOVERLAY_MIN_FREE_BYTES", 0)),
     )

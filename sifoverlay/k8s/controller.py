@@ -218,7 +218,8 @@ class Controller:
                 if spec.get("mode", "rw") == "rw" and resolved is not None and resolved.fd >= 0:
                     from sifoverlay.engine.capacity import preflight  # issue 18: its final sync must be able to commit
 
-                    preflight(local, resolved.fd)  # CapacityError (BadInput): Failed with the one-line reason
+                    # CapacityError (BadInput): Failed with the one-line reason
+                    preflight(local, resolved.fd, min_free_bytes=self.config.min_free_bytes)
                 reconcile.start_session(journal, self._job_id(body), local,
                                         writable=spec.get("mode", "rw") == "rw")
             if not self.api.create_job(job):

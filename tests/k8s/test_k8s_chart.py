@@ -186,7 +186,8 @@ def test_operator_alerts_cover_the_operator_and_link_their_runbooks(tmp_path: Pa
         "enabled": True, "runbookBaseUrl": "https://wiki.example/ops"}}}
     rule = next(d for d in render(tmp_path, custom) if d["kind"] == "PrometheusRule")
     urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "runbook_url" in r["annotations"]]
-    assert len(urls) == 5 and all(u.startswith("https://wiki.example/ops#sifoverlayoperator") for u in urls)
+    assert len(urls) == 7 and all(u.startswith("https://wiki.example/ops#sifoverlay") for u in urls)
+    assert sum(u.startswith("https://wiki.example/ops#sifoverlayoperator") for u in urls) == 5
 
 
 @pytest.mark.parametrize("version", [MIN_K8S, "1.37.0"])

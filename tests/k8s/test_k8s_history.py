@@ -60,3 +60,25 @@ def test_rw_workload_refused_at_admission_without_descriptor_slots_for_its_sync(
     assert "only 3 free SIF descriptor slots, the sync at job end needs 4" in failed["message"], failed
     assert cluster.job("full-run") is None
     assert image.read_bytes() == before
+
+
+@pytest.fixture
+def min_free_site(site, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The site with the chart's operator.minFreeBytes set (1 TiB: more than any test overlay)."""
+    monkeypatch.setenv("SIFOVERLAY_MIN_FREE_BYTES", str(1 << 40))
+    return site
+
+
+def test_rw_workload_refused_at_admission_below_the_minimum_free_space(
+        min_free_site, cluster, vectors: Path, operator: object) -> None:  # type: ignore[no-untyped-def]
+    """operator.minFreeBytes: a rw OverlayJob on an overlay with less space available fails at
+    once with the Prolog's one line; nothing runs, the image is untouched."""
+    image = min_free_site.make_image(vectors)
+    before = image.read_bytes()
+    cluster.create_overlayjob("tight")
+    cluster.wait_phase("tight", "Failed")
+    failed = cluster.condition("tight", "Failed")
+    assert f"less than the required {1 << 40} (min_free)" in failed["message"], failed
+    assert "grow it with `sifoverlay overlay resize`" in failed["message"], failed
+    assert cluster.job("tight-run") is None
+    assert image.read_bytes() == before
