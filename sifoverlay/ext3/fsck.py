@@ -34,13 +34,13 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sifoverlay.errors import Ext3FormatError, ExternalToolError, ImageBusy, OverlayStateError
 from sifoverlay.fsio import REAL_IO, FileIO
 
+from .resize import data_extents as _data_extents
 from .superblock import Superblock
 from . import tools
 from .tools import loops_backed_by, output_tail, unprivileged_argv
@@ -215,23 +215,6 @@ def _run_child(path: str, image_fd: int, st: os.stat_result, spec: dict[str, Any
 
 
 # --- the unprivileged child -----------------------------------------------------------------------
-def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data (not holes) of fd within [start, end)."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole - data
-        pos = hole
-
-
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
     while length > 0:
         try:
