@@ -134,7 +134,12 @@ class Bed:
 
     # -- nodes ----------------------------------------------------------------------------
     def node_state(self, node: str) -> str:
-        return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T").stdout.strip()
+        """slurmctld's state of the node, lower case ("idle", "mixed", "down+not_responding").
+        From `scontrol show node`, not `sinfo -o %T`: after a node kill + boot, sinfo kept
+        printing "mixed" for minutes while slurmctld had State=IDLE CPUAlloc=0 and no job."""
+        shown = self.run("scontrol", "-o", "show", "node", node).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("State=")), "")
+        return state.lower()
 
     def mounts(self, node: str) -> str:
         """The node's mount table (what a double-mount monitor samples)."""
@@ -150,6 +155,7 @@ class Bed:
             self.dev("node", "heal", node)
             self.dev("node", "boot", node)
         deadline = time.monotonic() + timeout
+        no_jobs_since: float | None = None
         while time.monotonic() < deadline:
             left = self.run("squeue", "-h", "-u", ",".join(TEST_USERS), "-o", "%T").stdout.split()
             states = {n: self.node_state(n) for n in self.nodes}
@@ -158,8 +164,23 @@ class Bed:
             for node, state in states.items():
                 if any(bad in state for bad in ("down", "drain", "fail")):
                     self.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+            # Last resort for a node that stays busy with no job at all on the bed for 30 s
+            # (a stale allocation): set it DOWN and resume it.
+            busy = self.run("squeue", "-h", "-o", "%i").stdout.split()
+            now = time.monotonic()
+            no_jobs_since = (no_jobs_since or now) if not busy else None
+            if no_jobs_since is not None and now - no_jobs_since > 30:
+                for node, state in states.items():
+                    if state != "idle":
+                        self.run("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=bed-reset")
+                        self.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+                no_jobs_since = None
             time.sleep(0.5)
-        raise AssertionError(f"test bed not idle after {timeout}s: {states}, jobs left: {left}")
+        every_job = self.run("squeue", "-h", "-o", "%i %u %T %N %r").stdout.strip()
+        nodes = {n: self.run("scontrol", "show", "node", n).stdout.split("\n")[:12] for n in self.nodes
+                 if states.get(n) != "idle"}
+        raise AssertionError(f"test bed not idle after {timeout}s: {states}, jobs left: {left}; "
+                             f"all jobs: {every_job!r}; {nodes}")
 
 
 def _bed_is_up() -> bool:
