@@ -26,7 +26,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 
 from .history import Who, draft
 from .journal import Journal
-from .recover import exclusive
+from .overlayop import exclusive_overlay
 
 log = logging.getLogger(__name__)
 
@@ -77,64 +77,42 @@ def compact(
     expect_identity: tuple[int, int] | None = None,
 ) -> CompactResult:
     from sifoverlay.errors import Ext3FormatError
-    from sifoverlay.ext3 import Superblock, hash_range, replay_and_fsck
+    from sifoverlay.ext3 import Superblock
     from sifoverlay.ext3.resize import free_ranges, hash_as_zeroed
-    from sifoverlay.ocisif import open_image
-    from sifoverlay.sif.load import SifFile
 
-    from . import plan, quiesce, statedir
+    from . import plan
     from .commit import commit
-    from .status import _checked_fd
 
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
-    try:
-        fd = _checked_fd(image, image_fd, expect_identity)
-    except OSError as exc:
-        from sifoverlay.errors import SifFormatError
-
-        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
-    try:
+    with exclusive_overlay(image, source="compact", journal=journal, io=io, image_fd=image_fd,
+                           expect_identity=expect_identity) as (fd, sif, img, overlay):
         blocks_before = os.fstat(fd).st_blocks
-        with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
-            located = img.require_overlay()
-            region = (located.offset, located.size)
-        quiesce.ensure_quiet(image, *region, writers_only=False, fd=fd)
-        with exclusive(image, journal=journal, job=None, source="compact", io=io, region=region, image_fd=fd):
-            wfd = statedir.reopen(fd, writable=True, io=io)
-            with SifFile.from_fd(wfd, image) as sif:
-                sif.writable = True
-                img = open_image(sif)
-                overlay = img.require_overlay()
-                if Superblock.read(sif.fd, overlay.offset, size=overlay.size).is_dirty:
-                    replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io)
-                try:
-                    free = free_ranges(sif.fd, overlay.offset, overlay.size)
-                except Ext3FormatError as exc:
-                    raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
-                doomed = _allocated(sif.fd, [(overlay.offset + a, overlay.offset + b) for a, b in free])
-                old = overlay.recorded_digest
-                if not doomed:
-                    return CompactResult("noop", image, old, old, 0, blocks_before, blocks_before,
-                                         time.monotonic() - start)
-                # The digest of the bytes as they read once punched: the commit records it,
-                # GC punches after the commit point (and recovery's GC redoes it after a crash).
-                new = hash_as_zeroed(sif.fd, overlay.offset, overlay.size, doomed)
-                punched = sum(b - a for a, b in doomed)
-                sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
-                revision = draft("compact", who, old_overlay=old, new_overlay=new, bytes_hashed=overlay.size,
-                                 detail={"punched_bytes": punched})
-                planned = plan.plan_sync(img, new_digest=new, fingerprint=sb.fingerprint(), revision=revision)
-                if planned is None:  # the free blocks were zeros already: punching changes no byte
-                    for a, b in doomed:
-                        io.punch_hole(sif.fd, a, b - a)
-                    io.fsync(sif.fd)
-                else:
-                    planned = dataclasses.replace(planned, op="compact", zeroed=tuple((a, b - a) for a, b in doomed))
-                    commit(image, sif.fd, planned, journal, io=io)
-        blocks_after = os.fstat(fd).st_blocks
-    finally:
-        os.close(fd)
+        try:
+            free = free_ranges(sif.fd, overlay.offset, overlay.size)
+        except Ext3FormatError as exc:
+            raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
+        doomed = _allocated(sif.fd, [(overlay.offset + a, overlay.offset + b) for a, b in free])
+        old = overlay.recorded_digest
+        if not doomed:
+            return CompactResult("noop", image, old, old, 0, blocks_before, blocks_before,
+                                 time.monotonic() - start)
+        # The digest of the bytes as they read once punched: the commit records it,
+        # GC punches after the commit point (and recovery's GC redoes it after a crash).
+        new = hash_as_zeroed(sif.fd, overlay.offset, overlay.size, doomed)
+        punched = sum(b - a for a, b in doomed)
+        sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
+        revision = draft("compact", who, old_overlay=old, new_overlay=new, bytes_hashed=overlay.size,
+                         detail={"punched_bytes": punched})
+        planned = plan.plan_sync(img, new_digest=new, fingerprint=sb.fingerprint(), revision=revision)
+        if planned is None:  # the free blocks were zeros already: punching changes no byte
+            for a, b in doomed:
+                io.punch_hole(sif.fd, a, b - a)
+            io.fsync(sif.fd)
+        else:
+            planned = dataclasses.replace(planned, op="compact", zeroed=tuple((a, b - a) for a, b in doomed))
+            commit(image, sif.fd, planned, journal, io=io)
+        blocks_after = os.fstat(fd).st_blocks  # the commit's GC punched the holes
     log.info("%s: compacted, %d bytes punched (%s -> %s)", image, punched, old, new)
     return CompactResult("compacted", image, old, new, punched, blocks_before, blocks_after, time.monotonic() - start)

@@ -23,7 +23,8 @@ from sifoverlay.fsio import REAL_IO, FileIO
 from .commit import BlobSource, OpResult, commit
 from .history import Who, draft
 from .journal import Journal
-from .recover import exclusive, scratch_file
+from .overlayop import exclusive_overlay
+from .recover import scratch_file
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,10 @@ def resize(
     image_fd: int | None = None,
     expect_identity: tuple[int, int] | None = None,
 ) -> OpResult:
-    from sifoverlay.ext3 import Superblock, hash_range, replay_and_fsck
+    from sifoverlay.ext3 import Superblock, hash_range
     from sifoverlay.ext3.resize import copy_region, resize_fs
-    from sifoverlay.ocisif import open_image
-    from sifoverlay.sif.load import SifFile
 
-    from . import plan, quiesce, statedir
-    from .status import _checked_fd
+    from . import plan
 
     start = time.monotonic()
     image = os.fspath(path)
@@ -64,56 +62,37 @@ def resize(
         raise UsageError(image, f"overlay size must be at least {MIN_MIB} MiB, got {size_mib!r}")
     new_size = size_mib << 20
     journal = Journal(journal_dir, io=io)
-    try:
-        fd = _checked_fd(image, image_fd, expect_identity)
-    except OSError as exc:
-        from sifoverlay.errors import SifFormatError
-
-        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
-    try:
-        with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
-            located = img.require_overlay()
-            region = (located.offset, located.size)
-        quiesce.ensure_quiet(image, *region, writers_only=False, fd=fd)
+    with exclusive_overlay(image, source="resize", journal=journal, io=io, image_fd=image_fd,
+                           expect_identity=expect_identity) as (fd, sif, img, overlay):
         st = os.fstat(fd)
-        with exclusive(image, journal=journal, job=None, source="resize", io=io, region=region, image_fd=fd):
-            with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
-                sif.writable = True
-                img = open_image(sif)
-                overlay = img.require_overlay()
-                sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
-                if sb.is_dirty:
-                    replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io)
-                    sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
-                fs_bytes = sb.blocks_count * sb.block_size
-                used = fs_bytes - sb.free_bytes
-                if new_size == overlay.size and new_size == fs_bytes:
-                    return OpResult("unchanged", image, img.root_index.digest, img.root_index.digest,
-                                    overlay.recorded_digest, overlay.offset, overlay.size, time.monotonic() - start)
-                if new_size < used + SHRINK_MARGIN:
-                    raise OverlayStateError(image, f"cannot shrink the overlay to {size_mib} MiB: {used} bytes are in "
-                                            f"use (at least {(used + SHRINK_MARGIN + (1 << 20) - 1) >> 20} MiB needed)")
-                with scratch_file(image, "ext3", io=io) as scratch:
-                    tmp = io.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                    try:
-                        copy_region(sif.fd, overlay.offset, overlay.size, tmp, io)
-                        who_runs = _tool_user(st)
-                        if who_runs is not None:
-                            os.fchown(tmp, *who_runs)  # io-seam: exempt (our scratch copy, handed to its owner's tools)
-                        new_sb = resize_fs(tmp, new_size, as_user=who_runs, io=io, name=image)
-                        io.fsync(tmp)
-                    finally:
-                        io.close(tmp)
-                    fingerprint = new_sb.fingerprint()
-                    digest = hash_range(scratch, 0, new_size)
-                    revision = draft("resize", who, old_overlay=overlay.recorded_digest, new_overlay=digest,
-                                     bytes_hashed=new_size, detail={"old_size": overlay.size, "new_size": new_size})
-                    planned = plan.plan_resize(img, ext3=BlobSource(digest, new_size, path=scratch),
-                                               fingerprint=fingerprint, now=now, revision=revision)
-                    commit(image, sif.fd, planned, journal, io=io)
-    finally:
-        os.close(fd)
+        sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
+        fs_bytes = sb.blocks_count * sb.block_size
+        used = fs_bytes - sb.free_bytes
+        if new_size == overlay.size and new_size == fs_bytes:
+            return OpResult("unchanged", image, img.root_index.digest, img.root_index.digest,
+                            overlay.recorded_digest, overlay.offset, overlay.size, time.monotonic() - start)
+        if new_size < used + SHRINK_MARGIN:
+            raise OverlayStateError(image, f"cannot shrink the overlay to {size_mib} MiB: {used} bytes are in "
+                                    f"use (at least {(used + SHRINK_MARGIN + (1 << 20) - 1) >> 20} MiB needed)")
+        with scratch_file(image, "ext3", io=io) as scratch:
+            tmp = io.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                copy_region(sif.fd, overlay.offset, overlay.size, tmp, io)
+                who_runs = _tool_user(st)
+                if who_runs is not None:
+                    os.fchown(tmp, *who_runs)  # io-seam: exempt (our scratch copy, handed to its owner's tools)
+                new_sb = resize_fs(tmp, new_size, as_user=who_runs, io=io, name=image)
+                io.fsync(tmp)
+            finally:
+                io.close(tmp)
+            fingerprint = new_sb.fingerprint()
+            digest = hash_range(scratch, 0, new_size)
+            revision = draft("resize", who, old_overlay=overlay.recorded_digest, new_overlay=digest,
+                             bytes_hashed=new_size, detail={"old_size": overlay.size, "new_size": new_size})
+            planned = plan.plan_resize(img, ext3=BlobSource(digest, new_size, path=scratch),
+                                       fingerprint=fingerprint, now=now, revision=revision)
+            commit(image, sif.fd, planned, journal, io=io)
     offset = next(b.offset for b in planned.blobs if b.source.digest == digest)
-    log.info("%s: overlay resized %d -> %d bytes (%s)", image, region[1], new_size, digest)
+    log.info("%s: overlay resized %d -> %d bytes (%s)", image, overlay.size, new_size, digest)
     return OpResult("resized", image, planned.old_root_digest, planned.new_root_digest, digest, offset, new_size,
                     time.monotonic() - start)
