@@ -30,28 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 TARGET_MS = 30.0
-
-
-def base_image(path: Path) -> None:
-    """A small OCI-SIF with one (fake) squashfs layer; enough for overlay work."""
-    from sifoverlay.ocisif import jsonedit, mediatypes
-    from sifoverlay.ocisif.build import write_ocisif
-
-    layer = b"\0" * 4096
-    layer_digest = jsonedit.digest_of(layer)
-    config = jsonedit.canonical({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}, "history": [{"created_by": "bench"}],
-    })
-    manifest = jsonedit.canonical({
-        "schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST,
-        "config": jsonedit.descriptor_of(config, mediatypes.OCI_CONFIG),
-        "layers": [jsonedit.descriptor_of(layer, mediatypes.SQUASHFS_LAYER)],
-    })
-    index = jsonedit.new_index([jsonedit.descriptor_of(manifest, mediatypes.OCI_MANIFEST)])
-    write_ocisif(path, [layer, config, manifest], index)
 
 
 # The warm-up run writes the .pyc files, as an installed package has them: a shell with
@@ -82,6 +63,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sifoverlay-clistart-", dir=args.dir))
     try:
         image, journal = work / "image.sif", work / "journal"
+        from reconcile import base_image  # bench/reconcile.py
+
         base_image(image)
         engine.create_overlay(image, size_mib=64, sparse=True, journal_dir=journal)
         engine.sync(image, journal_dir=journal)
