@@ -65,25 +65,25 @@ def count_hosts(hostlist: str) -> int:
     return count
 
 
-def _het_components(job_id: str, env: Mapping[str, str]) -> int:
-    """How many components the job's heterogeneous job has (1: not heterogeneous)."""
+def _job_fields(job_id: str, env: Mapping[str, str]) -> dict[str, str] | None:
+    """`scontrol show job -o ID` as a dict (None: no scontrol, or it could not answer)."""
     tool = next((t for t in _SCONTROL if os.access(t, os.X_OK)), None)
     if tool is None:
-        return 1
-    child_env = {"PATH": "/usr/bin:/bin"}
-    if env.get("SLURM_CONF"):
-        child_env["SLURM_CONF"] = env["SLURM_CONF"]
+        return None
+    child_env = {"PATH": "/usr/bin:/bin", **({"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {})}
     try:
         out = subprocess.run([tool, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
                              env=child_env, stdin=subprocess.DEVNULL).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("job %s: cannot ask slurmctld whether it is heterogeneous: %s", job_id, exc)
-        return 1
-    for word in out.split():
-        key, _, value = word.partition("=")
-        if key == "HetJobIdSet" and value:
-            return count_hosts("x[" + value + "]")
-    return 1
+        log.warning("job %s: cannot ask slurmctld: %s", job_id, exc)
+        return None
+    return dict(word.partition("=")[::2] for word in out.split())
+
+
+def _het_components(job_id: str, env: Mapping[str, str]) -> int:
+    """How many components the job's heterogeneous job has (1: not heterogeneous)."""
+    het = (_job_fields(job_id, env) or {}).get("HetJobIdSet")
+    return count_hosts("x[" + het + "]") if het else 1
 
 
 def check_rw_allowed(image: str, job_id: str, env: Mapping[str, str] | None = None) -> None:
@@ -108,20 +108,9 @@ _ENDING_STATES: Final = frozenset({"COMPLETING", "COMPLETED", "CANCELLED", "FAIL
 
 
 def _job_state(job_id: str, env: Mapping[str, str]) -> str | None:
-    tool = next((t for t in _SCONTROL if os.access(t, os.X_OK)), None)
-    if tool is None or not job_id.isdigit() or not os.path.exists(env.get("SLURM_CONF", "/etc/slurm/slurm.conf")):
+    if not job_id.isdigit() or not os.path.exists(env.get("SLURM_CONF", "/etc/slurm/slurm.conf")):
         return None
-    child_env = {"PATH": "/usr/bin:/bin", **({"SLURM_CONF": env["SLURM_CONF"]} if env.get("SLURM_CONF") else {})}
-    try:
-        out = subprocess.run([tool, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
-                             env=child_env, stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for word in out.split():
-        key, _, value = word.partition("=")
-        if key == "JobState":
-            return value
-    return None
+    return (_job_fields(job_id, env) or {}).get("JobState")
 
 
 def wait_for_ending_holders(holders: Callable[[], list[tuple[str, str]]], *, timeout: float,
