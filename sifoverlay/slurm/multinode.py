@@ -100,11 +100,12 @@ def check_rw_allowed(image: str, job_id: str, env: Mapping[str, str] | None = No
                                      "heterogeneous job)")
 
 
-# Job states in which a holder's lease is about to go: Slurm has ended the job (and given
-# its license to the next writer, see docs/slurm.md "Writers queue") but its Epilog, which
-# reconciles the image and releases the lease, may still run.
-_ENDING_STATES: Final = frozenset({"COMPLETING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
-                                   "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
+# The one job state in which a holder's lease is about to go: Slurm has ended the job
+# (and given its license to the next writer, see docs/slurm.md "Writers queue") and keeps
+# it COMPLETING until every node's Epilog, which reconciles the image and releases the
+# lease, has finished. Any other end state means the Epilog is over: a lease still held
+# then was LEFT by it (a failed reconcile, for the sweeper), and waiting cannot help.
+_EPILOG_RUNNING: Final = "COMPLETING"
 
 
 def _job_state(job_id: str, env: Mapping[str, str]) -> str | None:
@@ -114,11 +115,14 @@ def _job_state(job_id: str, env: Mapping[str, str]) -> str | None:
 
 
 def wait_for_ending_holders(holders: Callable[[], list[tuple[str, str]]], *, timeout: float,
-                            env: Mapping[str, str] | None = None, poll: float = 0.5) -> bool:
+                            env: Mapping[str, str] | None = None, poll: float = 0.5,
+                            ending: Callable[[str], bool] | None = None) -> bool:
     """Wait while the image is held only by Slurm jobs that slurmctld has already ended
-    (their Epilog is releasing it). `holders()` -> [(source, job_id), ...] of the current
-    lease holders. True when none is left; False at once when a holder is live or not a
-    Slurm job, or when `timeout` passes."""
+    and whose end is being handled: the job is COMPLETING (its Epilog runs), or `ending(job)`
+    says a process (the reconcile worker of an async job end) is ending it now.
+    `holders()` -> [(source, job_id), ...] of the current lease holders. True when none is
+    left; False at once when a holder is live, not a Slurm job, or ended with nobody ending
+    it (its Epilog failed and left the lease to the sweeper), or when `timeout` passes."""
     env = os.environ if env is None else env
     deadline = time.monotonic() + timeout
     waited = False
@@ -129,8 +133,12 @@ def wait_for_ending_holders(holders: Callable[[], list[tuple[str, str]]], *, tim
                 log.info("the image's previous holder released it: going on")
             return True
         for source, job_id in current:
+            if source == "slurm" and ending is not None and ending(job_id):
+                continue  # its Epilog or reconcile worker holds the job-end lock: done within its hash time
             state = _job_state(job_id, env) if source == "slurm" else None
-            if state is None or state.split("+")[0] not in _ENDING_STATES:
+            if state is None or state.split("+")[0] != _EPILOG_RUNNING:
+                if state is not None and waited:
+                    log.warning("job %s is %s and its Epilog left the image held: not waiting longer", job_id, state)
                 return False
         if time.monotonic() >= deadline:
             log.warning("image still held by ended jobs %s after %.0fs", [j for _, j in current], timeout)

@@ -48,6 +48,30 @@ def test_prolog_waits_only_for_holders_slurm_has_ended() -> None:
     assert wait_for_ending_holders(releasing, timeout=5, env=no_ctld) is True and len(calls) == 1
 
 
+def test_prolog_waits_only_while_the_holders_epilog_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMPLETING: the holder's Epilog still runs (it reconciles and releases): wait. Any other
+    end state: its Epilog is over and LEFT the lease (a failed reconcile, for the sweeper):
+    refuse at once. The f1 attack made every Epilog fail and the next Prolog waited 630 s."""
+    from sifoverlay.slurm import multinode
+
+    states = iter(["COMPLETING", "COMPLETING", "COMPLETED"])
+    asked: list[str] = []
+
+    def job_state(job_id: str, env: object) -> str:
+        asked.append(job_id)
+        return next(states)
+
+    monkeypatch.setattr(multinode, "_job_state", job_state)
+    assert wait_for_ending_holders(lambda: [("slurm", "7")], timeout=600, poll=0.01) is False
+    assert asked == ["7", "7", "7"]
+    for ended in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        monkeypatch.setattr(multinode, "_job_state", lambda job_id, env, s=ended: s)
+        assert wait_for_ending_holders(lambda: [("slurm", "7")], timeout=600, poll=0.01) is False
+    released = iter([[("slurm", "8")], [("slurm", "8")], []])
+    monkeypatch.setattr(multinode, "_job_state", lambda job_id, env: "COMPLETING")
+    assert wait_for_ending_holders(lambda: next(released), timeout=600, poll=0.01) is True
+
+
 def test_rw_on_two_nodes_is_refused_at_submit(bed: Bed, bed_users: tuple[User, User], bed_image, bed_out: Path) -> None:
     alice = bed_users[0]
     image = bed_image(alice)
