@@ -46,7 +46,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-host-files", action="store_true",
                         help="leave the image's /etc/passwd, /etc/group, /etc/hosts and /etc/resolv.conf alone")
     parser.add_argument("--nv", action="store_true",
-                        help="NVIDIA GPUs: bind the host driver's libraries and tools (ldconfig cache + a list)")
+                        help="NVIDIA GPUs: bind the host driver's libraries and tools (ldconfig cache + a list), as "
+                        "SingularityCE --nv does. Which /dev/nvidiaN are shown follows the allocation "
+                        "(SLURM_STEP_GPUS/SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES), with or without --nv")
     parser.add_argument("--user", "-u", metavar="USER|UID|UID:GID", help="run as this user (root only)")
     parser.add_argument("--job-id", help="job id for the lease, session and runtime dir (default exec-HOST-PID)")
     parser.add_argument("--base-dir", help="runtime directory (default $SIFOVERLAY_RUNTIME_DIR or /run/sifoverlay/jobs)")

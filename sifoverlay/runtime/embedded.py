@@ -29,6 +29,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 from . import environment, jobview
 from .assemble import assemble, teardown
 from .execute import Bind, StartError, exec_in
+from .gpu import DRIVER_PROC
 
 if TYPE_CHECKING:
     from sifoverlay.engine.lease import Lease
@@ -66,7 +67,11 @@ class JobOptions:
     view: jobview.ViewRequest = jobview.ViewRequest()
     env: environment.EnvOptions = environment.EnvOptions()
     workdir: str | None = None  # required inside; None: cwd, else the image's WorkingDir, else /
-    gpu: bool = False
+    gpu: bool = False  # bind the driver's files (exec --nv); the device filter needs no flag
+    # where the GPU device nodes and the driver's UUID table are read: the host's, except
+    # in tests (a directory of fake nodes); not reachable from the command line
+    dev_dir: str = "/dev"
+    driver_proc: str = DRIVER_PROC
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +174,14 @@ def _assemble_and_run(
             request = options.view
             extra: tuple[Bind, ...] = ()
             append: tuple[tuple[str, str], ...] = ()
-            if options.gpu:
-                from . import gpu
+            from . import gpu
 
-                extra, append = gpu.view_binds(gpu.discover(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            job_env = os.environ if env is None else env
+            # only the allocated GPUs' nodes in the view, --nv or not (SingularityCE --nv
+            # shows them all; the allocation is the job's, whatever the flag)
+            gpus = gpu.select(job_env, dev_dir=options.dev_dir, proc_dir=options.driver_proc)
+            if options.gpu:
+                extra, append = gpu.view_binds(gpu.discover(dev_dir=options.dev_dir))
             request = jobview.ViewRequest(tuple(binds) + request.binds, request.site_binds, request.home,
                                           request.host_files, request.extra + extra)
             directory = state.job_dir(base, job)
@@ -185,14 +194,17 @@ def _assemble_and_run(
         try:
             if request.host_files:
                 jobview.write_identity(directory, rootfs.path, identity, io=io)
-            job_env = os.environ if env is None else env
             # as root for another user (sudo): root's PATH must not reach the job as is
             final_env = environment.compose(job_env, settings.env, options.env, user=identity.name,
                                             home=identity.home, append=append,
                                             drop_path=os.geteuid() == 0 and user.uid != 0)
+            if gpus is not None and gpus.cuda_visible_devices is not None \
+                    and "CUDA_VISIBLE_DEVICES" not in dict(options.env.set):
+                final_env["CUDA_VISIBLE_DEVICES"] = gpus.cuda_visible_devices  # CUDA numbers what it sees
             cwds = environment.workdir_candidates(options.workdir, cwd, settings.workdir)
             return exec_in(rootfs, argv, uid=user.uid, gid=user.gid, groups=user.groups, binds=all_binds,
-                           cwd=cwds, cwd_required=options.workdir is not None, env=final_env), None
+                           cwd=cwds, cwd_required=options.workdir is not None, env=final_env,
+                           dev=gpu.device_view(gpus, options.dev_dir)), None
         except StartError as exc:
             return exc.exit_code, exc
         finally:

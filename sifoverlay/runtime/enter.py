@@ -68,8 +68,8 @@ def _bytes(value: str | None) -> bytes | None:
     return value.encode() if value is not None else None
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
-    _check(_libc.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, None), what)
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, what: str, data: str | None = None) -> None:
+    _check(_libc.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)), what)
 
 
 def resolve_in_root(root_fd: int, path: str, what: str) -> int:
@@ -107,6 +107,45 @@ def _mount_into(root_fd: int, source: str | None, dest: str, fstype: str | None,
                    f"{what} read-only on {dest}")
         finally:
             os.close(fd)
+
+
+def _filtered_dev(root_fd: int, source: str, hidden: set[str]) -> None:
+    """The image's /dev as a fresh tmpfs holding a bind of every entry of the host's
+    `source` but the `hidden` ones (GPUs not allocated to the job: runtime.gpu), then
+    made read-only. Each node keeps its own mount's flags, so the devices work even where
+    the tmpfs is nodev (a user namespace); nothing of it reaches the overlay."""
+    try:
+        fd = resolve_in_root(root_fd, "/dev", "mounting /dev: destination")
+    except SetupError:
+        return  # the image has no /dev: run without it, as for the whole-/dev bind
+    try:
+        _mount("tmpfs", f"/proc/self/fd/{fd}", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mounting a tmpfs on /dev",
+               "mode=755,size=64k")
+    finally:
+        os.close(fd)
+    dev_fd = resolve_in_root(root_fd, "/dev", "mounting /dev: destination")  # the tmpfs now
+    try:
+        for entry in sorted(os.scandir(source), key=lambda e: e.name):
+            if entry.name in hidden:
+                continue
+            host = os.path.join(source, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(host), entry.name, dir_fd=dev_fd)  # io-seam: exempt (the job's own /dev tmpfs)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                os.mkdir(entry.name, 0o755, dir_fd=dev_fd)  # io-seam: exempt (the job's own /dev tmpfs)
+            else:
+                os.close(os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,  # io-seam: exempt (the job's own /dev tmpfs)
+                                 dir_fd=dev_fd))
+            target = os.open(entry.name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dev_fd)
+            try:
+                _mount(host, f"/proc/self/fd/{target}", None, MS_BIND | MS_REC, f"binding {host} on /dev")
+            finally:
+                os.close(target)
+        _mount(None, f"/proc/self/fd/{dev_fd}", None,
+               MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "making /dev read-only")
+    finally:
+        os.close(dev_fd)
 
 
 def _die_with_parent(sig: int = 9) -> None:
@@ -152,7 +191,11 @@ def setup_root(spec: dict[str, Any]) -> None:
             raise
         # a user namespace may mount proc only where the host's is fully visible: bind it
         _mount_into(root_fd, "/proc", "/proc", None, MS_BIND | MS_REC, "binding /proc", required=False)
-    _mount_into(root_fd, "/dev", "/dev", None, MS_BIND | MS_REC, "binding /dev", required=False)
+    dev = spec.get("dev") or {"source": "/dev", "hidden": []}
+    if dev["hidden"]:
+        _filtered_dev(root_fd, dev["source"], set(dev["hidden"]))
+    else:
+        _mount_into(root_fd, dev["source"], "/dev", None, MS_BIND | MS_REC, "binding /dev", required=False)
     _mount_into(root_fd, "/sys", "/sys", None, MS_BIND | MS_REC, "binding /sys", required=False)
     for source, dest, readonly in spec["binds"]:
         _mount_into(root_fd, source, dest, None, MS_BIND | MS_REC | MS_NOSUID | MS_NODEV, f"bind {source}",

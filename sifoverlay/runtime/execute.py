@@ -21,6 +21,7 @@ from typing import Any
 from sifoverlay.errors import SifOverlayError, UsageError
 
 from .assemble import Rootfs
+from .gpu import DeviceView
 from .jobview import Bind
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,12 @@ class StartError(SifOverlayError):
 def exec_in(
     rootfs: Rootfs, argv: Sequence[str], *, uid: int, gid: int, groups: Sequence[int] | None = None,
     binds: Sequence[Bind] = (), cwd: str | Sequence[str] | None = None, env: Mapping[str, str] | None = None,
-    cwd_required: bool = False,
+    cwd_required: bool = False, dev: DeviceView = DeviceView(),
 ) -> int:
     """Run argv inside `rootfs` as uid/gid; return its exit status (128+N for signal N).
     `cwd`: a directory, or candidates tried in order (a fallback warns on stderr; see
-    runtime.environment). Raises StartError (exit 125, or 127 for a missing command)
+    runtime.environment). `dev`: the host device directory bound on /dev and the entries
+    of it to leave out (GPUs not allocated: runtime.gpu). Raises StartError (exit 125, or 127 for a missing command)
     when it never started."""
     if not argv:
         raise UsageError(None, "no command given")
@@ -55,6 +57,7 @@ def exec_in(
         "groups": list(groups) if groups is not None else [gid], "cwd": [cwd or "/"] if cwd is None or isinstance(cwd, str) else list(cwd),
         "cwd_required": cwd_required,
         "binds": [[b.source, b.dest, b.readonly] for b in binds],
+        "dev": {"source": dev.source, "hidden": list(dev.hidden)},
         "env": dict(os.environ if env is None else env), "status_fd": write_end, "parent": os.getpid(),
         "userns": os.geteuid() != 0,
     }

@@ -1,19 +1,29 @@
 """GPUs (issue 14): driver discovery against a fake driver tree (ldconfig cache + list,
-like libnvidia-container / SingularityCE nvliblist.conf), bench/gpu_check.sh's non-GPU
-steps with a stand-in command, and on a machine with an NVIDIA GPU the real thing:
-`sifoverlay exec --nv --mount kernel IMAGE nvidia-smi -L` as root."""
+like libnvidia-container / SingularityCE nvliblist.conf); which GPUs a job sees (Slurm's
+ids, CUDA_VISIBLE_DEVICES indices and UUIDs -> device minors) against fake NVIDIA
+character devices (mknod, major 195), and a real exec whose /dev shows only the allocated
+ones; bench/gpu_check.sh's non-GPU steps with a stand-in command, and on a machine with an
+NVIDIA GPU the real thing: `sifoverlay exec --nv --mount kernel IMAGE nvidia-smi -L` as root."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from sifoverlay.errors import UsageError
 from sifoverlay.runtime import gpu
 from tests.conftest import REPO, require_root, require_tool
+
+from . import images
+from .conftest import Env
 
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
@@ -68,12 +78,226 @@ def test_discovery_of_a_fake_driver_tree(tmp_path: Path) -> None:
     assert gpu.view_binds(gpu.Driver((), (), ())) == ((), ())
 
 
+UVM_MAJOR, CAPS_MAJOR = 508, 509  # dynamic majors on a real host (/proc/devices): any will do
+UUIDS = {0: "GPU-0a0a0a0a-1111-2222-3333-444444444444", 1: "GPU-1b1b1b1b-1111-2222-3333-444444444444",
+         2: "GPU-2c2c2c2c-1111-2222-3333-444444444444", 3: "GPU-3d3d3d3d-1111-2222-3333-444444444444"}
+CONTROL = ["nvidia-caps", "nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools", "nvidiactl", "null"]
+
+
+def fake_devices(dev: Path, minors: tuple[int, ...] = (0, 1, 2, 3)) -> Path:
+    """A /dev as an NVIDIA host has it: /dev/nvidiaN = char 195:N, nvidiactl 195:255,
+    nvidia-modeset 195:254, nvidia-uvm(-tools) and nvidia-caps/ on their own majors; plus
+    /dev/null and a regular file that only looks like a GPU (root: mknod)."""
+    dev.mkdir()
+    (dev / "nvidia-caps").mkdir()
+    nodes = [(f"nvidia{m}", gpu.NVIDIA_MAJOR, m) for m in minors]
+    nodes += [("nvidiactl", 195, 255), ("nvidia-modeset", 195, 254), ("nvidia-uvm", UVM_MAJOR, 0),
+              ("nvidia-uvm-tools", UVM_MAJOR, 1), ("nvidia-caps/nvidia-cap1", CAPS_MAJOR, 1), ("null", 1, 3)]
+    for name, major, minor in nodes:
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(dev / name, 0o666)
+    return dev
+
+
+def fake_driver_proc(proc: Path) -> Path:
+    """/proc/driver/nvidia/gpus/<pci>/information of four GPUs (minor N at bus N+0x17)."""
+    for minor, uuid in UUIDS.items():
+        pci = proc / f"0000:{0x17 + minor:02x}:00.0"
+        pci.mkdir(parents=True)
+        (pci / "information").write_text(f"Model: \t\t NVIDIA H100\nIRQ:   \t\t 16\nGPU UUID: \t {uuid}\n"
+                                         f"Video BIOS: \t 96.00.74.00.01\nBus Type: \t PCIe\n"
+                                         f"Bus Location: \t 0000:{0x17 + minor:02x}:00.0\nDevice Minor: \t {minor}\n")
+    return proc
+
+
+def names(gpus: tuple[gpu.Gpu, ...]) -> list[str]:
+    return [g.name for g in gpus]
+
+
+@pytest.mark.root
+def test_which_gpus_the_job_sees(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Slurm's ids, then CUDA_VISIBLE_DEVICES within them (relative, or the ids again),
+    UUIDs through the driver's table; the inside CUDA_VISIBLE_DEVICES is renumbered."""
+    require_root()
+    dev, proc = fake_devices(tmp_path / "dev"), fake_driver_proc(tmp_path / "proc")
+    (dev / "nvidia9").write_text("")  # not a character device: no GPU
+    assert gpu.host_gpus(str(dev)) == [gpu.Gpu(f"nvidia{m}", m) for m in range(4)]
+
+    def pick(**env: str) -> tuple[list[str], list[str], str, str | None] | None:
+        chosen = gpu.select(env, dev_dir=str(dev), proc_dir=str(proc))
+        if chosen is None:
+            return None
+        return names(chosen.visible), names(chosen.hidden), chosen.decided_by, chosen.cuda_visible_devices
+
+    cvd = "CUDA_VISIBLE_DEVICES"
+    assert pick(CUDA_VISIBLE_DEVICES="1,3") == (["nvidia1", "nvidia3"], ["nvidia0", "nvidia2"], cvd, "0,1")
+    assert pick(CUDA_VISIBLE_DEVICES="3,1") == (["nvidia3", "nvidia1"], ["nvidia0", "nvidia2"], cvd, "1,0")
+    assert pick(CUDA_VISIBLE_DEVICES=" 2 ") == (["nvidia2"], ["nvidia0", "nvidia1", "nvidia3"], cvd, "0")
+    assert pick(SLURM_JOB_GPUS="1,3") == (["nvidia1", "nvidia3"], ["nvidia0", "nvidia2"], "SLURM_JOB_GPUS", None)
+    # ConstrainDevices=yes: CUDA_VISIBLE_DEVICES counts within the allocation
+    assert pick(SLURM_JOB_GPUS="1,3", CUDA_VISIBLE_DEVICES="0,1") == (
+        ["nvidia1", "nvidia3"], ["nvidia0", "nvidia2"], "SLURM_JOB_GPUS+CUDA_VISIBLE_DEVICES", "0,1")
+    assert pick(SLURM_JOB_GPUS="1,3", CUDA_VISIBLE_DEVICES="1") == (
+        ["nvidia3"], ["nvidia0", "nvidia1", "nvidia2"], "SLURM_JOB_GPUS+CUDA_VISIBLE_DEVICES", "0")
+    # ConstrainDevices=no: Slurm exports the global ids in both
+    assert pick(SLURM_JOB_GPUS="1,3", CUDA_VISIBLE_DEVICES="1,3") == (
+        ["nvidia1", "nvidia3"], ["nvidia0", "nvidia2"], "SLURM_JOB_GPUS+CUDA_VISIBLE_DEVICES", "0,1")
+    # a step's own GPUs win over the job's
+    assert pick(SLURM_STEP_GPUS="2", SLURM_JOB_GPUS="1,2,3") == (
+        ["nvidia2"], ["nvidia0", "nvidia1", "nvidia3"], "SLURM_STEP_GPUS", None)
+    # UUIDs (or a unique prefix) through /proc/driver/nvidia/gpus: kept as they are inside
+    assert pick(CUDA_VISIBLE_DEVICES=f"{UUIDS[3]},GPU-1b1b") == (
+        ["nvidia3", "nvidia1"], ["nvidia0", "nvidia2"], cvd, None)
+    assert pick(SLURM_JOB_GPUS="0,2", CUDA_VISIBLE_DEVICES=UUIDS[2]) == (
+        ["nvidia2"], ["nvidia0", "nvidia1", "nvidia3"], "SLURM_JOB_GPUS+CUDA_VISIBLE_DEVICES", None)
+    # as CUDA does, the list ends at the first entry that names no (visible) GPU
+    with caplog.at_level(logging.WARNING, logger="sifoverlay.runtime.gpu"):
+        assert pick(CUDA_VISIBLE_DEVICES="1,7,2") == (["nvidia1"], ["nvidia0", "nvidia2", "nvidia3"], cvd, "0")
+        assert pick(SLURM_JOB_GPUS="0,2", CUDA_VISIBLE_DEVICES=UUIDS[1]) == (
+            [], ["nvidia0", "nvidia1", "nvidia2", "nvidia3"], "SLURM_JOB_GPUS+CUDA_VISIBLE_DEVICES", None)
+        assert pick(CUDA_VISIBLE_DEVICES="GPU-") == (  # an ambiguous prefix names none
+            [], ["nvidia0", "nvidia1", "nvidia2", "nvidia3"], cvd, None)
+    assert "CUDA_VISIBLE_DEVICES=1,7,2: index 7 does not exist (4 visible): the list ends there" in caplog.text
+    assert pick(CUDA_VISIBLE_DEVICES="") == ([], ["nvidia0", "nvidia1", "nvidia2", "nvidia3"], cvd, "")
+    # nothing to hide: no allocation named, a MIG instance, Slurm's NoDevFiles
+    assert pick() is None
+    assert pick(CUDA_VISIBLE_DEVICES="MIG-5c2d1b6e-0000-0000-0000-000000000000") is None
+    assert pick(SLURM_JOB_GPUS="1,3", CUDA_VISIBLE_DEVICES="MIG-5c2d") == (
+        ["nvidia1", "nvidia3"], ["nvidia0", "nvidia2"], "SLURM_JOB_GPUS", None)
+    assert pick(CUDA_VISIBLE_DEVICES="NoDevFiles") is None
+    with pytest.raises(UsageError, match=r"SLURM_JOB_GPUS='gpu:1': expected a comma-separated list of GPU ids"):
+        pick(SLURM_JOB_GPUS="gpu:1")
+    # a host without GPUs: nothing to filter whatever the job says
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gpu.select({"CUDA_VISIBLE_DEVICES": "1"}, dev_dir=str(empty)) is None
+    chosen = gpu.select({"CUDA_VISIBLE_DEVICES": "1,3"}, dev_dir=str(dev), proc_dir=str(proc))
+    assert gpu.device_view(chosen, str(dev)) == gpu.DeviceView(str(dev), ("nvidia0", "nvidia2"))
+    assert gpu.device_view(None) == gpu.DeviceView("/dev", ())
+
+
+@pytest.mark.root
+def test_slurm_ids_are_positions_in_the_node_gpu_list(tmp_path: Path) -> None:
+    """A node whose GPUs are /dev/nvidia0, nvidia2, nvidia5 (one fell off the bus): Slurm's
+    GPU id 1 is the second of them, /dev/nvidia2 (char 195:2)."""
+    require_root()
+    dev = fake_devices(tmp_path / "dev", minors=(0, 2, 5))
+    chosen = gpu.select({"SLURM_JOB_GPUS": "1,2", "CUDA_VISIBLE_DEVICES": "1"}, dev_dir=str(dev))
+    assert chosen is not None
+    assert (chosen.visible, chosen.hidden) == ((gpu.Gpu("nvidia5", 5),), (gpu.Gpu("nvidia0", 0), gpu.Gpu("nvidia2", 2)))
+
+
 def test_allocated_gpus_from_slurm_then_cuda() -> None:
     assert gpu.allocated({"SLURM_STEP_GPUS": "2,3", "CUDA_VISIBLE_DEVICES": "0,1"}) == [2, 3]
     assert gpu.allocated({"SLURM_JOB_GPUS": "1", "CUDA_VISIBLE_DEVICES": "0"}) == [1]
     assert gpu.allocated({"CUDA_VISIBLE_DEVICES": "0,1"}) == [0, 1]
     assert gpu.allocated({"CUDA_VISIBLE_DEVICES": "GPU-8a1b"}) is None  # UUIDs: not indices
     assert gpu.allocated({}) is None
+
+
+# run_embedded (what `sifoverlay exec` runs) with the test-only device directory: not an
+# option or variable of the CLI, so the test drives the runtime from a small script
+RUNNER = """
+import json, sys
+from sifoverlay.runtime import User, run_embedded
+from sifoverlay.runtime.embedded import JobOptions
+from sifoverlay.runtime.jobview import ViewRequest
+a = json.loads(sys.argv[1])
+options = JobOptions(ViewRequest(home=False), gpu=a["nv"], dev_dir=a["dev"], driver_proc=a["proc"])
+outcome = run_embedded(a["image"], a["argv"], user=User(a["uid"], a["gid"], (a["gid"],)), writable=a["writable"],
+                       mode=a["mode"], base_dir=a["base"], journal_dir=a["journal"], env=a["env"], options=options)
+sys.exit(outcome.returncode)
+"""
+INSIDE = ("ls /dev; echo ---; ls /dev/nvidia-caps; echo ---; stat -c '%n %F %t:%T' /dev/nvidia[0-9]*; echo ---; "
+          "echo \"cvd=${CUDA_VISIBLE_DEVICES-unset} job=${SLURM_JOB_GPUS-unset}\"; echo x > /dev/null && echo null-usable; "
+          "mkdir /dev/new 2>/dev/null || echo dev-read-only")
+
+
+def run_with_devices(env: Env, dev: Path, proc: Path, job_env: dict[str, str], *, mode: str, nv: bool = False,
+                     writable: bool = False, image: Path | None = None) -> subprocess.CompletedProcess[str]:
+    spec = {"image": str(image or env.image), "argv": ["sh", "-c", INSIDE], "uid": env.user.uid,
+            "gid": env.user.gid, "writable": writable, "mode": mode, "base": str(env.base),
+            "journal": str(env.journal), "env": {"PATH": "/usr/bin:/bin", **job_env}, "nv": nv, "dev": str(dev),
+            "proc": str(proc)}
+    return subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+
+
+def expected(visible: list[int], cvd: str, job: str = "unset") -> str:
+    listing = sorted([*CONTROL, *(f"nvidia{m}" for m in visible)])
+    nodes = [f"/dev/nvidia{m} character special file c3:{m:x}" for m in sorted(visible)]
+    return "\n".join([*listing, "---", "nvidia-cap1", "---", *nodes, "---", f"cvd={cvd} job={job}",
+                      "null-usable", "dev-read-only"]) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["fuse", "kernel"])
+def test_exec_shows_only_the_allocated_gpus(env: Env, mode: str, tmp_path: Path) -> None:
+    """CUDA_VISIBLE_DEVICES=1,3 and SLURM_JOB_GPUS=1,3: /dev inside holds nvidia1 and
+    nvidia3 (the right minors), the control nodes and nvidia-caps/, not nvidia0/nvidia2;
+    CUDA_VISIBLE_DEVICES inside counts what CUDA sees there. Nothing of it reaches the
+    overlay (a writable run leaves the same overlay as one without the filter)."""
+    dev, proc = fake_devices(env.dir / "fakedev"), fake_driver_proc(env.dir / "fakeproc")
+    res = run_with_devices(env, dev, proc, {"CUDA_VISIBLE_DEVICES": "1,3"}, mode=mode)
+    assert (res.returncode, res.stdout) == (0, expected([1, 3], "0,1")), res.stderr
+    res = run_with_devices(env, dev, proc, {"SLURM_JOB_GPUS": "1,3", "CUDA_VISIBLE_DEVICES": "0,1"}, mode=mode,
+                           nv=True)
+    assert (res.returncode, res.stdout) == (0, expected([1, 3], "0,1", "1,3")), res.stderr
+    res = run_with_devices(env, dev, proc, {"SLURM_STEP_GPUS": "2", "SLURM_JOB_GPUS": "0,2"}, mode=mode)
+    assert (res.returncode, res.stdout) == (0, expected([2], "unset", "0,2")), res.stderr
+    # no allocation named: the device directory is bound whole, every GPU is there
+    res = run_with_devices(env, dev, proc, {}, mode=mode)
+    assert (res.returncode, res.stdout) == (0, expected([0, 1, 2, 3], "unset")), res.stderr
+    # writable, filtered vs. unfiltered on a twin image: the same overlay afterwards
+    require_tool("debugfs")
+    twin = images.copy_image(env.image, env.dir / "twin.oci.sif")
+    res = run_with_devices(env, dev, proc, {"CUDA_VISIBLE_DEVICES": "3"}, mode=mode, writable=True)
+    assert (res.returncode, res.stdout) == (0, expected([3], "0")), res.stderr
+    res = run_with_devices(env, dev, proc, {}, mode=mode, writable=True, image=twin)
+    assert res.returncode == 0, res.stderr
+    assert images.overlay_tree(env.image, tmp_path) == images.overlay_tree(twin, tmp_path)
+
+
+def user_python(uid: int, gid: int) -> str:
+    """This interpreter if the test user may run it (a venv under root's home: no), else
+    the system one (the core needs nothing outside the standard library)."""
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "test", "-x",
+                            sys.executable], capture_output=True)
+    return sys.executable if probe.returncode == 0 else "/usr/bin/python3"
+
+
+def test_unprivileged_exec_shows_only_the_allocated_gpus(env: Env) -> None:
+    """The same view from an exec by the user herself (FUSE, her own user namespace: the
+    /dev tmpfs is hers and nodev, the nodes' binds keep their own mount's flags)."""
+    home = env.dir / "home"
+    for sub in ("", "run", "state"):
+        (home / sub).mkdir(mode=0o755 if not sub else 0o700)
+        os.chown(home / sub, env.user.uid, env.user.gid)
+    dev, proc = fake_devices(env.dir / "fakedev"), fake_driver_proc(env.dir / "fakeproc")
+    spec = {"image": str(env.image), "argv": ["sh", "-c", INSIDE], "uid": env.user.uid, "gid": env.user.gid,
+            "writable": True, "mode": "fuse", "base": str(home / "run" / "jobs"), "journal": str(home / "state"),
+            "env": {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "3,1"}, "nv": False, "dev": str(dev),
+            "proc": str(proc)}
+    environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": str(home),
+               "XDG_RUNTIME_DIR": str(home / "run"), "XDG_STATE_HOME": str(home / "state"), "PYTHONPATH": str(REPO)}
+    res = subprocess.run([user_python(env.user.uid, env.user.gid), "-c", RUNNER, json.dumps(spec)], capture_output=True,
+                         text=True, timeout=120, cwd="/", stdin=subprocess.DEVNULL, user=env.user.uid, group=env.user.gid,
+                         extra_groups=[], env=environ)
+    assert (res.returncode, res.stdout) == (0, expected([1, 3], "1,0")), res.stderr
+    assert subprocess.run(["pgrep", "-u", str(env.user.uid)], capture_output=True).stdout == b""
+
+
+def test_exec_without_gpus_binds_the_host_dev(env: Env) -> None:
+    """Through the real `sifoverlay exec`: /dev inside is the host's minus the GPUs not
+    selected - on a host without NVIDIA nodes (CI) CUDA_VISIBLE_DEVICES changes nothing
+    and /dev is the host's, bound whole."""
+    chosen = gpu.select({"CUDA_VISIBLE_DEVICES": "1"})
+    hidden = {g.name for g in chosen.hidden} if chosen else set()
+    assert chosen is not None or gpu.host_gpus() == []
+    res = subprocess.run(env.argv("--mount", "kernel", "--nv", str(env.image), "--", "ls", "-a", "/dev"),
+                         capture_output=True, text=True, timeout=120, cwd="/", stdin=subprocess.DEVNULL,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "1"})
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.split()) == sorted([".", "..", *(set(os.listdir("/dev")) - hidden)])
 
 
 @pytest.mark.root
