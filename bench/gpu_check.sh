@@ -12,9 +12,12 @@
 # is written into the overlay's upper/ with debugfs (e2fsprogs); `overlay sync` records
 # the new digest. Then: /proc/filesystems must list squashfs and overlay (kernel mode),
 # `sifoverlay exec --nv --mount kernel` runs `nvidia-smi -L` inside, and everything is
-# printed. --fake-nvidia-smi BIN runs the same steps with BIN instead (a machine without
-# a GPU: checks all but the driver). Exit status: that of the command inside (or 1 on a
-# failed step before it).
+# printed. Then the device filter: with CUDA_VISIBLE_DEVICES set to the first GPU (by
+# index, then by UUID) and to nothing, `ls /dev` inside must show that GPU's node (or
+# none) plus nvidiactl, and nvidia-smi -L inside lists only it (or nothing).
+# --fake-nvidia-smi BIN runs the same steps with BIN instead (a machine without a GPU:
+# checks all but the driver and the filter). Exit status: that of the command inside (or 1
+# on a failed step or filter check).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -59,6 +62,7 @@ for path in d.binaries:
     print(f"  bin {path}")
 EOF
 BIN=$(command -v "$CMD") || die "$CMD not found on the host"
+LS=$(command -v ls) || die "ls not found on the host"
 echo "command: $BIN ${ARGS[*]}"
 
 step "image: OCI layout with no layer -> import -> ext3 overlay -> glibc of $CMD via debugfs"
@@ -86,7 +90,10 @@ sifo overlay create --size 64 --journal-dir "$WORK/journal" "$IMG" || die "sifov
 OFFSET=$("$PY" -c 'import sys; from sifoverlay.ocisif import open_image
 with open_image(sys.argv[1]) as img: print(img.overlay.offset)' "$IMG") || die "reading the overlay offset"
 # the files: the loader and libraries nvidia-smi links against, not the driver's own
-FILES=$(ldd "$BIN" | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' | grep -v -E '/lib(nvidia|cuda)' | sort -u)
+# (and ls, to look at /dev inside)
+FILES=$({ ldd "$BIN"; ldd "$LS"; } | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i}' |
+	grep -v -E '/lib(nvidia|cuda)' | sort -u)
+FILES="$FILES $LS"
 [ "$CMD" = nvidia-smi ] || FILES="$FILES $BIN"  # a fake command is not bound by --nv: put it in
 {
 	for d in upper/proc upper/dev upper/sys upper/tmp upper/etc upper/usr upper/usr/bin; do echo "mkdir $d"; done
@@ -114,4 +121,31 @@ echo "exit status: $rc"
 step "what the job saw of the driver"
 sifo exec --allow-root-options --journal-dir "$WORK/journal" --mount kernel --nv --no-home "$IMG" -- \
 	"${INSIDE[@]}" --version 2>&1 | head -3 || true
+
+step "device filter: only the GPUs CUDA_VISIBLE_DEVICES names are in the job's /dev"
+FIRST=$("$PY" -c 'from sifoverlay.runtime import gpu; g = gpu.host_gpus(); print(g[0].name if g else "")')
+echo "host GPU nodes: $(cd /dev && echo nvidia[0-9]*)"
+if [ -z "$FIRST" ]; then
+	echo "no /dev/nvidiaN on this host: nothing to filter"
+else
+	UUID=$(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU 0: .*(UUID: \(GPU-[^)]*\)).*/\1/p')
+	SELECTIONS=(0)
+	[ -n "$UUID" ] && SELECTIONS+=("$UUID")
+	SELECTIONS+=("")
+	for sel in "${SELECTIONS[@]}"; do
+		want=$FIRST
+		[ -z "$sel" ] && want=""
+		seen=$(CUDA_VISIBLE_DEVICES=$sel sifo exec --allow-root-options --journal-dir "$WORK/journal" --mount kernel \
+			--nv --no-home "$IMG" -- "$LS" /dev | tr '\n' ' ')
+		gpus=$(echo "$seen" | tr ' ' '\n' | grep -E '^nvidia[0-9]+$' | tr '\n' ' ' | sed 's/ $//')
+		echo "-- CUDA_VISIBLE_DEVICES='$sel': /dev inside: $seen"
+		CUDA_VISIBLE_DEVICES=$sel sifo exec --allow-root-options --journal-dir "$WORK/journal" --mount kernel --nv \
+			--no-home "$IMG" -- "${INSIDE[@]}" "${ARGS[@]}"
+		echo "   $CMD exit status: $?"
+		if [ "$gpus" != "$want" ] || ! echo " $seen" | grep -q ' nvidiactl '; then
+			echo "gpu_check: FAILED: CUDA_VISIBLE_DEVICES='$sel': GPU nodes inside '$gpus', expected '$want' and nvidiactl" >&2
+			rc=1
+		fi
+	done
+fi
 exit $rc
