@@ -191,8 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - an unreadable session is not an end
             return False
 
-    verdict = leasekeeper.keep(lease_file, args.token, timing, stop=stopped, ended=ended,
-                               fence=lambda reason: fence(args.job, args.image, args.ino, args.mounts_dir))
+    def fence_and_mark(reason: str) -> None:
+        fence(args.job, args.image, args.ino, args.mounts_dir)
+        # Written down in the job's session (after the kill: that is what is urgent), so the
+        # job end and the cluster sweeper can tell a fenced job from one that ended.
+        try:
+            sessions.amend(args.journal_dir, args.job, {"fenced": reason, "fenced_at": time.time()},
+                           host=args.host)
+        except Exception:  # noqa: BLE001 - the fence is done; the mark is a note
+            log.exception("job %s: cannot mark its session fenced", args.job)
+
+    verdict = leasekeeper.keep(lease_file, args.token, timing, stop=stopped, ended=ended, fence=fence_and_mark)
     log.info("job %s: lease keeper done: %s", args.job, verdict)
     return 0 if verdict == "ended" else 3
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -178,6 +179,17 @@ def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report
         report.outcomes.append(JobEndOutcome(job, session.image, "fenced", "lease",
                                              f"host {session.host}: lease already gone; session closed"))
         return
+    if session.mode == "rw":
+        writing = still_written(session)
+        if writing is not None:
+            # Frozen (hung) or unreachable, not dead: its FUSE daemon still holds the ext3's
+            # write lock. Taking over would mean two writers; its keeper fences it on wake-up.
+            why = (f"image {session.image} held by a frozen or unreachable holder: host {session.host}'s lease "
+                   f"is stale (heartbeat {time.time() - mine.heartbeat:.1f} s ago, Slurm: "
+                   f"{'job over' if over else 'node DOWN'}) but {writing}; not taken over")
+            log.warning("job %s: %s", job, why)
+            report.skipped.append((job, why))
+            return
     log.warning("job %s: host %s is gone (Slurm: %s; heartbeat %.1f s ago): taking over %s", job, session.host,
                 "job over" if over else "node DOWN", time.time() - mine.heartbeat, session.image)
     if not break_file(mine.path, mine.inode):
@@ -186,6 +198,30 @@ def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report
     record_event(textfile_dir, "break-stale", True)
     report.stale_broken.append(session.image)
     report.outcomes.append(finish_foreign(session, config, textfile_dir=textfile_dir, **_io(io)))
+
+
+def still_written(session: Any) -> str | None:
+    """What still writes the session's image although its lease is stale (a frozen or cut-off
+    holder whose FUSE daemon lives on: its write lock on the ext3 region, or on a shared
+    kernel its daemon), or None. Probed without waiting (F_OFD_GETLK, /proc), through a
+    checked fd of the inode the Prolog authorized; a lock is never waited for."""
+    from sifoverlay.engine import leaselock, quiesce, statedir
+
+    dev, ino = session.details.get("dev"), session.details.get("ino")
+    try:
+        fd = statedir.open_image_checked(session.image, expect_identity=(int(dev), int(ino))
+                                         if dev is not None and ino is not None else None)
+    except (OSError, SifOverlayError):
+        return None  # gone or replaced: finish_foreign reports it
+    try:
+        region = leaselock.overlay_region(session.image, fd)
+        found = quiesce.find_activity(session.image, *region, fd=fd, owners=(session.uid,))
+    except (OSError, SifOverlayError) as exc:
+        return f"its use cannot be read ({exc})"
+    finally:
+        os.close(fd)
+    writers = [a.detail for a in found if a.writer and a.kind != "lease"]
+    return "; ".join(writers) if writers else None
 
 
 def _io(io: Any) -> dict[str, Any]:

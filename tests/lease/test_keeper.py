@@ -261,6 +261,22 @@ def test_frozen_keeper_fences_past_grace_even_if_nobody_took_over(site: KeeperSi
     assert site.wait_exit(5) == 3
     assert site.daemon.wait(5) == -signal.SIGKILL
     assert site.record().heartbeat == before.heartbeat  # no renewal after the loss
+    from sifoverlay.engine import sessions
+
+    marked = sessions.load(site.journal, site.job, host=socket.gethostname())  # the fence, written down
+    assert marked is not None and "past the grace of 2 s" in marked.details["fenced"], marked
+    assert marked.details["fenced_at"] > before.expires + site.grace
+
+
+def test_short_freeze_within_ttl_leaves_no_fence_mark(site: KeeperSite) -> None:
+    from sifoverlay.engine import sessions
+
+    os.kill(site.pid, signal.SIGSTOP)
+    time.sleep(site.ttl / 2)
+    os.kill(site.pid, signal.SIGCONT)
+    time.sleep(site.ttl / 3 + 0.5)
+    session = sessions.load(site.journal, site.job, host=socket.gethostname())
+    assert session is not None and "fenced" not in session.details
 
 
 def test_short_freeze_within_ttl_is_harmless(site: KeeperSite) -> None:

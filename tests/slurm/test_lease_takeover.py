@@ -175,3 +175,46 @@ def test_journal_beside_the_leases_and_lease_keys() -> None:
         parse_args(["lease_ttl=1"])
     with pytest.raises(UsageError, match="lease_grace=5s: expected a positive number"):
         parse_args(["lease_grace=5s"])
+
+
+def test_frozen_holder_still_holding_the_write_lock_is_not_taken_over(overlay_image: Path, cfg: SlurmConfig,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    """n-dead's lease is stale and Slurm has its node DOWN, but its FUSE daemon still holds
+    the ext3's write lock (a frozen node: on the test bed's shared kernel, or a cluster
+    filesystem that has not evicted the hung client): one line, nothing broken or written,
+    and no wait on the lock. Once the lock goes (the keeper fenced on wake-up), the next
+    sweep takes over and reconciles once."""
+    import fcntl
+
+    from sifoverlay.engine import leaselock
+
+    token = _session_of_dead_node(cfg, overlay_image, "508", heartbeat_ago=60)
+    _write_with_debugfs(overlay_image, tmp_path)
+    fd = os.open(overlay_image, os.O_RDWR | os.O_CLOEXEC)  # the frozen daemon's open file and lock
+    region = leaselock.overlay_region(str(overlay_image), fd)
+    assert leaselock.lock_region(str(overlay_image), fd, region, exclusive=True) is True
+    before = overlay_image.read_bytes()
+    try:
+        started = time.monotonic()
+        report = sweep(cfg, FixedJobState(frozenset({"508"})), node_down=_node_down({DEAD: True}))
+        assert report.outcomes == [] and report.stale_broken == []
+        [(job, why)] = report.skipped
+        assert job == "508" and why.startswith(f"image {overlay_image} held by a frozen or unreachable holder: "
+                                               f"host {DEAD}'s lease is stale (heartbeat 6"), why
+        assert f"but write lock on the overlay held by job 508 (slurm) on host {DEAD} pid " in why, why
+        assert why.endswith("; not taken over"), why
+        assert time.monotonic() - started < 30  # never a blocking lock wait
+        assert overlay_image.read_bytes() == before
+        info = lease.inspect(overlay_image, state_dir=cfg.state_dir)
+        assert info is not None and info.token == token
+        assert [s.host for s in sessions.open_sessions(cfg.journal_dir)] == [DEAD]
+        assert leaselock.probe(os.open(overlay_image, os.O_RDONLY | os.O_CLOEXEC), *region,
+                               ltype=fcntl.F_RDLCK) is not None
+    finally:
+        os.close(fd)  # the keeper's fence: the daemon dies, its lock goes
+    report = sweep(cfg, FixedJobState(frozenset({"508"})), node_down=_node_down({DEAD: True}))
+    assert [(o.job_id, o.result) for o in report.outcomes] == [("508", "reconciled")]
+    assert status(overlay_image).state == "clean"
+    assert sessions.open_sessions(cfg.journal_dir) == []
+    report = sweep(cfg, FixedJobState(frozenset({"508"})), node_down=_node_down({DEAD: True}))
+    assert report.outcomes == [] and report.skipped == []
