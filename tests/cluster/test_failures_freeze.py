@@ -74,7 +74,8 @@ def mentions(report: dict[str, object], job: int) -> tuple[list[dict[str, object
 
 
 def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
-        bed: Bed, bed_users: tuple[User, User], bed_image: Callable[..., Path], conf: SlurmConfig) -> None:
+        bed: Bed, bed_users: tuple[User, User], bed_image: Callable[..., Path], bed_out: Path,
+        conf: SlurmConfig) -> None:
     alice = bed_users[0]
     image = bed_image(alice)
     job = start_writer(bed, alice, image, "n2", conf)
@@ -83,6 +84,9 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
     assert bed.dev("node", "freeze", "n2").returncode == 0
     frozen = time.monotonic()
     before = image_digest(image)
+    # A second writer on n1 meanwhile: it must neither mount nor write while n2 is frozen.
+    second = bed.sbatch(alice, "-w", "n1", f"--oci-sif-overlay={image}", "-o", str(bed_out / "second.out"),
+                        "-D", "/", "--wrap", 'echo "$SLURM_JOB_ID second" >> /second.log')
 
     # -- frozen: sweeps on n1 until Slurm has n2 DOWN and the lease is stale, and beyond ------
     stale_after = conf.lease_ttl + conf.lease_grace
@@ -119,6 +123,7 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
     for node in ("n1", "n3"):
         assert image.parent.name not in bed.mounts(node), f"{node} mounted the frozen node's image"
     assert write_locked(image)
+    second_frozen = bed.job_state(second)
 
     # -- thaw: n2's keeper fences, the lock goes, the next sweep reconciles once ------------
     assert bed.dev("node", "thaw", "n2").returncode == 0
@@ -151,8 +156,27 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
           f"{[(o['result'], o.get('detail')) for o in outcomes_after]}; revisions {len(revs)} by {[r['who'] for r in revs]}; "
           f"fence: {marks[-1]}")
     assert state not in ("COMPLETED", "RUNNING", "PENDING"), state
-    assert len(revs) == 1, revs
+    second_state = bed.wait_finished(second, timeout=180)
+    second_out = (bed_out / "second.out").read_text() if (bed_out / "second.out").exists() else ""
+    print(f"freeze: second writer on n1: {second_frozen} while n2 was frozen, ended {second_state}: "
+          f"{second_out.strip()[-300:]!r}")
+    wait_for(lambda: holder(conf, image) is None and not session_open(conf, second, "n1"), 120,
+             "the second job's end")
+    if second_state == "COMPLETED":  # started after the reconcile: its write is there
+        assert overlay_file(image, "second.log") == f"{second} second\n"
+    else:  # refused by the lease while the frozen holder had the image
+        assert second_state == "FAILED" and "held by" in second_out, (second_state, second_out)
+        assert overlay_file(image, "second.log") == ""
+    assert len(revs) == 1 and revs[0]["who"]["exit_state"] != "COMPLETED", revs  # type: ignore[index]
     assert_prefix(overlay_file(image, "progress.log"), job)
     assert_consistent(image)
     assert holder(conf, image) is None
     assert overlay_status(image).endswith("clean") or "in sync" in overlay_status(image), overlay_status(image)
+    # The next writer after the thaw gets a clean image and writes.
+    third = bed.sbatch(alice, "-w", "n1", f"--oci-sif-overlay={image}", "-o", "/dev/null", "-D", "/",
+                       "--wrap", 'echo "$SLURM_JOB_ID third" >> /third.log')
+    assert bed.wait_finished(third, timeout=180) == "COMPLETED"
+    assert overlay_file(image, "third.log") == f"{third} third\n"
+    wait_for(lambda: holder(conf, image) is None and not session_open(conf, third, "n1"), 120,
+             "the third job's reconcile")
+    assert_consistent(image)
