@@ -3,11 +3,10 @@ off mid-job. Real daemons: `dev-cluster node kill|cut NODE`.
 
 Not here (see docs/slurm.md): an interrupted commit of a dead node is finished from the
 shared journal in tests/engine/test_recover_dead_node.py (engine level); a node frozen
-past expiry + grace is fenced on thaw in tests/slurm/test_keeper_hooks.py (real Prolog,
-Epilog and FUSE daemons, one node). On this bed a frozen node's ext3 FUSE daemon keeps
-its OFD byte-range lock on the image, and the bed's nodes share one kernel, so no other
-node can take the image over while it is frozen (safe, but not the takeover a cluster
-with separate kernels gets).
+past expiry + grace is in test_failures_freeze.py (on this bed its ext3 FUSE daemon keeps
+the image's OFD write lock, the nodes sharing one kernel: no takeover while frozen, fence
+on thaw) and, with the takeover a cluster with separate kernels gets, at one node in
+tests/slurm/test_keeper_hooks.py.
 
 The bed's plugstack sets a short lease (lease_ttl / lease_grace, a few seconds) so that
 takeover happens within a test. Recovery after a node death is driven by the cluster

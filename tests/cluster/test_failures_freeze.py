@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from sifoverlay.engine import leaselock, sessions
 from sifoverlay.slurm.config import SlurmConfig
 
@@ -73,9 +75,13 @@ def mentions(report: dict[str, object], job: int) -> tuple[list[dict[str, object
     return outcomes, skipped
 
 
+@pytest.mark.parametrize("after_thaw", ["sweeper", "own-epilog"])
 def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
         bed: Bed, bed_users: tuple[User, User], bed_image: Callable[..., Path], bed_out: Path,
-        conf: SlurmConfig) -> None:
+        conf: SlurmConfig, after_thaw: str) -> None:
+    """after_thaw: who ends the frozen job: the cluster sweeper on n1, run once a second
+    from the thaw on (it wins the race against n2's Epilog), or n2's own Epilog alone (no
+    sweep: a sweeper timer runs every few minutes)."""
     alice = bed_users[0]
     image = bed_image(alice)
     job = start_writer(bed, alice, image, "n2", conf)
@@ -141,10 +147,11 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
     outcomes_after: list[dict[str, object]] = []
 
     def reconciled() -> bool:
-        outcomes_after.extend(mentions(sweep_on(bed, "n1"), job)[0])
+        if after_thaw == "sweeper":
+            outcomes_after.extend(mentions(sweep_on(bed, "n1"), job)[0])
         return not session_open(conf, job, "n2")
 
-    wait_for(reconciled, 120, "the frozen job's end after the thaw", every=1.0)
+    wait_for(reconciled, 120, "the frozen job's end after the thaw", every=1.0 if after_thaw == "sweeper" else 0.1)
     clean_took = time.monotonic() - thawed
     for _ in range(2):  # later sweeps find nothing left to do
         assert mentions(sweep_on(bed, "n1"), job)[0] == []
@@ -168,6 +175,7 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
         assert second_state == "FAILED" and "held by" in second_out, (second_state, second_out)
         assert overlay_file(image, "second.log") == ""
     assert len(revs) == 1 and revs[0]["who"]["exit_state"] != "COMPLETED", revs  # type: ignore[index]
+    assert revs[0]["who"]["node"] == ("n1" if after_thaw == "sweeper" else "n2"), revs  # type: ignore[index]
     assert_prefix(overlay_file(image, "progress.log"), job)
     assert_consistent(image)
     assert holder(conf, image) is None
