@@ -12,6 +12,8 @@ node is idle:
   rw       the same with :rw, writing nothing (untouched overlay)
   rw-1     :rw, writing 1 MiB into the overlay
   rw-1024  :rw, writing 1024 MiB
+  rw-8g    :rw on an image with an 8 GiB overlay, writing 1 MiB (the async job end: the node
+           is idle before the whole 8 GiB is hashed; only with --kinds ...,rw-8g)
 
 Each job prints the boot-clock time (/proc/uptime, the same clock inside the container:
 no time namespace on the single-node cluster) when its command starts and, for the
@@ -21,6 +23,12 @@ writers, when it is done. Per job:
   start-to-end     client boot clock when `srun` returned - the command's last uptime;
   end-to-idle      `srun` returned -> the job no longer COMPLETING (its Epilog done;
                    squeue polled every --poll s).
+  end-to-clean     `srun` returned -> the job's end is over (no reconcile worker holds its
+                   job-end lock: the image is committed and clean; slurm/endlock.py).
+
+The Prolog/Epilog/worker phase breakdown comes from the hooks' own timing records
+(timing.jsonl beside the Slurm log, slurm/phases.py): medians per kind. With
+epilog_reconcile=async (the default) a rw job's hash and commit are in the worker's record.
 
 The table gives medians and their difference to `plain` from the same run. Targets (issue
 17): ro and rw (untouched) add <= 0.5 s to start and <= 0.3 s to end (start-to-end +
@@ -56,7 +64,10 @@ KINDS = {
     "rw": ("rw", PROBE),
     "rw-1": ("rw", WRITE.format(n=1 << 20)),
     "rw-1024": ("rw", WRITE.format(n=1 << 30)),
+    "rw-8g": ("rw", WRITE.format(n=1 << 20)),
 }
+DEFAULT_KINDS = "plain,ro,rw,rw-1,rw-1024"
+BIG_OVERLAY_MIB = 8192
 START_TARGET_S, END_TARGET_S = 0.5, 0.3
 
 
@@ -94,6 +105,15 @@ def make_images(work: Path, root: Path, kinds: list[str], uid: int, gid: int) ->
         if KINDS[kind][0] is None:
             continue
         target = root / f"{kind}.oci.sif"
+        if kind == "rw-8g":
+            big = work / "big.oci.sif"
+            sh(str(REPO / ".venv" / "bin" / "sifoverlay"), "import", str(layout), str(big))
+            create_overlay(big, size_mib=BIG_OVERLAY_MIB, sparse=True, uid=uid, gid=gid,
+                           journal_dir=str(work / "journal"))
+            sh("cp", "--sparse=always", str(big), str(target))
+            os.chown(target, uid, gid)
+            images[kind] = target
+            continue
         sh("cp", "--sparse=always", str(base), str(target))
         os.chown(target, uid, gid)
         images[kind] = target
@@ -114,7 +134,19 @@ def wait_idle(job: str, poll: float, timeout: float = 600) -> float:
     raise SystemExit(f"job {job}: still COMPLETING after {timeout} s")
 
 
-def run_job(kind: str, image: Path | None, poll: float) -> dict[str, float]:
+def wait_clean(job: str, journal_dir: str, poll: float, timeout: float = 900) -> float:
+    """Boot-clock time at which no process holds `job`'s job-end lock any more."""
+    from sifoverlay.slurm.endlock import in_progress
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not in_progress(journal_dir, job):
+            return boot_clock()
+        time.sleep(poll / 5)
+    raise SystemExit(f"job {job}: its end still in progress after {timeout} s")
+
+
+def run_job(kind: str, image: Path | None, poll: float, journal_dir: str = "") -> dict[str, float]:
     mode, script = KINDS[kind]
     option = [] if image is None else [f"--oci-sif-overlay={image}:{mode}"]
     argv = ["runuser", "-u", USER, "--", "env", "-i", *USER_ENV, "srun", "-N1", "-n1", *option,
@@ -128,14 +160,48 @@ def run_job(kind: str, image: Path | None, poll: float) -> dict[str, float]:
                if line and line[0].isdigit() and len(line.split()) == 2]
     job = next(line.split("=", 1)[1] for line in proc.stdout.splitlines() if line.startswith("job="))
     idle = wait_idle(job, poll)
+    clean = wait_clean(job, journal_dir, poll) if journal_dir else idle
     return {"submit_to_start": uptimes[0] - submitted, "start_to_end": returned - uptimes[-1],
-            "end_to_idle": idle - returned, "work": uptimes[-1] - uptimes[0]}
+            "end_to_idle": idle - returned, "end_to_clean": clean - returned, "work": uptimes[-1] - uptimes[0],
+            "job": float(job)}
+
+
+def phase_table(samples: dict[str, list[dict[str, float]]], timing: Path, since: float) -> None:
+    """Medians of the Prolog, Epilog and worker phases per kind, from timing.jsonl."""
+    import json
+
+    by_job: dict[str, dict[str, dict[str, object]]] = {}
+    if timing.exists():
+        for line in timing.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if float(record.get("time", 0)) >= since:
+                by_job.setdefault(str(record["job"]), {})[str(record["entry"])] = record
+    if not by_job:
+        print(f"phase breakdown: no timing records in {timing}")
+        return
+    print(f"phase breakdown (medians in ms, from {timing}):")
+    for kind, rows in samples.items():
+        for entry in ("prolog", "epilog", "worker"):
+            found = [by_job.get(str(int(r["job"])), {}).get(entry) for r in rows]
+            records = [r for r in found if r is not None]
+            if not records:
+                continue
+            names: list[str] = []
+            for r in records:
+                names += [n for n in r["phases"] if n not in names]  # type: ignore[attr-defined]
+            cells = [f"{n}={statistics.median(float(r['phases'].get(n, 0.0)) for r in records) * 1000:.0f}"  # type: ignore[attr-defined]
+                     for n in names]
+            total = statistics.median(float(r["total"]) for r in records) * 1000  # type: ignore[arg-type]
+            print(f"  {kind:<8} {entry:<7} total={total:.0f}  " + " ".join(cells))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--kinds", default=DEFAULT_KINDS, help=f"from {', '.join(KINDS)}")
     parser.add_argument("--poll", type=float, default=0.05)
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="start no new round after this many seconds (the table covers the complete rounds)")
@@ -148,6 +214,12 @@ def main() -> int:
     from sifoverlay.slurm.config import load_config
 
     config = load_config()
+    from sifoverlay.slurm.phases import timing_path
+
+    timing = Path(timing_path() or "/var/log/sifoverlay/timing.jsonl")
+    started_wall = time.time()
+    journal = config.journal_dir
+    print(f"epilog_reconcile={config.epilog_reconcile}")
     root = Path(config.image_roots[0]) / f"bench-{uuid.uuid4().hex[:8]}"
     root.mkdir(mode=0o755)
     work = Path(tempfile.mkdtemp(prefix="sifoverlay-jobbench-"))
@@ -158,7 +230,7 @@ def main() -> int:
         run_job("plain", None, args.poll)  # warm caches (slurmd, page cache)
         for kind in kinds:
             if kind != "plain":
-                run_job(kind, images[kind], args.poll)
+                run_job(kind, images[kind], args.poll, journal)
         load_before = os.getloadavg()[0]
         rounds = 0
         try:
@@ -166,7 +238,7 @@ def main() -> int:
                 if args.max_seconds is not None and time.monotonic() - began > args.max_seconds:
                     print(f"--max-seconds reached after {rounds} rounds", file=sys.stderr)
                     break
-                got = {kind: run_job(kind, images.get(kind), args.poll) for kind in kinds}
+                got = {kind: run_job(kind, images.get(kind), args.poll, journal) for kind in kinds}
                 for kind, sample in got.items():
                     samples[kind].append(sample)
                 rounds += 1
@@ -181,22 +253,46 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"{rounds} jobs per kind, interleaved; load average (1 min) {load_before:.2f} -> {load_after:.2f}; "
           f"{os.cpu_count()} CPUs; medians in seconds, (+x) = difference to plain in this run")
-    fields = ("submit_to_start", "start_to_end", "end_to_idle", "work")
+    fields = ("submit_to_start", "start_to_end", "end_to_idle", "end_to_clean", "work")
     base = {f: statistics.median(s[f] for s in samples["plain"]) for f in fields}
-    print(f"{'kind':<9}" + "".join(f"{f:>22}" for f in fields))
+    print(f"{'kind':<9}" + "".join(f"{f:>21}" for f in fields))
     verdicts = []
     for kind in kinds:
         med = {f: statistics.median(s[f] for s in samples[kind]) for f in fields}
-        print(f"{kind:<9}" + "".join(f"{med[f]:>12.3f} ({med[f] - base[f]:+6.3f})" for f in fields))
+        print(f"{kind:<9}" + "".join(f"{med[f]:>11.3f} ({med[f] - base[f]:+6.3f})" for f in fields))
         if kind in ("ro", "rw"):
             start = med["submit_to_start"] - base["submit_to_start"]
             end = (med["start_to_end"] + med["end_to_idle"]) - (base["start_to_end"] + base["end_to_idle"])
             verdicts.append(f"{kind}: start +{start:.3f} s (<= {START_TARGET_S}: "
                             f"{'met' if start <= START_TARGET_S else 'NOT met'}), end +{end:.3f} s "
                             f"(<= {END_TARGET_S}: {'met' if end <= END_TARGET_S else 'NOT met'})")
+        if kind == "rw-8g":
+            idle = med["end_to_idle"] - base["end_to_idle"]
+            by_job = _worker_hash_seconds(timing, started_wall)
+            pairs = [(s["end_to_clean"], by_job[str(int(s["job"]))]) for s in samples[kind]
+                     if str(int(s["job"])) in by_job]
+            hashes = [h for _, h in pairs]
+            clean_late = statistics.median(c - h for c, h in pairs) if pairs else float("nan")
+            verdicts.append(f"rw-8g: end-to-idle +{idle:.3f} s (<= 1: {'met' if idle <= 1 else 'NOT met'}), "
+                            f"clean {clean_late:+.3f} s after hash time (<= 1: "
+                            f"{'met' if clean_late <= 1 else 'NOT met'}; median hash "
+                            f"{statistics.median(hashes) if hashes else float('nan'):.3f} s)")
     print("targets: " + "; ".join(verdicts))
-    print("Prolog/Epilog phase breakdown: the Prolog and Epilog write no timing records yet (not measured)")
+    phase_table(samples, timing, started_wall)
     return 0
+
+
+def _worker_hash_seconds(timing: Path, since: float) -> dict[str, float]:
+    """Job id -> the hash phase of its end (worker, else Epilog) from timing.jsonl."""
+    import json
+
+    hashes: dict[str, float] = {}
+    if timing.exists():
+        for line in timing.read_text().splitlines():
+            record = json.loads(line)
+            if float(record.get("time", 0)) >= since and "hash" in record.get("phases", {}):
+                hashes[str(record["job"])] = float(record["phases"]["hash"])
+    return hashes
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sifoverlay.errors import NotAuthorized, OverlayStateError
@@ -50,6 +50,9 @@ class SyncResult:
     seconds: float
     replayed: bool
     fingerprint_refreshed: bool = False
+    # seconds per step of a slow sync (quiesce, lock, replay, hash, commit): the Epilog's
+    # timing record (slurm/phases.py) and bench/job_overhead.py read them
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -208,9 +211,20 @@ def _slow_sync(
     with open_image(SifFile.from_fd(os.dup(fd), image)) as img:  # locate the overlay for quiesce and the lock range
         located = img.require_overlay()
         region = (located.offset, located.size)
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     quiesce.ensure_quiet(image, *region, job=job, writers_only=True, fd=fd,
                          owners=None if as_user is None else (as_user[0],))
+    lap("quiesce")
     with exclusive(image, journal=journal, job=job, source="sync", io=io, region=region, image_fd=fd) as lease_held:
+        lap("lock")
         wfd = statedir.reopen(fd, writable=True, io=io)
         with SifFile.from_fd(wfd, image) as sif:
             sif.writable = True
@@ -225,23 +239,26 @@ def _slow_sync(
                 sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)  # fingerprint after fsck (§6)
             fingerprint = sb.fingerprint()
             old = overlay.recorded_digest
+            lap("replay")
             if fingerprint == overlay.fingerprint and not force_hash and not replayed:
-                return SyncResult("noop", image, old, old, 0, time.monotonic() - start, False)
+                return SyncResult("noop", image, old, old, 0, time.monotonic() - start, False, phases=phases)
             check_region_header(sif.fd, overlay.offset)
             new = hash_range(sif.fd, overlay.offset, overlay.size,
                              progress=_with_deadline(_with_heartbeat(progress, lease_held), deadline, image))
+            lap("hash")
             revision = draft(op, who, old_overlay=old, new_overlay=new, bytes_hashed=overlay.size,
                              detail={"replayed": True} if replayed else None)
             planned = plan.plan_sync(img, new_digest=new, fingerprint=fingerprint, revision=revision)
             if planned is not None:
                 commit(image, sif.fd, planned, journal, job=job, io=io)
+    lap("commit")
     if new == old:
         action = "noop"
     else:
         action = "replayed-and-reconciled" if replayed else "reconciled"
     log.info("%s: sync %s (%s -> %s)", image, action, old, new)
     return SyncResult(action, image, old, new, overlay.size, time.monotonic() - start, replayed,
-                      fingerprint_refreshed=(new == old and planned is not None))
+                      fingerprint_refreshed=(new == old and planned is not None), phases=phases)
 
 
 def _with_deadline(progress: Progress | None, deadline: float | None, image: str) -> Progress | None:

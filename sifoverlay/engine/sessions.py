@@ -25,7 +25,7 @@ from typing import Any
 from sifoverlay.errors import JournalError, UsageError
 from sifoverlay.fsio import REAL_IO, FileIO
 
-__all__ = ["Session", "finish", "load", "open_sessions", "session_path", "sessions_dir", "start"]
+__all__ = ["Session", "amend", "finish", "load", "open_sessions", "session_path", "sessions_dir", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,20 @@ def finish(journal_dir: str | os.PathLike[str], job_id: str, result: str, *, io:
     io.fsync_dir(sessions_dir(journal_dir))
     log.info("job %s: session on %s finished: %s", job_id, session.image, result)
     return Session(**{**_fields(session), "finished": time.time(), "result": str(result)})
+
+
+def amend(journal_dir: str | os.PathLike[str], job_id: str, details: dict[str, Any], *, io: FileIO = REAL_IO,
+          host: str | None = None) -> Session | None:
+    """Merge `details` into the open session of `job_id` (on `host`), durably (same atomic
+    write as `start`): e.g. the Epilog's "reconcile pending" mark before it hands the hash
+    to a worker. None when there is no open session."""
+    found = _find(journal_dir, job_id, host)
+    if found is None:
+        return None
+    path, session = found
+    amended = Session(**{**_fields(session), "details": {**session.details, **details}})
+    io.write_file_atomic(path, amended.to_json(), mode=0o644)
+    return amended
 
 
 def load(journal_dir: str | os.PathLike[str], job_id: str, *, host: str | None = None) -> Session | None:

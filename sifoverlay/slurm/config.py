@@ -65,6 +65,9 @@ class SlurmConfig:
     home: bool = True  # bind the job user's $HOME
     slurmd_spool_dir: str = "/var/spool/slurmd"  # used by the plugin only (srun --mpi=pmix)
     lease_grace: float = DEFAULT_LEASE_GRACE
+    # rw job end: "async" unmounts and frees the node, a reconcile worker hashes and commits
+    # under the job's lease (slurm/reconciler.py); "sync" does it all inside the Epilog
+    epilog_reconcile: str = "async"
     source: str = "<defaults>"  # where the values came from, for messages
 
     @property
@@ -127,6 +130,10 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             config = replace(config, binds=value)
         elif key == "slurmd_spool_dir":  # the plugin's (srun --mpi=pmix); checked here alike
             config = replace(config, slurmd_spool_dir=_abs_path(key, value, source))
+        elif key == "epilog_reconcile":
+            if value not in ("async", "sync"):
+                raise UsageError(source, f"plugstack: epilog_reconcile={value}: expected async or sync")
+            config = replace(config, epilog_reconcile=value)
         elif key == "home":
             if value not in ("yes", "no"):
                 raise UsageError(source, f"plugstack: home={value}: expected yes or no")

@@ -72,7 +72,9 @@ def record_event(directory: str | None, op: str, outcome: Any, *, seconds: float
 class JobEndOutcome:
     job_id: str
     image: str | None
-    result: str  # "reconciled" | "noop" | "released" | "fenced" | "refused" | "image-missing" | "nothing" | "failed"
+    # "reconciled" | "noop" | "released" | "fenced" | "refused" | "image-missing" | "nothing" | "failed";
+    # "pending": the Epilog handed the hash to the reconcile worker; "busy": another process ends the job
+    result: str
     step: str  # the last step attempted
     detail: str = ""
     new_digest: str | None = None
@@ -94,21 +96,43 @@ def finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: s
     host's session (the cluster sweeper, after that host's lease was found stale and
     broken: sweeper.py) there is nothing to tear down here and the sync takes a lease of
     its own."""
+    import socket
+
+    from sifoverlay.engine import statedir
+
+    from . import endlock
+
+    with statedir.using(config.state_dir):
+        with endlock.ending(config.journal_dir, job_id, host or socket.gethostname()) as lock:
+            if lock is None:  # its reconcile worker (or a sweep) is ending it right now
+                log.info("job %s (%s): its end is in progress in another process: left to it", job_id, reason)
+                return JobEndOutcome(job_id, None, "busy", "lock", "its end is in progress in another process")
+            return _finish_job(job_id, config, reason=reason, textfile_dir=textfile_dir, io=io, host=host,
+                               lock=lock)
+
+
+def finish_pending(job_id: str, config: SlurmConfig, lock: Any, *, host: str | None = None,
+                   io: FileIO = REAL_IO) -> JobEndOutcome:
+    """The reconcile worker's part of an async job end (slurm/reconciler.py): steps 2-5
+    under the job-end `lock` the Epilog handed over, with no hash deadline."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
-        return _finish_job(job_id, config, reason=reason, textfile_dir=textfile_dir, io=io, host=host)
+        return _finish_job(job_id, config, reason="worker", textfile_dir=None, io=io, host=host, lock=lock)
 
 
 def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: str | None,
-                io: FileIO, host: str | None = None) -> JobEndOutcome:
+                io: FileIO, host: str | None = None, lock: Any = None) -> JobEndOutcome:
     import socket
 
     from sifoverlay.engine import sessions
 
+    from .phases import PhaseClock
+
     textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
 
     start = time.monotonic()
+    clock = PhaseClock(reason, job_id)
     host = host or socket.gethostname()
     local = host == socket.gethostname()
     session = sessions.load(config.journal_dir, job_id, host=host)
@@ -119,6 +143,9 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
         done = JobEndOutcome(job_id, image, result, step, detail, digest, time.monotonic() - start)
         (log.error if result == "failed" else log.info)(
             "job %s (%s): %s at step %s%s", job_id, reason, result, step, f": {detail}" if detail else "")
+        if session is not None:
+            clock.lap(step)
+            clock.record(result=result, mode=session.mode)
         return done
 
     if session is None:
@@ -136,6 +163,7 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
 
         if local:
             runtime.teardown(job_id, base_dir=config.mounts_dir)
+        clock.lap("unmount")
         result, digest = "released", None
         fenced = _lost_lease(session, config) if local else None
         if fenced is not None:
@@ -155,6 +183,14 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
             identity = (int(dev), int(ino)) if dev is not None and ino is not None else None
             if identity is not None:
                 verify_unchanged(session.image, *identity)
+            clock.lap("verify")
+            if reason == "epilog" and config.epilog_reconcile == "async" and local and lock is not None:
+                step = "handoff"
+                worker = _hand_off(session, job_id, host, identity, lock, config, io)
+                if worker is not None:
+                    if local:  # the plugin's record: the job's tasks are over
+                        records.remove(config.records_dir, job_id, io=io)
+                    return outcome("pending", step, f"reconcile worker pid {worker}")
             step = "sync"
             # The Epilog hashes for at most hash_deadline seconds (a timed-out Epilog drains
             # the node); past it the session and lease stay for the sweeper, which has none.
@@ -163,12 +199,16 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
             as_user = (session.uid, int(gid)) if gid is not None else None
             synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline, as_user,
                                    who=_job_who(job_id, session.uid, reason))
+            clock.lap("sync")
+            clock.add(getattr(synced, "phases", {}), within="sync")
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
         if local:
             _release_lease(session.image, job_id, io, session.details.get("key"), config.state_dir)
+        clock.lap(step)
         step = "session"
         sessions.finish(config.journal_dir, job_id, result, io=io, host=host)
+        clock.lap(step)
         step = "record"
         if local:
             records.remove(config.records_dir, job_id, io=io)
@@ -220,6 +260,57 @@ def finish_foreign(session: Any, config: SlurmConfig, *, textfile_dir: str | Non
     (log.error if result == "failed" else log.warning)("job %s of host %s: %s at step %s: %s", session.job_id,
                                                         session.host, result, step, detail)
     return JobEndOutcome(session.job_id, session.image, result, step, detail, digest, time.monotonic() - start)
+
+
+def _hand_off(session: Any, job_id: str, host: str, identity: tuple[int, int] | None, lock: Any,
+              config: SlurmConfig, io: FileIO) -> int | None:
+    """Async job end: mark the session "reconcile pending" durably (with the superblock
+    fingerprint seen now) and start the reconcile worker with the job-end lock. The pid,
+    or None when the Epilog ends the job itself: the overlay is untouched (a no-op sync)
+    or the worker could not start."""
+    from sifoverlay.engine import sessions
+
+    from . import reconciler
+
+    seen, recorded = _fingerprints(session.image, identity)
+    if seen is not None and seen == recorded:
+        return None  # untouched since its last commit: the Epilog's no-op sync takes milliseconds
+    sessions.amend(config.journal_dir, job_id, {"pending": "reconcile", "ended": time.time(),
+                                                "fingerprint": seen},
+                   io=io, host=host)
+    try:
+        pid = reconciler.spawn(job_id, host, lock.fd, config)
+    except OSError as exc:  # the session's mark stays: harmless, the Epilog ends the job now
+        log.error("job %s: cannot start the reconcile worker (%s): reconciling in the Epilog", job_id, exc)
+        return None
+    lock.hand_over()
+    log.info("job %s: node released; reconcile worker pid %d hashes %s", job_id, pid, session.image)
+    return pid
+
+
+def _fingerprints(image: str, identity: tuple[int, int] | None) -> tuple[Any, Any]:
+    """(the overlay's ext3 superblock fingerprint now, the one recorded with its digest):
+    what 'modified' means, read through a checked fd of the authorized inode; (None, None)
+    when it cannot be read (the worker hashes anyway)."""
+    from sifoverlay.engine import statedir
+    from sifoverlay.ext3 import Superblock
+    from sifoverlay.ocisif import open_image
+    from sifoverlay.sif.load import SifFile
+
+    try:
+        fd = statedir.open_image_checked(image, expect_identity=identity)
+    except (OSError, SifOverlayError):
+        return None, None
+    try:
+        with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
+            overlay = img.overlay
+            if overlay is None:
+                return None, None
+            return Superblock.read(img.sif.fd, overlay.offset, size=overlay.size).fingerprint(), overlay.fingerprint
+    except (OSError, SifOverlayError):
+        return None, None
+    finally:
+        os.close(fd)
 
 
 def _here() -> str:

@@ -71,7 +71,8 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
 
 def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
     """The holder's job is over in slurmctld (which gave its license to this job) but its
-    Epilog is still reconciling: wait for it, bounded by the Epilog's own hash deadline."""
+    Epilog, or the reconcile worker it started (slurm/reconciler.py), is still reconciling:
+    wait for it, bounded by the Epilog's own hash deadline."""
     from sifoverlay.engine import lease
 
     from .multinode import wait_for_ending_holders
@@ -82,7 +83,10 @@ def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bo
         found = [lease.inspect(identity.path, **where), *lease.readers(identity.path, **where)]
         return [(h.source, h.job_id) for h in found if h is not None]
 
-    return wait_for_ending_holders(holders, timeout=config.hash_deadline + 30)
+    from . import endlock
+
+    return wait_for_ending_holders(holders, timeout=config.hash_deadline + 30,
+                                   ending=lambda job_id: endlock.in_progress(config.journal_dir, job_id))
 
 
 def _start_keeper(held: Any, identity: ImageIdentity, job: JobEnv, config: SlurmConfig, key: str) -> None:
@@ -123,7 +127,8 @@ def _finish_dead_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
     for held in holders:
         log.warning("%s: held by job %s, which is over but was never cleaned up: finishing it first",
                     image, held.job_id)
-        if not finish_job(held.job_id, config, reason="prolog").ok:
+        ended = finish_job(held.job_id, config, reason="prolog")
+        if not ended.ok or ended.result == "busy":  # busy: its reconcile worker ends it (we wait for it)
             return False
     return True
 
@@ -184,6 +189,20 @@ def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
 
 
 def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
+    from .phases import PhaseClock
+
+    clock = PhaseClock("prolog", job.job_id)
+    try:
+        path = _prepare_timed(job, config, clock, io=io)
+    except BaseException:
+        clock.lap("refused")
+        clock.record(result="refused", mode=job.mode)
+        raise
+    clock.record(result="ready", mode=job.mode)
+    return path
+
+
+def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO = REAL_IO) -> str:
     from sifoverlay import runtime
     from sifoverlay.engine import sessions, statedir
 
@@ -193,16 +212,20 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
         from .multinode import check_rw_allowed
 
         check_rw_allowed(job.image, job.job_id)
+    clock.lap("rule")
     identity = authorize(job.image, uid=job.uid, gid=job.gid, user=job.user, writable=writable,
                          image_roots=config.image_roots)
+    clock.lap("authorize")
     image = identity.path
     try:
         held = _take_lease(identity, job, config)
+        clock.lap("lease")
         started = assembled = False
         host = socket.gethostname()
         try:
             verify_unchanged(image, identity.dev, identity.ino)
             _check_image(identity, writable, config)
+            clock.lap("check")
             key = statedir.identity_key(identity.fd)
             sessions.start(config.journal_dir, job.job_id, image, mode=job.mode, host=host,
                            uid=job.uid, source="slurm", io=io, per_host=True,
@@ -212,8 +235,10 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
             started = True
             # Before anything is mounted: the keeper's pid is older than the FUSE daemons'.
             _start_keeper(held, identity, job, config, key)
+            clock.lap("session")
             if writable:
                 _reconcile_if_dirty(identity, job, config)
+                clock.lap("dirty")
             # The runtime mounts through our authorized fd (no path lookup after the check)
             # and hands the lease's byte-range lock fd to the ext3 FUSE daemon, so the lock
             # lives exactly as long as the ext3 mount, long after this Prolog exits.
@@ -224,10 +249,13 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
                                       image_fd=identity.fd, hold_fds=() if lock_fd is None else (lock_fd,),
                                       mountpoints=view.mountpoints)
             assembled = True
+            clock.lap("mounts")
             verify_unchanged(image, identity.dev, identity.ino)
             path = rootfs.path
             taskview.finish(view, config, job.job_id, path, identity.fd, io=io)  # job environment (issue 14)
+            clock.lap("view")
             records.write_ready(config.records_dir, job.job_id, image, job.mode, path, requested=job.image, io=io)
+            clock.lap("record")
         except BaseException:
             if assembled:
                 _quietly(runtime.teardown, job.job_id, base_dir=config.mounts_dir)

@@ -273,7 +273,7 @@ def _break_stale_after(report: SweepReport, config: SlurmConfig, textfile_dir: s
 
     busy = {s.image for s in sessions.open_sessions(config.journal_dir)}
     failed = {o.image for o in report.outcomes if not o.ok}
-    done = {o.image for o in report.outcomes if o.ok and o.result not in ("nothing", "refused", "image-missing")}
+    done = {o.image for o in report.outcomes if o.ok and o.result not in ("nothing", "refused", "image-missing", "busy")}
     for image in sorted(i for i in done - failed - busy if i is not None):
         if break_stale_lease(image, textfile_dir):
             report.stale_broken.append(image)

@@ -13,6 +13,8 @@
  *   lease_ttl=180 lease_grace=120              (seconds: lease heartbeat lifetime, takeover grace)
  *   binds=/scratch,/shared:ro                  (site binds of every job: SRC[:DST[:ro|rw]],...)
  *   home=yes|no                                (bind the job user's $HOME; default yes)
+ *   epilog_reconcile=async|sync                (rw job end: hash in a worker after the node is
+ *                                               free, or inside the Epilog; default async)
  *   slurmd_spool_dir=/var/spool/slurmd         (slurm.conf SlurmdSpoolDir: srun --mpi=pmix dirs)
  * slurmd_spool_dir is the plugin's only; state_dir and the other keys after it are used by
  * the Python side only; they are checked on both sides with the same rules so both halves
@@ -136,6 +138,13 @@ static int parse_one(const char *arg)
 	if (!strcmp(key, "slurmd_spool_dir"))
 		return copy_abs_path(key, value, sifo_config.slurmd_spool_dir,
 				     sizeof(sifo_config.slurmd_spool_dir));
+	if (!strcmp(key, "epilog_reconcile")) {
+		if (strcmp(value, "async") && strcmp(value, "sync")) {
+			sifo_error("plugstack: epilog_reconcile=%s: expected async or sync", value);
+			return -1;
+		}
+		return 0;
+	}
 	if (!strcmp(key, "home")) {
 		if (strcmp(value, "yes") && strcmp(value, "no")) {
 			sifo_error("plugstack: home=%s: expected yes or no", value);

@@ -111,12 +111,23 @@ class Bed:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = self.run("squeue", "-h", "-j", str(job), "-t", "all", "-o", "%T").stdout.split()
-            if states and all(s in JOB_DONE_STATES for s in states):
-                return self.job_state(job)
-            if not states and self.job_state(job) in JOB_DONE_STATES:
+            if (states and all(s in JOB_DONE_STATES for s in states)) or (
+                    not states and self.job_state(job) in JOB_DONE_STATES):
+                self.wait_job_end(job, deadline)
                 return self.job_state(job)
             time.sleep(0.3)
         raise AssertionError(f"job {job} not finished after {timeout}s: {self.run('squeue', '-j', str(job)).stdout}")
+
+    def wait_job_end(self, job: int | str, deadline: float) -> None:
+        """A rw job's end goes on after its Epilog (epilog_reconcile=async): wait until no
+        process (its reconcile worker, on any node) holds the job-end lock of `job`."""
+        from sifoverlay.slurm.endlock import in_progress
+
+        while time.monotonic() < deadline:
+            if not in_progress(str(self.state_dir / "journal"), str(job)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"job {job}: its end is still in progress (reconcile worker)")
 
     def accounting(self, job: int | str) -> list[dict[str, str]]:
         """One dict per job record of `job` (array tasks included), from scontrol."""

@@ -111,7 +111,7 @@ def test_epilog_hash_deadline_leaves_the_job_to_the_sweeper(
     _lease_by_exited_process(overlay_image, "61", ttl=365 * 24 * 3600.0)
     _start_session(config, "61", overlay_image)
     _write_with_debugfs(overlay_image, tmp_path)
-    hurried = replace(config, hash_deadline=1e-9)
+    hurried = replace(config, hash_deadline=1e-9, epilog_reconcile="sync")  # async: the worker has no deadline
     before = snapshot(overlay_image)
     done = finish_job("61", hurried, reason="epilog")
     assert (done.result, done.step) == ("failed", "sync") and "deadline" in done.detail, done

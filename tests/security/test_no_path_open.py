@@ -40,6 +40,13 @@ ALLOWED: dict[tuple[str, str], str] = {
         "no path open: os.fdopen of a dup of an open_regular() fd",
     ("sifoverlay/engine/sessions.py", "_read_regular"):
         "no path open: os.fdopen of an open_regular() fd",
+    ("sifoverlay/slurm/endlock.py", "take"):
+        "the job-end lock in root's sessions directory (journal_dir, root-owned): O_NOFOLLOW|O_NONBLOCK, "
+        "the name built from a checked job id and host",
+    ("sifoverlay/slurm/endlock.py", "in_progress"):
+        "probes the job-end locks in root's sessions directory: O_RDONLY|O_NOFOLLOW|O_NONBLOCK",
+    ("sifoverlay/slurm/phases.py", "record"):
+        "appends to timing.jsonl in root's log directory (/var/log/sifoverlay): O_NOFOLLOW",
     ("sifoverlay/sif/load.py", "open"):
         "SifFile.open: O_NOFOLLOW|O_NONBLOCK is in `flags`, S_ISREG checked by from_fd; root-side code "
         "uses statedir.open_image_checked + SifFile.from_fd instead",

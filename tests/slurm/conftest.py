@@ -93,9 +93,21 @@ class Cluster:
         while time.monotonic() < deadline:
             squeue = sh("squeue", "-h", "-j", str(job), "-t", "all", "-o", "%T", check=False).stdout.split()
             if "COMPLETING" not in self.job_fields(job).get("JobState", "") and "COMPLETING" not in squeue:
+                self.wait_job_end(job, deadline)
                 return state
             time.sleep(0.3)
         raise AssertionError(f"job {job}: Epilog did not finish in {timeout}s")
+
+    def wait_job_end(self, job: int | None, deadline: float) -> None:
+        """A rw job's end goes on after its Epilog (epilog_reconcile=async): wait until no
+        process (its reconcile worker) holds the job-end lock of `job` (None: of any job)."""
+        from sifoverlay.slurm.endlock import in_progress
+
+        while time.monotonic() < deadline:
+            if not in_progress(str(self.journal_dir), "" if job is None else str(job)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"job {job if job is not None else '(any)'}: its end is still in progress (reconcile worker)")
 
     def settle(self, timeout: float = 120, *, cancel: bool = True) -> None:
         """Wait until no test job is completing (Epilogs done); with `cancel`, cancel the
@@ -108,6 +120,7 @@ class Cluster:
         while time.monotonic() < deadline:
             left = sh("squeue", "-h", "-u", ",".join(TEST_USERS), "-t", "all", "-o", "%T", check=False).stdout.split()
             if not busy.intersection(left):
+                self.wait_job_end(None, deadline)
                 return
             time.sleep(0.3)
         raise AssertionError(f"test jobs still not finished after {timeout}s")

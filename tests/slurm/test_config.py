@@ -21,6 +21,12 @@ def test_all_keys() -> None:
     assert config.mounts_dir == "/r/mounts"
 
 
+def test_epilog_reconcile_is_async_unless_the_admin_says_sync() -> None:
+    assert parse_args([]).epilog_reconcile == "async"
+    assert parse_args(["epilog_reconcile=sync"]).epilog_reconcile == "sync"
+    assert parse_args(["epilog_reconcile=async"]).epilog_reconcile == "async"
+
+
 def test_defaults() -> None:
     config = parse_args([])
     assert (config.journal_dir, config.runtime_dir, config.image_roots, config.default_mode, config.mount) == (
@@ -37,6 +43,7 @@ def test_defaults() -> None:
     ("image_roots=::", "plugstack: image_roots: empty list"),
     ("default_mode=rx", "plugstack: default_mode=rx: expected rw or ro"),
     ("mount=nfs", "plugstack: mount=nfs: expected fuse or kernel"),
+    ("epilog_reconcile=later", "plugstack: epilog_reconcile=later: expected async or sync"),
 ])
 def test_strict_keys(arg: str, message: str) -> None:
     with pytest.raises(UsageError) as info:

@@ -66,7 +66,7 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SlurmConfig:
     processes and checks of these tests (environment)."""
     monkeypatch.setenv("SIFOVERLAY_STATE_DIR", str(tmp_path / "state"))
     return SlurmConfig(journal_dir=str(tmp_path / "journal"), runtime_dir=str(tmp_path / "run"),
-                       state_dir=str(tmp_path / "state"))
+                       state_dir=str(tmp_path / "state"), epilog_reconcile="sync")
 
 
 @pytest.fixture

@@ -61,13 +61,14 @@ def test_job_ends_are_recorded_with_job_user_node_and_exit_state(
     name = cluster_name()
     for rev, job, old, new, state in ((revisions[2], ok, base[0]["overlay"]["new"], d1, "COMPLETED"),
                                       (revisions[1], failed, d1, d2, "FAILED (exit 3)"),
-                                      (revisions[0], killed, d2, d3, "KILLED")):
+                                      (revisions[0], killed, d2, d3, "CANCELLED")):
         assert rev["overlay"] == {"old": old, "new": new}
-        if state == "KILLED":  # slurmd ends the tasks with SIGTERM/SIGKILL: ExitCode 0:15 or 0:9
-            assert re.fullmatch(r"KILLED \(signal (9|15)\)", rev["who"]["exit_state"]), rev["who"]
+        if state == "CANCELLED":  # slurmd ends the tasks with SIGTERM/SIGKILL: ExitCode 0:15 or 0:9; the
+            # reconcile worker runs after the job left COMPLETING, so it sees the final state
+            assert re.fullmatch(r"CANCELLED \(signal (9|15)\)", rev["who"]["exit_state"]), rev["who"]
             state = rev["who"]["exit_state"]
         assert rev["who"] == {"job_id": str(job), "cluster": name, "uid": alice.uid, "user": alice.name,
-                              "node": cluster.host, "exit_state": state, "via": "epilog"}, rev
+                              "node": cluster.host, "exit_state": state, "via": "worker"}, rev  # epilog_reconcile=async
         assert rev["bytes_hashed"] == 64 << 20
     assert revisions[1]["manifest"]["old"] == revisions[2]["manifest"]["new"]
     assert revisions[0]["manifest"]["old"] == revisions[1]["manifest"]["new"]

@@ -136,6 +136,7 @@ PLUGSTACK_ERRORS = [
     ("relative-state", "state_dir=state", "plugstack: state_dir=state: not an absolute path"),
     ("bad-size", "max_overlay=12X", "plugstack: max_overlay=12X: expected a positive number (optionally with K, M, G or T)"),
     ("zero-deadline", "hash_deadline=0", "plugstack: hash_deadline=0: must be positive"),
+    ("bad-epilog-reconcile", "epilog_reconcile=later", "plugstack: epilog_reconcile=later: expected async or sync"),
 ]
 
 
