@@ -14,8 +14,10 @@ When the lease is lost (engine/leasekeeper.py: record gone or retaken, or expire
 grace while this node was frozen or cut off) it renews nothing and fences this node's
 use of the image: SIGKILL (no flush, no unmount) of the job's FUSE daemons (from the
 runtime's per-job state) and of every other process ON THIS NODE that has the image open
-for writing. "On this node" is decided by namespace identity, never by pid alone: on the
-multi-node test bed every node shares one pid space (docs/slurm.md).
+for writing, except root's own hooks and other jobs' processes (`spared`: the next job's
+Prolog waiting for the image must not be killed). "On this node" is decided by namespace
+identity, never by pid alone: on the multi-node test bed every node shares one pid space
+(docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import threading
 import time
 from typing import Final
 
-__all__ = ["fence", "main", "node_processes_writing", "start", "stop"]
+__all__ = ["fence", "main", "node_processes_writing", "spared", "start", "stop"]
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +106,29 @@ def on_this_node(pid: int) -> bool:
     return any(_ns(pid, kind) is not None and _ns(pid, kind) == _ns("self", kind) for kind in ("uts", "net"))
 
 
-def node_processes_writing(image: str, ino: int) -> list[int]:
-    """Pids on this node with `image` (inode `ino`) open for writing. Read from /proc
-    without touching any file through the fd (readlink and fdinfo only: a stat through
-    the fd could hang on a frozen FUSE daemon)."""
+def spared(pid: int | str, job_id: str | None) -> bool:
+    """Not one of the job's writers, although it may have the image open for writing:
+    root's own hooks (Prolog, Epilog, reconcile worker, sweeper: each works under a lease
+    it checks itself), anything in a Prolog/Epilog context (SLURM_SCRIPT_CONTEXT), and
+    processes of another job (SLURM_JOB_ID). Killing the next job's Prolog, which holds
+    the image open while it waits for the lease, fails it and drains the node."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:  # no-path-open: ok (procfs)
+            uids = next((line.split()[1:] for line in fh if line.startswith("Uid:")), [])
+        with open(f"/proc/{pid}/environ", "rb") as fh:  # no-path-open: ok (procfs)
+            environ = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return False  # unreadable: judged by its open file alone
+    if uids[:1] == ["0"] or b"SLURM_SCRIPT_CONTEXT" in environ:
+        return True
+    other = environ.get(b"SLURM_JOB_ID")
+    return job_id is not None and other is not None and other.decode(errors="replace") != str(job_id)
+
+
+def node_processes_writing(image: str, ino: int, job_id: str | None = None) -> list[int]:
+    """Pids on this node with `image` (inode `ino`) open for writing, except those `spared`
+    for job `job_id`. Read from /proc without touching any file through the fd (readlink
+    and fdinfo only: a stat through the fd could hang on a frozen FUSE daemon)."""
     found = []
     me = os.getpid()
     for name in os.listdir("/proc"):
@@ -129,7 +150,8 @@ def node_processes_writing(image: str, ino: int) -> list[int]:
             if "ino" in info and info["ino"].strip() != str(ino):
                 continue
             if int(info.get("flags", "0").strip(), 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                found.append(int(name))
+                if not spared(name, job_id):
+                    found.append(int(name))
                 break
     return found
 
@@ -137,8 +159,8 @@ def node_processes_writing(image: str, ino: int) -> list[int]:
 def fence(job_id: str, image: str, ino: int, mounts_dir: str) -> list[int]:
     """SIGKILL this node's writers of the image: the job's FUSE daemons first (from the
     runtime record; pid + start time checked), then any process of this node with the
-    image open for writing. No unmount, no flush: whatever they had not written is
-    dropped. Returns the pids killed."""
+    image open for writing that is not `spared` (root's hooks, other jobs). No unmount,
+    no flush: whatever they had not written is dropped. Returns the pids killed."""
     from sifoverlay.engine import procs
     from sifoverlay.runtime import state
 
@@ -153,7 +175,7 @@ def fence(job_id: str, image: str, ino: int, mounts_dir: str) -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(step.pid, signal.SIGKILL)
                 killed.append(step.pid)
-    for pid in node_processes_writing(image, ino):
+    for pid in node_processes_writing(image, ino, job_id):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

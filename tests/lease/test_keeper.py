@@ -286,3 +286,48 @@ def test_short_freeze_within_ttl_is_harmless(site: KeeperSite) -> None:
     time.sleep(site.ttl / 3 + 0.5)
     assert site.daemon.poll() is None and site.record().pid == site.pid
     assert site.wait_exit(0.1) is None  # still running
+
+
+def _holder_of_image(image: Path, *, uid: int, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A process with the image open for writing: opened as root, then running as `uid`."""
+    code = ("import os,sys,time\nfd=os.open(sys.argv[1], os.O_RDWR)\nuid=int(sys.argv[2])\n"
+            "os.setgroups([])\nos.setresgid(uid,uid,uid)\nos.setresuid(uid,uid,uid)\n"
+            "print('ready', flush=True)\ntime.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(image), str(uid)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_fence_kills_the_jobs_writers_but_not_hooks_or_other_jobs(site: KeeperSite) -> None:
+    """Measured on the 3-node bed (bench/soak.py --nodes 3): a keeper that woke past its
+    grace SIGKILLed the next job's Prolog, which held the image open while it waited for
+    the lease; slurmd failed that job and drained the node. Only the job's own writers go."""
+    from tests.conftest import require_root
+
+    require_root()  # processes of other uids
+    nobody = 65534
+    writers = {
+        "job task": (_holder_of_image(site.image, uid=nobody, env={"SLURM_JOB_ID": site.job}), True),
+        "unlabelled user process": (_holder_of_image(site.image, uid=nobody, env={}), True),
+        "next job's Prolog (root)": (_holder_of_image(site.image, uid=0, env={"SLURM_JOB_ID": "4243"}), False),
+        "root hook, no Slurm environment": (_holder_of_image(site.image, uid=0, env={}), False),
+        "Epilog child as the user": (_holder_of_image(site.image, uid=nobody, env={
+            "SLURM_JOB_ID": site.job, "SLURM_SCRIPT_CONTEXT": "epilog_slurmd"}), False),
+        "another job's task": (_holder_of_image(site.image, uid=nobody, env={"SLURM_JOB_ID": "4243"}), False),
+    }
+    try:
+        os.kill(site.pid, signal.SIGSTOP)
+        time.sleep(site.ttl + site.grace + 0.5)
+        os.kill(site.pid, signal.SIGCONT)
+        assert site.wait_exit(5) == 3
+        assert site.daemon.wait(5) == -signal.SIGKILL  # the recorded FUSE daemon
+        for what, (proc, killed) in writers.items():
+            if killed:
+                assert proc.wait(5) == -signal.SIGKILL, what
+            else:
+                assert proc.poll() is None, f"{what} was killed by the fence"
+    finally:
+        for proc, _ in writers.values():
+            proc.kill()
+            proc.wait()
