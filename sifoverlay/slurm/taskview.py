@@ -7,11 +7,15 @@ slurm_plugin/src/taskview.c)::
     env=NAME=VALUE          the image config's Env, in order
     append=NAME=VALUE       appended with ':' (GPU driver dirs)
     workdir=/path           the image config's WorkingDir
+    devhide=NAME            a /dev entry the job does not see (a GPU not allocated to it)
+    gpuids=ID,...           the job's Slurm GPU ids that are visible, ascending (= the order
+                            CUDA numbers them inside: CUDA_VISIBLE_DEVICES is mapped onto it)
 
 What the job asked for comes from the job control environment the plugin set where the
 job was submitted: SPANK_OCI_SIF_MOUNTS, SPANK_OCI_SIF_NO_HOME, SPANK_OCI_SIF_GPU; the
 site's binds and home policy from plugstack (binds=, home=). GPUs are bound on request
-or when the job was allocated some (SLURM_JOB_GPUS / CUDA_VISIBLE_DEVICES).
+or when the job was allocated some (SLURM_JOB_GPUS / CUDA_VISIBLE_DEVICES); the /dev/nvidiaN
+not in SLURM_JOB_GPUS are left out of the job's /dev (runtime.gpu.select).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class JobView:
     append: tuple[tuple[str, str], ...]
     host_files: bool
     job_dir: str  # the runtime's directory of the job (view/ is written there)
+    dev_hidden: tuple[str, ...] = ()  # /dev/nvidiaN the job was not allocated
+    gpu_ids: tuple[int, ...] = ()  # the allocated Slurm GPU ids that are visible, ascending
 
     @property
     def mountpoints(self) -> list[tuple[str, bool]]:
@@ -77,7 +83,23 @@ def plan(uid: int, gid: int, mounts_dir: str, job_id: str, config: SlurmConfig, 
                                   home=config.home and not _flag(env, "SPANK_OCI_SIF_NO_HOME"), extra=extra)
     job_dir = state.job_dir(mounts_dir, job_id)
     planned = jobview.plan(request, identity, os.path.join(job_dir, jobview.VIEW_DIR))
-    return JobView(identity, tuple(jobview.check_sources(planned, uid, gid)), append, request.host_files, job_dir)
+    hidden, ids = _devices(env)
+    return JobView(identity, tuple(jobview.check_sources(planned, uid, gid)), append, request.host_files, job_dir,
+                   hidden, ids)
+
+
+def _devices(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(GPU nodes to hide, visible Slurm GPU ids) from the Prolog's SLURM_JOB_GPUS only: a
+    step's GPUs and CUDA_VISIBLE_DEVICES are the task's (the device cgroup narrows a step)."""
+    from sifoverlay.runtime import gpu
+
+    allocation = {name: env[name] for name in ("SLURM_JOB_GPUS",) if env.get(name, "").strip()}
+    chosen = gpu.select(allocation) if allocation else None
+    if chosen is None:
+        return (), ()
+    minors = sorted(g.minor for g in chosen.visible)
+    order = [g.minor for g in gpu.host_gpus()]
+    return tuple(g.name for g in chosen.hidden), tuple(order.index(m) for m in minors)
 
 
 def _allocated_gpus(env: Mapping[str, str]) -> bool:
@@ -112,6 +134,9 @@ def finish(view: JobView, config: SlurmConfig, job_id: str, rootfs: str, image_f
     lines += [f"append={name}={value}" for name, value in view.append]
     if settings.workdir and "\n" not in settings.workdir:
         lines.append(f"workdir={settings.workdir}")
+    lines += [f"devhide={name}" for name in view.dev_hidden]
+    if view.gpu_ids:
+        lines.append("gpuids=" + ",".join(map(str, view.gpu_ids)))
     directory = records.job_dir(config.records_dir, job_id)
     io.makedirs(config.records_dir, 0o755)
     io.makedirs(directory, 0o755)

@@ -1,7 +1,8 @@
 /*
  * Move the calling task (slurmstepd's child, still root, just before it drops to the
  * job's uid) into the rootfs the Prolog assembled: a private mount namespace, the
- * host's /proc /dev /sys /tmp bound onto the image's own directories, the job view's
+ * host's /proc /dev /sys /tmp bound onto the image's own directories (/dev without the GPUs
+ * not allocated to the job, when the view names some), the job view's
  * binds (identity and network files, $HOME, --oci-sif-mounts, site binds, GPU driver
  * files: the Prolog planned them, runtime/jobview.py), chroot, and the working directory
  * (docs/slurm.md "Working directory").
@@ -15,6 +16,7 @@
  * O_NOFOLLOW and mounted through /proc/self/fd, never by a path the image could
  * redirect with a symlink.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -191,6 +193,103 @@ static int bind_into(int rootfd, const char *host_dir, char *err, size_t errlen)
 	return 0;
 }
 
+static bool dev_hidden(const struct sifo_view *view, const char *name)
+{
+	for (int i = 0; i < view->n_dev_hidden; i++)
+		if (!strcmp(view->dev_hidden[i], name))
+			return true;
+	return false;
+}
+
+/* One entry of the host's /dev into the job's /dev tmpfs: a symlink copied, anything else
+ * bound on an empty file or directory (it keeps its own mount's flags: devices work). */
+static int dev_entry(int devfd, const char *name, char *err, size_t errlen)
+{
+	char source[PATH_MAX], target[64], link[PATH_MAX];
+	struct stat st;
+	ssize_t n;
+	int fd;
+
+	snprintf(source, sizeof(source), "/dev/%s", name);
+	if (lstat(source, &st) < 0)
+		return 0; /* gone meanwhile */
+	if (S_ISLNK(st.st_mode)) {
+		n = readlink(source, link, sizeof(link) - 1);
+		if (n < 0)
+			return 0;
+		link[n] = '\0';
+		return symlinkat(link, devfd, name) < 0 && errno != EEXIST ? -1 : 0;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		if (mkdirat(devfd, name, 0755) < 0 && errno != EEXIST)
+			return -1;
+	} else {
+		fd = openat(devfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd < 0 && errno != EEXIST)
+			return -1;
+		if (fd >= 0)
+			close(fd);
+	}
+	fd = openat(devfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	snprintf(target, sizeof(target), "/proc/self/fd/%d", fd);
+	if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0 && errno != ENOENT) {
+		snprintf(err, errlen, "cannot bind %s into the image: %s", source, strerror(errno));
+		close(fd);
+		return -2;
+	}
+	close(fd);
+	return 0;
+}
+
+/* The image's /dev as a tmpfs holding the host's /dev entries but the view's hidden ones
+ * (the GPUs not allocated to the job: runtime/gpu.py, slurm/taskview.py), then read-only.
+ * Nothing of it reaches the overlay. */
+static int filtered_dev(int rootfd, const struct sifo_view *view, char *err, size_t errlen)
+{
+	char target[64];
+	int fd = open_below(rootfd, "dev"), devfd, rc = 0;
+	struct dirent *e;
+	DIR *host;
+
+	if (fd < 0) {
+		sifo_debug("image has no directory /dev: not binding it");
+		return 0;
+	}
+	snprintf(target, sizeof(target), "/proc/self/fd/%d", fd);
+	if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=64k") < 0) {
+		snprintf(err, errlen, "cannot mount a tmpfs on the image's /dev: %s", strerror(errno));
+		close(fd);
+		return -1;
+	}
+	close(fd);
+	devfd = open_below(rootfd, "dev"); /* the tmpfs now */
+	host = devfd >= 0 ? opendir("/dev") : NULL;
+	if (!host) {
+		snprintf(err, errlen, "cannot list /dev for the job: %s", strerror(errno));
+		if (devfd >= 0)
+			close(devfd);
+		return -1;
+	}
+	while (rc == 0 && (e = readdir(host))) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || dev_hidden(view, e->d_name))
+			continue;
+		rc = dev_entry(devfd, e->d_name, err, errlen);
+		if (rc == -1)
+			snprintf(err, errlen, "cannot make /dev/%s in the job's /dev: %s", e->d_name, strerror(errno));
+	}
+	closedir(host);
+	snprintf(target, sizeof(target), "/proc/self/fd/%d", devfd);
+	if (rc == 0 && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+			     NULL) < 0) {
+		snprintf(err, errlen, "cannot make the job's /dev read-only: %s", strerror(errno));
+		rc = -1;
+	}
+	close(devfd);
+	return rc < 0 ? -1 : 0;
+}
+
 int sifo_enter_rootfs(const char *rootfs, const struct sifo_view *view, const struct sifo_cred *cred,
 		      const char *const *cwds, int ncwds, bool cwd_required, char *err, size_t errlen)
 {
@@ -211,7 +310,8 @@ int sifo_enter_rootfs(const char *rootfs, const struct sifo_view *view, const st
 		return -1;
 	}
 	for (const char *const *dir = host_binds; *dir; dir++) {
-		if (bind_into(rootfd, *dir, err, errlen) < 0) {
+		bool filter = !strcmp(*dir, "/dev") && view && view->n_dev_hidden > 0;
+		if ((filter ? filtered_dev(rootfd, view, err, errlen) : bind_into(rootfd, *dir, err, errlen)) < 0) {
 			close(rootfd);
 			return -1;
 		}

@@ -100,6 +100,9 @@ struct sifo_view {
 	char **append;               /* NAME=VALUE appended with ':' */
 	int n_append;
 	char workdir[PATH_MAX];      /* image WorkingDir ("" if none) */
+	char **dev_hidden;           /* /dev entries left out of the job's /dev (GPUs not allocated) */
+	int n_dev_hidden;
+	const char *gpu_ids;         /* the job's visible Slurm GPU ids, ascending ("" if none) */
 	char *buf;
 };
 #define SIFO_PMIX_DIR "/.sifoverlay/pmix"

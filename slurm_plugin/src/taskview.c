@@ -5,6 +5,8 @@
  *   env=NAME=VALUE        (the image config's Env, in order)
  *   append=NAME=VALUE     (appended to NAME with ':', e.g. the GPU driver's dirs)
  *   workdir=/path         (the image config's WorkingDir)
+ *   devhide=NAME          (a /dev entry the job does not see: a GPU not allocated to it)
+ *   gpuids=ID,...         (the job's visible Slurm GPU ids, ascending: CUDA's order inside)
  * Believed only when the directory and the file are root's and not writable by others,
  * and never through a symlink. And the task's environment, by the rules of
  * sifoverlay/runtime/environment.py (docs/slurm.md "Environment").
@@ -47,6 +49,7 @@ void sifo_view_free(struct sifo_view *view)
 	free(view->binds);
 	free(view->image_env);
 	free(view->append);
+	free(view->dev_hidden);
 	free(view->buf);
 	memset(view, 0, sizeof(*view));
 }
@@ -112,7 +115,9 @@ int sifo_view_load(const char *runtime_dir, unsigned job_id, struct sifo_view *v
 	view->binds = calloc((size_t)lines + 1, sizeof(*view->binds));
 	view->image_env = calloc((size_t)lines + 1, sizeof(char *));
 	view->append = calloc((size_t)lines + 1, sizeof(char *));
-	if (!view->binds || !view->image_env || !view->append) {
+	view->dev_hidden = calloc((size_t)lines + 1, sizeof(char *));
+	view->gpu_ids = "";
+	if (!view->binds || !view->image_env || !view->append || !view->dev_hidden) {
 		sifo_view_free(view);
 		snprintf(err, errlen, "out of memory");
 		return -1;
@@ -132,6 +137,11 @@ int sifo_view_load(const char *runtime_dir, unsigned job_id, struct sifo_view *v
 			view->append[view->n_append++] = line + 7;
 		} else if (!strncmp(line, "workdir=", 8) && line[8] == '/') {
 			snprintf(view->workdir, sizeof(view->workdir), "%s", line + 8);
+		} else if (!strncmp(line, "devhide=", 8) && line[8] && !strchr(line + 8, '/') &&
+			   strcmp(line + 8, ".") && strcmp(line + 8, "..")) {
+			view->dev_hidden[view->n_dev_hidden++] = line + 8;
+		} else if (!strncmp(line, "gpuids=", 7)) {
+			view->gpu_ids = line + 7;
 		}
 	}
 	return 0;
@@ -190,6 +200,55 @@ static int set(spank_t sp, const char *name, const char *value, char *err, size_
 		return -1;
 	}
 	return 0;
+}
+
+/* Position of `id` in the comma list `ids`, -1 if absent. */
+static int position_in(const char *ids, long id)
+{
+	int pos = 0;
+
+	for (const char *p = ids; p && *p; pos++) {
+		char *end;
+		long have = strtol(p, &end, 10);
+		if (end == p)
+			return -1;
+		if (have == id)
+			return pos;
+		p = *end == ',' ? end + 1 : NULL;
+	}
+	return -1;
+}
+
+/* Slurm without ConstrainDevices exports the global GPU ids in CUDA_VISIBLE_DEVICES (the same
+ * list as SLURM_STEP_GPUS, or SLURM_JOB_GPUS in a batch step); in the job's /dev only the
+ * job's GPUs are left, which CUDA numbers from 0: map each id to its position among them
+ * (runtime/gpu.py does the same for exec). Relative values (ConstrainDevices=yes) already
+ * count what CUDA sees and are left alone, as are UUIDs. */
+static int renumber_cuda_devices(spank_t sp, const struct sifo_view *view, char *err, size_t errlen)
+{
+	char cvd[1024], ids[1024], out[1024];
+	size_t used = 0;
+
+	if (!view->gpu_ids || !view->gpu_ids[0] || spank_getenv(sp, "CUDA_VISIBLE_DEVICES", cvd, sizeof(cvd)) != ESPANK_SUCCESS)
+		return 0;
+	if (spank_getenv(sp, "SLURM_STEP_GPUS", ids, sizeof(ids)) != ESPANK_SUCCESS &&
+	    spank_getenv(sp, "SLURM_JOB_GPUS", ids, sizeof(ids)) != ESPANK_SUCCESS)
+		return 0;
+	if (strcmp(cvd, ids))
+		return 0;
+	out[0] = '\0';
+	for (const char *p = cvd; *p;) {
+		char *end;
+		long id = strtol(p, &end, 10);
+		int pos = end == p ? -1 : position_in(view->gpu_ids, id);
+		if (pos < 0 || (*end && *end != ','))
+			return 0;
+		used += (size_t)snprintf(out + used, sizeof(out) - used, "%s%d", used ? "," : "", pos);
+		if (used >= sizeof(out))
+			return 0;
+		p = *end ? end + 1 : end;
+	}
+	return set(sp, "CUDA_VISIBLE_DEVICES", out, err, errlen);
 }
 
 int sifo_apply_env(spank_t sp, const struct sifo_view *view, const struct sifo_task_opts *opts, uid_t uid,
@@ -258,6 +317,9 @@ int sifo_apply_env(spank_t sp, const struct sifo_view *view, const struct sifo_t
 		if (set(sp, name, joined, err, errlen) < 0)
 			return -1;
 	}
+	/* 5b. CUDA numbers the GPUs it sees in the job's /dev from 0 */
+	if (renumber_cuda_devices(sp, view, err, errlen) < 0)
+		return -1;
 	/* 6. --oci-sif-env NAME=VALUE wins over everything */
 	if (opts->env[0]) {
 		char list[sizeof(opts->env)];
