@@ -12,7 +12,12 @@ fresh Scanner each time: `run_verify_pass(workers=1)` (the serial baseline) and
 data comes from memory and only the hashing overlaps). The load average is printed
 beside the result: other processes on the same cores shrink the gain.
 
-    .venv/bin/python bench/scan_pool.py [--count 100] [--runs 3] [--dir /var/tmp] [--keep]
+With --sweep the same images are ended by the Slurm sweeper (`recover --slurm`): each
+image gets a job session of this host and a writer lease held for a job slurmctld reports
+as over (a fixed table, no cluster), and `sweeper.sweep(workers=1)` is timed against
+`sweep()` (sweep_workers() job ends at once); every pass works on fresh copies.
+
+    .venv/bin/python bench/scan_pool.py [--count 100] [--runs 3] [--dir /var/tmp] [--keep] [--sweep]
 """
 
 from __future__ import annotations
@@ -80,6 +85,59 @@ def one_pass(images: Path, journal: Path, workers: int | None) -> tuple[float, i
     return seconds, done, scanner.verified_bytes
 
 
+class _AllOver:
+    name = "fixed"
+
+    def is_alive(self, job_id: str) -> bool:
+        return False
+
+
+def sweep_pass(images: Path, work: Path, workers: int | None) -> tuple[float, int, int]:
+    """Fresh copies of `images`, each with a session and a lease of an over job; the
+    sweeper's time to end them all. Returns (seconds, jobs reconciled, bytes hashed)."""
+    import socket
+
+    from sifoverlay.engine import sessions
+    from sifoverlay.slurm.config import SlurmConfig
+    from sifoverlay.slurm.sweeper import sweep
+
+    run = Path(tempfile.mkdtemp(prefix="pass-", dir=work))
+    copies = []
+    for n, src in enumerate(sorted(images.iterdir())):
+        dest = run / src.name
+        subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
+        copies.append((str(1000 + n), dest))
+    config = SlurmConfig(journal_dir=str(run / "journal"), runtime_dir=str(run / "run"), state_dir=str(run / "state"))
+    code = ("import os, socket, sys\nfrom sifoverlay.engine import lease\n"
+            "args = sys.argv[2:]\nfor job, image in zip(args[::2], args[1::2]):\n"
+            "    lease.acquire(image, lease.Holder(socket.gethostname(), os.getpid(), job, 'slurm'), ttl=3.0e7,"
+            " state_dir=sys.argv[1])\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, config.state_dir, *[x for job, img in copies for x in (job, str(img))]],
+                   check=True)
+    for job, image in copies:
+        st = os.stat(image)
+        sessions.start(config.journal_dir, job, image, mode="rw", host=socket.gethostname(), uid=os.getuid(),
+                       source="slurm", details={"dev": st.st_dev, "ino": st.st_ino})
+    drop_caches()
+    start = time.perf_counter()
+    (run / "textfile").mkdir()
+    report = sweep(config, _AllOver(), textfile_dir=str(run / "textfile"), cluster=False,  # type: ignore[arg-type]
+                   workers=workers)
+    seconds = time.perf_counter() - start
+    results = {o.result for o in report.outcomes}
+    if len(report.outcomes) != len(copies) or results != {"reconciled"}:
+        raise SystemExit(f"sweep ended {len(report.outcomes)} of {len(copies)} jobs: {results}")
+    size = sum(_overlay_size(img) for _, img in copies)
+    shutil.rmtree(run, ignore_errors=True)
+    return seconds, len(copies), size
+
+
+def _overlay_size(image: Path) -> int:
+    from reconcile import overlay_region  # bench/reconcile.py
+
+    return overlay_region(image)[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=100)
@@ -87,8 +145,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the Slurm sweeper's job ends instead")
     args = parser.parse_args()
     from sifoverlay.metrics.scan import verify_workers
+
+    if args.sweep:
+        from sifoverlay.slurm.sweeper import sweep_workers
+
+        verify_workers = sweep_workers  # noqa: F811 - the pool size printed below
 
     work = Path(tempfile.mkdtemp(prefix="sifoverlay-scanpool-", dir=args.dir))
     try:
@@ -97,6 +161,12 @@ def main() -> int:
         serial, pooled, hashed = [], [], 0
         load_before = os.getloadavg()[0]
         for _ in range(args.runs):
+            if args.sweep:
+                seconds, _, hashed = sweep_pass(images, work, 1)
+                serial.append(seconds)
+                seconds, _, _ = sweep_pass(images, work, None)
+                pooled.append(seconds)
+                continue
             seconds, _, hashed = one_pass(images, journal, 1)
             serial.append(seconds)
             seconds, _, _ = one_pass(images, journal, None)
@@ -110,7 +180,8 @@ def main() -> int:
           f"{args.runs} interleaved runs, {os.cpu_count()} CPUs, pool of {verify_workers()} workers, "
           f"page cache {'dropped' if os.geteuid() == 0 else 'warm'} before each pass, "
           f"load average (1 min) {load_before:.2f} -> {load_after:.2f}")
-    print(f"{'verify pass':<24} {'median s':>9} {'min s':>7} {'GiB/s':>7}")
+    what = "sweeper job ends" if args.sweep else "verify pass"
+    print(f"{what:<24} {'median s':>9} {'min s':>7} {'GiB/s':>7}")
     for name, samples in (("serial (workers=1)", serial), (f"pool (workers={verify_workers()})", pooled)):
         median = statistics.median(samples)
         print(f"{name:<24} {median:9.2f} {min(samples):7.2f} {hashed / (1 << 30) / median:7.2f}")

@@ -103,17 +103,53 @@ def break_stale_lease(image: str, textfile_dir: str | None) -> bool:
 
 def sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None = None,
           textfile_dir: str | None = None, cluster: bool = True,
-          node_down: Callable[[str], bool | None] | None = None, io: Any = None) -> SweepReport:
+          node_down: Callable[[str], bool | None] | None = None, io: Any = None,
+          workers: int | None = None) -> SweepReport:
     """Finish this host's Slurm jobs that are over, and (`cluster`) other hosts' whose
     holder is gone (module docstring); `textfile_dir` None: `metrics_dir()`.
     `node_down(host)`: is the node DOWN in slurmctld (None: cannot tell); default scontrol.
     `io`: the FileIO of every job end's sync (`recover --slurm` passes io_from_env(): the
-    crash hook of the tests)."""
+    crash hook of the tests). `workers`: how many of this host's job ends run at once
+    (default `sweep_workers()`; 1: one after the other)."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
         return _sweep(config, jobstate, host=host, textfile_dir=textfile_dir, cluster=cluster,
-                      node_down=node_down or node_is_down, io=io)
+                      node_down=node_down or node_is_down, io=io, workers=workers or sweep_workers())
+
+
+def sweep_workers() -> int:
+    """One job end per core, at most 4: hashing (hashlib, preadv) releases the GIL, and more
+    parallel readers than that only make a shared filesystem seek."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _finish_all(due: list[tuple[str, str | None]], config: SlurmConfig, textfile_dir: str | None, io: Any,
+                workers: int) -> list[JobEndOutcome]:
+    """finish_job for every (job, image) of `due`, `workers` at a time on threads; the job
+    ends of one image one after the other (in order), never two on one image at once.
+    Outcomes in the order of `due`. Threads share the process's state directory
+    (statedir.using is process-wide): every job end here uses the same config.state_dir."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups: dict[str | None, list[int]] = {}
+    for index, (_, image) in enumerate(due):
+        groups.setdefault(image if image is not None else f"#{index}", []).append(index)
+    outcomes: list[JobEndOutcome | None] = [None] * len(due)
+
+    def run(indexes: list[int]) -> None:
+        for index in indexes:
+            outcomes[index] = finish_job(due[index][0], config, reason="sweeper", textfile_dir=textfile_dir,
+                                         **_io(io))
+
+    if workers <= 1 or len(groups) <= 1:
+        for indexes in groups.values():
+            run(indexes)
+    else:
+        with ThreadPoolExecutor(max_workers=min(workers, len(groups)), thread_name_prefix="sweep") as pool:
+            for done in [pool.submit(run, indexes) for indexes in groups.values()]:
+                done.result()
+    return [o for o in outcomes if o is not None]
 
 
 def node_is_down(node: str) -> bool | None:
@@ -230,13 +266,14 @@ def _io(io: Any) -> dict[str, Any]:
 
 def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfile_dir: str | None,
            cluster: bool = True, node_down: Callable[[str], bool | None] = node_is_down,
-           io: Any = None) -> SweepReport:
+           io: Any = None, workers: int = 1) -> SweepReport:
     from sifoverlay.engine import sessions
 
     host = host or socket.gethostname()
     textfile_dir = textfile_dir if textfile_dir is not None else metrics_dir()
     report = SweepReport(backend=jobstate.name)
     seen: set[str] = set()
+    due: list[tuple[str, str | None]] = []  # this host's jobs to end: (job, image)
     for session in sessions.open_sessions(config.journal_dir):
         seen.add(session.job_id)
         if session.source != "slurm":
@@ -256,11 +293,11 @@ def _sweep(config: SlurmConfig, jobstate: JobState, *, host: str | None, textfil
             report.skipped.append((session.job_id, "job still alive"))
             continue
         log.warning("job %s is over but its session on %s is open: finishing it", session.job_id, session.image)
-        report.outcomes.append(finish_job(session.job_id, config, reason="sweeper", textfile_dir=textfile_dir,
-                                          **_io(io)))
+        due.append((session.job_id, session.image))
     for job_id in sorted(_leftover_jobs(config) - seen, key=int):
         if jobstate.is_alive(job_id) is False:
-            report.outcomes.append(finish_job(job_id, config, reason="sweeper", textfile_dir=textfile_dir, **_io(io)))
+            due.append((job_id, None))
+    report.outcomes.extend(_finish_all(due, config, textfile_dir, io, workers))
     _break_stale_after(report, config, textfile_dir)
     return report
 

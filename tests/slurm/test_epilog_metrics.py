@@ -236,7 +236,7 @@ def test_epilog_exits_0_and_reconciles_when_the_events_textfile_is_broken(
     _write_with_debugfs(overlay_image, tmp_path)
     plugstack = tmp_path / "plugstack.conf"
     plugstack.write_text(f"required /usr/lib/sifoverlay/sifoverlay_spank.so journal_dir={config.journal_dir} "
-                         f"runtime_dir={config.runtime_dir} state_dir={config.state_dir}\n")
+                         f"runtime_dir={config.runtime_dir} state_dir={config.state_dir} epilog_reconcile=sync\n")
     env = {**os.environ, "SLURM_JOB_ID": "45", "SIFOVERLAY_PLUGSTACK": str(plugstack),
            "SIFOVERLAY_TEXTFILE_DIR": str(textdir), "SIFOVERLAY_SLURM_LOG": str(tmp_path / "slurm.log")}
     done = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "sifoverlay.slurm.epilog"], env=env,
