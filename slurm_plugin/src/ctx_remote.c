@@ -101,17 +101,54 @@ int sifo_remote_task_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* slurmd_spool_dir= with slurm.conf's SlurmdSpoolDir escapes: %n the node name, %h the
+ * short host name (one spool dir per node on a shared filesystem, or several slurmd on
+ * one host). The node name comes from SLURMD_NODENAME, taken only as one path component
+ * (else the host name): the directory is opened as the job user anyway. */
+static int expand_spool_dir(spank_t sp, char *out, size_t len)
+{
+	char node[256] = "", host[256] = "";
+	const char *p;
+	size_t used = 0;
+
+	if (gethostname(host, sizeof(host) - 1) < 0)
+		host[0] = '\0';
+	host[strcspn(host, ".")] = '\0';
+	if (spank_getenv(sp, "SLURMD_NODENAME", node, sizeof(node)) != ESPANK_SUCCESS || !node[0] ||
+	    strchr(node, '/') || !strcmp(node, ".") || !strcmp(node, ".."))
+		snprintf(node, sizeof(node), "%s", host);
+	for (p = sifo_config.slurmd_spool_dir; *p; p++) {
+		char one[2] = { *p, '\0' };
+		const char *piece = one;
+		size_t n;
+
+		if (p[0] == '%' && (p[1] == 'n' || p[1] == 'h'))
+			piece = *++p == 'n' ? node : host;
+		n = strlen(piece);
+		if (used + n >= len)
+			return -1;
+		memcpy(out + used, piece, n);
+		used += n;
+	}
+	out[used] = '\0';
+	return 0;
+}
+
 /* srun --mpi=pmix: the step's PMIx server directory (shared-memory store) is
  * <SlurmdSpoolDir>/pmix.<job>.<step>, outside the image, made before the tasks fork: bind
  * it on the stub mount point SIFO_PMIX_DIR. slurmstepd puts the PMIX_* variables naming
  * it into the task's environment only after this hook: task_init rewrites them. Opened as
  * the job user (a user bind): the directory is hers. */
-static int add_pmix_bind(uint32_t job_id, uint32_t step_id, struct sifo_view *view)
+static int add_pmix_bind(spank_t sp, uint32_t job_id, uint32_t step_id, struct sifo_view *view)
 {
 	struct sifo_bind *grown;
 	struct stat st;
+	char spool[PATH_MAX];
 
-	snprintf(pmix_dir, sizeof(pmix_dir), "%s/pmix.%u.%u", sifo_config.slurmd_spool_dir, job_id, step_id);
+	pmix_dir[0] = '\0';
+	if (expand_spool_dir(sp, spool, sizeof(spool)) < 0)
+		return 0; /* too long to exist */
+	snprintf(pmix_dir, sizeof(pmix_dir), "%s/pmix.%u.%u", spool, job_id, step_id);
 	if (lstat(pmix_dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
 		pmix_dir[0] = '\0';
 		return 0;
@@ -158,7 +195,7 @@ static int enter_with_view(spank_t sp, uint32_t job_id, uint32_t step_id, const 
 	for (int i = 0; i < ncwds; i++)
 		snprintf(task_cwds[n_task_cwds++], PATH_MAX, "%s", cwds[i]);
 	task_cwd_required = sifo_opts.workdir_given;
-	if (add_pmix_bind(job_id, step_id, &view) < 0) {
+	if (add_pmix_bind(sp, job_id, step_id, &view) < 0) {
 		sifo_view_free(&view);
 		return fail_task(job_id, "out of memory");
 	}

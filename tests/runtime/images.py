@@ -181,6 +181,53 @@ def overlay_tree(image: Path, tmp: Path) -> str:
 
 OPENMPI_TREES = ("/usr/lib/x86_64-linux-gnu/openmpi", "/usr/lib/x86_64-linux-gnu/pmix2", "/usr/share/openmpi",
                  "/usr/share/pmix", "/etc/openmpi")
+# Debian's MPICH 4.0 (ch4:ucx): its PMI-1 client is built into libmpich (it talks to Slurm's
+# mpi/pmi2 plugin over PMI_FD, no libpmi2 needed); UCX dlopens its transports from ucx/.
+MPICH_TREES = ("/usr/lib/x86_64-linux-gnu/ucx",)
+
+# The MPI hello world the MPI tests run inside an image (tests/slurm, tests/cluster): each
+# rank prints its rank and host name. With --ring each rank first passes its host name to
+# the next one round a ring, so that every rank really talks to a rank on another node
+# (MPI_Init alone opens no connection between ranks).
+MPI_HELLO = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char **argv)
+{
+	int rank, size, len;
+	char host[MPI_MAX_PROCESSOR_NAME] = "", left[MPI_MAX_PROCESSOR_NAME] = "";
+	MPI_Init(&argc, &argv);
+	MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+	MPI_Comm_size(MPI_COMM_WORLD, &size);
+	MPI_Get_processor_name(host, &len);
+	if (argc > 1 && !strcmp(argv[1], "--ring")) {
+		MPI_Sendrecv(host, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, (rank + 1) % size, 0,
+			     left, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, (rank + size - 1) % size, 0,
+			     MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+		printf("rank %d of %d on %s (from rank %d on %s)\n", rank, size, host, (rank + size - 1) % size, left);
+	} else {
+		printf("rank %d of %d on %s\n", rank, size, host);
+	}
+	MPI_Finalize();
+	return 0;
+}
+"""
+# flavour -> (the MPI's own compiler wrapper, never the `mpicc` alternative; its trees)
+MPI_FLAVOURS = {"openmpi": ("mpicc.openmpi", OPENMPI_TREES), "mpich": ("mpicc.mpich", MPICH_TREES)}
+
+
+def mpi_hello_image(busybox: Path, work: Path, flavour: str) -> Path:
+    """A busybox image with Debian's `flavour` MPI (ldd closure + its plugin trees) and the
+    MPI hello world at /usr/local/bin/mpi-hello, no overlay (the MPI tests mount it :ro)."""
+    compiler, trees = MPI_FLAVOURS[flavour]
+    work.mkdir()
+    (work / "hello.c").write_text(MPI_HELLO)
+    hello = str(work / "hello")
+    run(compiler, "-o", hello, str(work / "hello.c"))
+    tree = busybox_rootfs(busybox, work)
+    add_host_tree(tree, [hello], trees=trees, rename={hello: "/usr/local/bin/mpi-hello"})
+    return build_image(tree, work / f"mpi-{flavour}.oci.sif", work / "journal", overlay=False)
 
 
 def add_host_tree(rootfs: Path, binaries: list[str], *, trees: tuple[str, ...] = (),

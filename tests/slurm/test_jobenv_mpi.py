@@ -17,36 +17,13 @@ from tests.slurm.conftest import Cluster, User, sh
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 
-HELLO = r"""
-#include <mpi.h>
-#include <stdio.h>
-int main(int argc, char **argv)
-{
-	int rank, size, len;
-	char host[MPI_MAX_PROCESSOR_NAME];
-	MPI_Init(&argc, &argv);
-	MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-	MPI_Comm_size(MPI_COMM_WORLD, &size);
-	MPI_Get_processor_name(host, &len);
-	printf("rank %d of %d on %s\n", rank, size, host);
-	MPI_Finalize();
-	return 0;
-}
-"""
 CAPTURE = "/tmp/sifoverlay-H14-mpi-output.txt"
 
 
 @pytest.fixture(scope="session")
 def mpi_image_base(imported_image: Path) -> Path:
-    require_tool("mpicc", "ldd")
-    work = imported_image.parent / "mpi"
-    work.mkdir()
-    (work / "hello.c").write_text(HELLO)
-    sh("mpicc", "-o", str(work / "hello"), str(work / "hello.c"))
-    tree = images.busybox_rootfs(imported_image, work)
-    images.add_host_tree(tree, [str(work / "hello")], trees=images.OPENMPI_TREES,
-                         rename={str(work / "hello"): "/usr/local/bin/mpi-hello"})
-    return images.build_image(tree, work / "mpi.oci.sif", work / "journal", overlay=False)
+    require_tool("mpicc.openmpi", "ldd")  # the OpenMPI wrapper itself: `mpicc` is an alternative
+    return images.mpi_hello_image(imported_image, imported_image.parent / "mpi-openmpi", "openmpi")
 
 
 def test_mpi_hello_world_with_three_ranks_in_the_image(cluster: Cluster, slurm_users: tuple[User, User],
