@@ -263,7 +263,15 @@ def restart_slurmd(wait: float = 60) -> None:
 
 
 def node_states() -> list[str]:
-    return run(["sinfo", "--noheader", "--Node", "--format=%N %t"], check=False).stdout.split("\n")
+    """"NAME state" per node, the state being slurmctld's State= in lower case
+    ("idle", "idle+drain", "down+not_responding"): `scontrol -o show node`, not sinfo's
+    %t/%T, which lagged behind slurmctld after a node came back (tests/cluster's Bed)."""
+    lines = []
+    for line in run(["scontrol", "-o", "show", "node"], check=False).stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "NodeName" in fields:
+            lines.append(f"{fields['NodeName']} {fields.get('State', 'unknown').lower()}")
+    return lines
 
 
 @dataclass
@@ -503,7 +511,7 @@ def settle_node() -> str:
     reported as found."""
     states = [line.split()[-1] for line in node_states() if line.strip()]
     state = states[0] if states else "unknown"
-    if any(state.startswith(bad) for bad in ("drain", "drng", "down", "fail")):
+    if any(bad in state for bad in ("drain", "down", "fail")):
         for line in node_states():
             if line.strip():
                 run(["scontrol", "update", f"NodeName={line.split()[0]}", "State=RESUME"], check=False)
@@ -536,7 +544,7 @@ def verify(soak: Soak, sweep: subprocess.CompletedProcess[str]) -> dict[str, Any
                 files_verified += 1
             else:
                 problems.append(f"{image}: file /soak/{name} of a COMPLETED job is {found.get(name)!r}")
-    if any(node_state.startswith(bad) for bad in ("drain", "drng", "down", "fail")):
+    if any(bad in node_state for bad in ("drain", "down", "fail")):
         problems.append(f"node was {node_state} at the end (resumed)")
     return {
         "ok": not problems and files_verified == files_expected and images_ok == len(soak.images),

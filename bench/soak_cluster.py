@@ -65,7 +65,11 @@ class Job:
 
 
 class Monitor(threading.Thread):
-    """Samples every node's mounts; counts double rw mounts of one image."""
+    """Samples every node's mounts; counts double rw mounts of one image, and samples where
+    a rw mount of an image coexists with another job's ro mount of it (reader/writer).
+    Whether a job's ext3 mount is writable comes from the runtime's record of the job
+    (state.json "writable"), not from mountinfo: fuse2fs mounted read-only still shows
+    "rw" there (engine/quiesce.py)."""
 
     def __init__(self, nodes: list[str], mounts_dir: str, image_of: dict[str, str]) -> None:
         super().__init__(daemon=True)
@@ -73,9 +77,11 @@ class Monitor(threading.Thread):
         self.stop = threading.Event()
         self.samples = 0
         self.double: list[str] = []
+        self.mixed: list[str] = []
         self.max_rw: dict[str, int] = {}
+        self.writable: dict[str, bool] = {}
 
-    def rw_mounts(self) -> list[tuple[str, str]]:
+    def ext3_mounts(self) -> list[tuple[str, str]]:
         found = []
         pattern = re.compile(re.escape(self.mounts_dir) + r"/([^/]+)/ext3$")
         for node in self.nodes:
@@ -87,32 +93,38 @@ class Monitor(threading.Thread):
             for line in lines:
                 fields = line.split()
                 match = pattern.match(fields[4]) if len(fields) > 5 else None
-                if match and "rw" in fields[5].split(","):
+                if match:
                     found.append((node, match.group(1)))
         return found
 
     def image_for(self, node: str, job: str) -> str:
         """The image of a job's mount: the runtime's record on that node (array tasks have
         job ids of their own), read through the node holder's root (its mount namespace)."""
-        if job not in self.image_of:
+        if job not in self.image_of or job not in self.writable:
             try:
                 holder = int((BED_RUN / f"{node}.holder").read_text().split()[0])
-                record = Path(f"/proc/{holder}/root{self.mounts_dir}/{job}/state.json").read_text()
-                self.image_of[job] = str(json.loads(record)["image"])
+                record = json.loads(Path(f"/proc/{holder}/root{self.mounts_dir}/{job}/state.json").read_text())
+                self.image_of[job] = str(record["image"])
+                self.writable[job] = bool(record["writable"])
             except (OSError, ValueError, KeyError, IndexError):
-                return f"job {job}"
+                return self.image_of.get(job, f"job {job}")
         return self.image_of[job]
 
     def run(self) -> None:
         while not self.stop.wait(0.25):
-            per_image: dict[str, list[str]] = {}
-            for node, job in self.rw_mounts():
-                per_image.setdefault(self.image_for(node, job), []).append(f"{node}:{job}")
+            writers: dict[str, list[str]] = {}
+            readers: dict[str, list[str]] = {}
+            for node, job in self.ext3_mounts():
+                image = self.image_for(node, job)
+                # no record (yet, or any more): counted as a writer, the worst case
+                (writers if self.writable.get(job, True) else readers).setdefault(image, []).append(f"{node}:{job}")
             self.samples += 1
-            for image, where in per_image.items():
+            for image, where in writers.items():
                 self.max_rw[image] = max(self.max_rw.get(image, 0), len(where))
                 if len(where) > 1:
                     self.double.append(f"{image}: {' '.join(where)}")
+                if readers.get(image):
+                    self.mixed.append(f"{image}: rw {' '.join(where)} ro {' '.join(readers[image])}")
 
 
 @dataclass
@@ -130,6 +142,7 @@ class ClusterSoak:
         "scancel", "scancel_kill", "time_limit", "node_kill", "node_cut", "node_freeze_short", "node_freeze_long")})
 
     def __post_init__(self) -> None:
+        self.drained: list[str] = []
         self.rng = random.Random(self.seed)
         self.node_names = [f"n{i}" for i in range(1, self.nodes + 1)]
 
@@ -138,7 +151,11 @@ class ClusterSoak:
         return soak.run([soak.DEV_CLUSTER, *args], check=False, timeout=timeout)
 
     def node_state(self, node: str) -> str:
-        return soak.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], check=False).stdout.strip()
+        """slurmctld's State= of the node, lower case ("idle", "idle+completing",
+        "down+not_responding"). Not `sinfo -o %T`, which kept printing "mixed" for a booted
+        node slurmctld had IDLE with no CPU allocated (tests/cluster's Bed.node_state)."""
+        shown = soak.run(["scontrol", "-o", "show", "node", node], check=False).stdout
+        return next((f.split("=", 1)[1] for f in shown.split() if f.startswith("State=")), "").lower()
 
     def reset_nodes(self) -> None:
         for node in self.node_names:
@@ -148,7 +165,8 @@ class ClusterSoak:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             states = {n: self.node_state(n) for n in self.node_names}
-            if all(s in ("idle", "mixed", "allocated") for s in states.values()):
+            if all(s.split("+")[0] in ("idle", "mixed", "allocated") and not any(
+                    bad in s for bad in ("down", "drain", "fail", "not_responding")) for s in states.values()):
                 return
             for node, state in states.items():
                 if any(bad in state for bad in ("down", "drain", "fail")):
@@ -279,12 +297,26 @@ class ClusterSoak:
                 return
             time.sleep(0.5)
 
+    def resume_drained(self) -> None:
+        """A node Slurm drained or set DOWN (e.g. a Prolog killed) keeps the jobs pinned to
+        it PENDING forever: note why (reported as nodes_drained) and resume it."""
+        for node in self.node_names:
+            if not any(bad in self.node_state(node) for bad in ("drain", "down")):
+                continue
+            shown = soak.run(["scontrol", "-o", "show", "node", node], check=False).stdout
+            reason = re.search(r"Reason=(.*?)(?: \w+=|$)", shown)
+            note = f"{node}: {reason.group(1) if reason else '?'}"
+            if note not in self.drained:
+                self.drained.append(note)
+            soak.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=False)
+
     def drain(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = soak.run(["squeue", "-h", "-u", soak.SOAK_USER, "-o", "%i"], check=False).stdout.split()
             if not live:
                 break
+            self.resume_drained()
             time.sleep(2)
         for job in self.jobs:
             if not job.job_id:
@@ -423,6 +455,9 @@ def verify(run: ClusterSoak, monitor: Monitor, reports: list[dict[str, Any]]) ->
     left = sessions.open_sessions(run.config.journal_dir)
     if left:
         problems.append(f"{len(left)} job sessions still open: {[(s.job_id, s.host) for s in left][:5]}")
+    hook_errors = [d for d in run.drained if any(w in d for w in ("Prolog error", "Epilog error", "Kill task"))]
+    if hook_errors:
+        problems.append(f"nodes drained by a failed hook: {hook_errors}")
     if monitor.double:
         problems.append(f"{len(monitor.double)} samples with a double rw mount: {monitor.double[:3]}")
     outcomes: dict[str, int] = {}
@@ -438,8 +473,9 @@ def verify(run: ClusterSoak, monitor: Monitor, reports: list[dict[str, Any]]) ->
         "images_checked": len(run.images), "images_consistent": images_ok, "drift_states": drift,
         "files_expected": files_expected, "files_verified": files_verified,
         "mount_samples": monitor.samples, "double_rw_mounts": len(monitor.double),
+        "rw_with_ro_mount_samples": len(monitor.mixed), "rw_with_ro_mount_examples": monitor.mixed[:3],
         "max_rw_mounts_per_image": max(monitor.max_rw.values(), default=0),
-        "final_sweeps": len(reports), "final_sweep_outcomes": outcomes,
+        "final_sweeps": len(reports), "final_sweep_outcomes": outcomes, "nodes_drained": run.drained,
         "problems": problems[:20],
     }
 
