@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Final
 
-__all__ = ["fence", "main", "node_processes_writing", "spared", "start", "stop"]
+__all__ = ["fence", "main", "node_processes_writing", "spared", "start", "stop", "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ STOP_TIMEOUT: Final = 5.0
 
 
 def start(*, job_id: str, key: str, token: str, image: str, dev: int, ino: int, state_dir: str,
-          journal_dir: str, mounts_dir: str, ttl: float, grace: float, host: str) -> subprocess.Popen[bytes]:
-    """Start the keeper detached (returned once it has renewed the lease as its holder).
+          journal_dir: str, mounts_dir: str, ttl: float, grace: float, host: str,
+          wait: bool = True) -> subprocess.Popen[bytes]:
+    """Start the keeper detached (returned once it has renewed the lease as its holder;
+    `wait=False`: at once, call `wait_ready` later - the Prolog mounts meanwhile).
     The Prolog exits without waiting for it; slurmd does not wait for it either (own
     session, no inherited output pipes)."""
     argv = [sys.executable, "-m", "sifoverlay.slurm.keeper", "--job", job_id, "--key", key, "--token", token,
@@ -53,7 +55,15 @@ def start(*, job_id: str, key: str, token: str, image: str, dev: int, ino: int, 
     env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd="/", start_new_session=True, close_fds=True, env=env)
-    ready = time.monotonic() + 10.0
+    if wait:
+        wait_ready(proc, job_id=job_id, key=key, token=token, state_dir=state_dir)
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen[bytes], *, job_id: str, key: str, token: str, state_dir: str,
+               timeout: float = 10.0) -> None:
+    """Until the keeper `proc` has renewed the lease as its holder (RuntimeError if it died)."""
+    ready = time.monotonic() + timeout
     from sifoverlay.engine import lease
 
     while time.monotonic() < ready and proc.poll() is None:  # wait for its first renewal
@@ -65,7 +75,6 @@ def start(*, job_id: str, key: str, token: str, image: str, dev: int, ino: int, 
         time.sleep(0.02)
     if proc.poll() is not None:
         raise RuntimeError(f"the lease keeper of job {job_id} exited at once (status {proc.returncode})")
-    return proc
 
 
 def stop(info: object) -> bool:

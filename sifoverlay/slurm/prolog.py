@@ -89,20 +89,22 @@ def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bo
                                    ending=lambda job_id: endlock.in_progress(config.journal_dir, job_id))
 
 
-def _start_keeper(held: Any, identity: ImageIdentity, job: JobEnv, config: SlurmConfig, key: str) -> None:
-    """The job's lease keeper (heartbeat + fencing), unless one already keeps this lease
-    (a requeue on this node reusing it)."""
+def _start_keeper(held: Any, identity: ImageIdentity, job: JobEnv, config: SlurmConfig, key: str) -> Any:
+    """Start the job's lease keeper (heartbeat + fencing), unless one already keeps this
+    lease (a requeue on this node reusing it). Returns a callable that waits until it has
+    renewed the lease (the Prolog mounts meanwhile: the keeper's start costs no time)."""
     from sifoverlay.engine import procs
 
     from . import keeper
 
     info = held.info
     if info.record.get("keeper") and procs.process_alive(info.pid, info.started):
-        return
-    keeper.start(job_id=job.job_id, key=key, token=held.token, image=identity.path, dev=identity.dev,
-                 ino=identity.ino, state_dir=config.state_dir, journal_dir=config.journal_dir,
-                 mounts_dir=config.mounts_dir, ttl=config.lease_ttl, grace=config.lease_grace,
-                 host=socket.gethostname())
+        return lambda: None
+    proc = keeper.start(job_id=job.job_id, key=key, token=held.token, image=identity.path, dev=identity.dev,
+                        ino=identity.ino, state_dir=config.state_dir, journal_dir=config.journal_dir,
+                        mounts_dir=config.mounts_dir, ttl=config.lease_ttl, grace=config.lease_grace,
+                        host=socket.gethostname(), wait=False)
+    return lambda: keeper.wait_ready(proc, job_id=job.job_id, key=key, token=held.token, state_dir=config.state_dir)
 
 
 def _finish_dead_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
@@ -221,6 +223,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
         held = _take_lease(identity, job, config)
         clock.lap("lease")
         started = assembled = False
+        keeper_ready: Any = None
         host = socket.gethostname()
         try:
             verify_unchanged(image, identity.dev, identity.ino)
@@ -234,7 +237,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
                                     "key": key, "state_dir": config.state_dir})
             started = True
             # Before anything is mounted: the keeper's pid is older than the FUSE daemons'.
-            _start_keeper(held, identity, job, config, key)
+            keeper_ready = _start_keeper(held, identity, job, config, key)
             clock.lap("session")
             if writable:
                 _reconcile_if_dirty(identity, job, config)
@@ -254,6 +257,8 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             path = rootfs.path
             taskview.finish(view, config, job.job_id, path, identity.fd, io=io)  # job environment (issue 14)
             clock.lap("view")
+            keeper_ready()  # before the job may start: its lease is heartbeated
+            clock.lap("keeper")
             records.write_ready(config.records_dir, job.job_id, image, job.mode, path, requested=job.image, io=io)
             clock.lap("record")
         except BaseException:
@@ -263,6 +268,8 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
                 _quietly(sessions.finish, config.journal_dir, job.job_id, "refused", io=io, host=host)
             from . import keeper
 
+            if keeper_ready is not None:
+                _quietly(keeper_ready)  # a keeper still starting would not be found by stop()
             _quietly(keeper.stop, _current(held))
             _quietly(held.release)
             raise
