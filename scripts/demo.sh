@@ -223,7 +223,9 @@ if [ -z "$SLURM_MISSING" ]; then
 	step "6. job 'write': writes /results/answer.txt into the overlay"
 	submit write rw 'echo "answer=42 from job $SLURM_JOB_ID" > /results/answer.txt; echo written'
 	JOB_STATE[write]=$(wait_state "${JOB_ID[write]}" COMPLETED)
-	say "state: ${JOB_STATE[write]}; image: $(state_now) (the Epilog reconciled at job end)"
+	# the Epilog freed the node at once; its reconcile worker hashes and commits (docs/slurm.md)
+	for i in $(seq 1 60); do [ "$(state_now)" = clean ] && break; sleep 0.5; done
+	say "state: ${JOB_STATE[write]}; image: $(state_now) (reconciled at job end by the Epilog's worker)"
 
 	step "7. job 'killed': appends to /results/stream.txt until scancel -s KILL"
 	submit killed rw 'i=0; while :; do echo "line $i" >> /results/stream.txt; i=$((i+1)); sleep 0.2; done'
