@@ -428,9 +428,21 @@ class Soak:
                     elif not j.state:
                         j.state = "GONE"  # ended more than MinJobAge ago, state never seen
                 if all(j.state for j in self.jobs):
+                    self.wait_job_ends(deadline)
                     return
             time.sleep(2)
         raise RuntimeError(f"jobs still not over after {timeout}s")
+
+    @staticmethod
+    def wait_job_ends(deadline: float) -> None:
+        """Jobs over in Slurm may still be ending: their reconcile workers (epilog_reconcile=async)
+        hash and commit after the Epilog; wait until none holds a job-end lock."""
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from sifoverlay.slurm.endlock import in_progress
+
+        while in_progress(JOURNAL_DIR, "") and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     # -- verification ---------------------------------------------------------------------
     def read_back(self, image: str, names: list[str]) -> dict[str, str]:
