@@ -288,8 +288,28 @@ class ClusterSoak:
                 self.node_event(first_events.pop(self.rng.randrange(len(first_events))) if first_events else None)
             del job
 
+    def note_states(self) -> None:
+        """Record every final job (array task) state while slurmctld still lists it: it
+        forgets finished jobs after MinJobAge (300 s), and the bed keeps no accounting, so
+        states read only at the end came back unknown ("GONE") for a long soak."""
+        final: dict[str, str] = {}
+        for line in soak.run(["squeue", "-h", "-u", soak.SOAK_USER, "-t", "all", "-o", "%i %T"],
+                             check=False).stdout.splitlines():
+            ident, _, state = line.partition(" ")
+            if state.strip() in TERMINAL:
+                final[ident] = state.strip()
+        for job in self.jobs:
+            if not job.job_id:
+                continue
+            for ident, state in final.items():
+                if ident == job.job_id:
+                    job.states[""] = state
+                elif ident.startswith(f"{job.job_id}_") and ident[len(job.job_id) + 1:].isdigit():
+                    job.states[ident[len(job.job_id) + 1:]] = state
+
     def throttle(self, limit: int = 6) -> None:
         deadline = time.monotonic() + 300
+        self.note_states()
         while time.monotonic() < deadline:
             out = soak.run(["squeue", "-h", "-u", soak.SOAK_USER, "-t", "PENDING,RUNNING,COMPLETING", "-o", "%i"],
                            check=False).stdout.split()
@@ -314,6 +334,7 @@ class ClusterSoak:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             live = soak.run(["squeue", "-h", "-u", soak.SOAK_USER, "-o", "%i"], check=False).stdout.split()
+            self.note_states()
             if not live:
                 break
             self.resume_drained()
