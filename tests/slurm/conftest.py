@@ -134,7 +134,12 @@ class Cluster:
                 if len(line.split()) == 3 and line.split()[1] not in TEST_USERS and line.split()[2] in active]
 
     def node_state(self) -> str:
-        return sh("sinfo", "-h", "-N", "-n", self.host, "-o", "%T", check=False).stdout.strip()
+        """slurmctld's state of the node, lower case ("idle", "mixed", "drained"). From
+        `scontrol show node` (as tests/cluster's Bed), not `sinfo -o %T`, which kept printing
+        "mixed" after jobs with GRES had ended while slurmctld had the node IDLE."""
+        shown = sh("scontrol", "-o", "show", "node", self.host, check=False).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("State=")), "")
+        return state.lower()
 
     def session_path(self, job: int) -> Path:
         """The Prolog's session of `job` on this node (one per job and node, issue 13)."""
