@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["TIMING_FILE", "PhaseClock", "timing_path"]
+__all__ = ["TIMING_FILE", "PhaseClock", "records_of_job", "timing_path"]
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +83,15 @@ class PhaseClock:
             except OSError as exc:
                 log.warning("timing record not written to %s: %s", target, exc)
         return record
+
+
+def records_of_job(path: str | os.PathLike[str], job_id: str) -> dict[str, dict[str, object]]:
+    """The last record of each entry ("prolog", "epilog", "worker", ...) of `job_id` in the
+    timing file at `path` (tests, benchmarks)."""
+    found: dict[str, dict[str, object]] = {}
+    with open(path, encoding="utf-8") as fh:  # no-path-open: ok (root's own timing log, read-only)
+        for line in fh:
+            record = json.loads(line)
+            if record.get("job") == job_id:
+                found[str(record["entry"])] = record
+    return found

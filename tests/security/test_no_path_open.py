@@ -45,6 +45,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "the name built from a checked job id and host",
     ("sifoverlay/slurm/endlock.py", "in_progress"):
         "probes the job-end locks in root's sessions directory: O_RDONLY|O_NOFOLLOW|O_NONBLOCK",
+    ("sifoverlay/slurm/phases.py", "records_of_job"):
+        "reads the timing log for tests and benchmarks (root's /var/log/sifoverlay), never user paths",
     ("sifoverlay/slurm/phases.py", "record"):
         "appends to timing.jsonl in root's log directory (/var/log/sifoverlay): O_NOFOLLOW",
     ("sifoverlay/sif/load.py", "open"):

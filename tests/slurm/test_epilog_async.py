@@ -9,7 +9,6 @@ real leases. The live cluster tests (tests/slurm, tests/cluster) run in async mo
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -21,6 +20,7 @@ import pytest
 from sifoverlay.slurm import endlock
 from sifoverlay.slurm.config import SlurmConfig
 from sifoverlay.slurm.jobend import finish_job
+from sifoverlay.slurm.phases import records_of_job
 
 from tests.conftest import REPO
 from tests.slurm.test_epilog_metrics import (  # noqa: F401 - fixtures
@@ -28,15 +28,6 @@ from tests.slurm.test_epilog_metrics import (  # noqa: F401 - fixtures
 )
 
 pytest.importorskip("prometheus_client")
-
-
-def _records(log: Path, job: str) -> dict[str, dict[str, object]]:
-    found: dict[str, dict[str, object]] = {}
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        if record["job"] == job:
-            found[str(record["entry"])] = record
-    return found
 
 
 def _wait_for_worker(config: SlurmConfig, job: str, timeout: float = 60) -> None:
@@ -69,7 +60,7 @@ def test_epilog_hands_the_hash_to_a_worker_that_reconciles_and_releases(
     assert sessions.load(config.journal_dir, "46") is None
     assert status(overlay_image).state == "clean"
     assert lease.inspect(overlay_image, state_dir=config.state_dir) is None  # the worker released the lease
-    records = _records(tmp_path / "timing.jsonl", "46")
+    records = records_of_job(tmp_path / "timing.jsonl", "46")
     assert set(records) == {"epilog", "worker"}, records
     epilog, worker = records["epilog"], records["worker"]
     assert (epilog["result"], epilog["mode"]) == ("pending", "rw")

@@ -5,29 +5,16 @@ timing records show the hand-over."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from sifoverlay.slurm.config import load_config
-from sifoverlay.slurm.phases import timing_path
+from sifoverlay.slurm.phases import records_of_job, timing_path
 from tests.slurm.conftest import Cluster, User
 from tests.slurm.test_jobs import assert_reconciled
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root, pytest.mark.slow]
 
 ROUNDS = 4
-
-
-def _timing(job: str) -> dict[str, dict[str, object]]:
-    path = Path(timing_path() or "")
-    found: dict[str, dict[str, object]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record["job"] == job:
-            found[str(record["entry"])] = record
-    return found
 
 
 def test_back_to_back_rw_jobs_see_each_others_writes(cluster: Cluster, slurm_users: tuple[User, User],
@@ -49,7 +36,7 @@ def test_back_to_back_rw_jobs_see_each_others_writes(cluster: Cluster, slurm_use
     cluster.settle(cancel=False)
     assert_reconciled(cluster, image, int(jobs[-1]))
     for job in jobs:
-        records = _timing(job)
+        records = records_of_job(timing_path() or "", job)
         assert records["prolog"]["result"] == "ready", records
         assert records["epilog"]["result"] == "pending", records
         assert set(records["epilog"]["phases"]) == {"unmount", "verify", "handoff"}, records  # type: ignore[arg-type]
