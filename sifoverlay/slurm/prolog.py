@@ -64,15 +64,17 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
         if again is not None:
             log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
             return again
-        if not _finish_dead_holders(identity, config) and not _wait_for_ending_holders(identity, config):
+        if not _finish_dead_holders(identity, config) and not _wait_for_ending_holders(identity, job, config):
             raise
     return take(identity.path, holder, **timing, **where)
 
 
-def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bool:
+def _wait_for_ending_holders(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> bool:
     """The holder's job is over in slurmctld (which gave its license to this job) but its
     Epilog, or the reconcile worker it started (slurm/reconciler.py), is still reconciling:
-    wait for it, bounded by the Epilog's own hash deadline."""
+    wait for it, bounded by the Epilog's own hash deadline. Only the leases that keep THIS
+    job out count: a reader waits for the writer alone (the reader leases its own job's
+    other nodes take meanwhile, or other ro jobs', are no obstacle); a writer for all."""
     from sifoverlay.engine import lease
 
     from .multinode import wait_for_ending_holders
@@ -80,8 +82,10 @@ def _wait_for_ending_holders(identity: ImageIdentity, config: SlurmConfig) -> bo
     where = {"image_fd": identity.fd, "state_dir": config.state_dir}
 
     def holders() -> list[tuple[str, str]]:
-        found = [lease.inspect(identity.path, **where), *lease.readers(identity.path, **where)]
-        return [(h.source, h.job_id) for h in found if h is not None]
+        found = [lease.inspect(identity.path, **where)]
+        if job.mode == "rw":
+            found += lease.readers(identity.path, **where)
+        return [(h.source, h.job_id) for h in found if h is not None and h.job_id != job.job_id]
 
     from . import endlock
 

@@ -72,6 +72,37 @@ def test_prolog_waits_only_while_the_holders_epilog_runs(monkeypatch: pytest.Mon
     assert wait_for_ending_holders(lambda: next(released), timeout=600, poll=0.01) is True
 
 
+def test_a_reader_waits_for_the_writer_only_not_its_own_jobs_readers(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """A -N3 :ro job's Prologs wait together for the ending writer; the first node to get its
+    reader lease must not make the others give up ("held by job 11", their own job). A rw
+    job still counts every reader."""
+    from types import SimpleNamespace
+
+    from sifoverlay.engine import lease
+    from sifoverlay.slurm import multinode, prolog
+    from sifoverlay.slurm.config import SlurmConfig
+    from sifoverlay.slurm.jobenv import JobEnv
+
+    writer = [SimpleNamespace(source="slurm", job_id="10")]
+    readers = [SimpleNamespace(source="slurm", job_id="11")]  # job 11's lease of another node
+
+    def inspect(*_: object, **__: object) -> object:
+        return writer.pop() if writer else None  # the writer's end is over after one look
+
+    monkeypatch.setattr(lease, "inspect", inspect)
+    monkeypatch.setattr(lease, "readers", lambda *_, **__: list(readers))
+    monkeypatch.setattr(multinode, "_job_state", lambda job_id, env: {"10": "COMPLETING"}.get(job_id, "RUNNING"))
+    monkeypatch.setattr(multinode.time, "sleep", lambda _: None)
+    identity = SimpleNamespace(fd=-1, path="/img.sif")
+    config = SlurmConfig(journal_dir=str(tmp_path / "journal"))
+    ro = JobEnv("11", 1000, 1000, "u", "/img.sif", "ro", None)
+    assert prolog._wait_for_ending_holders(identity, ro, config) is True  # type: ignore[arg-type]
+    readers[:] = [SimpleNamespace(source="slurm", job_id="12")]  # another job's reader: a rw job waits for it
+    rw = JobEnv("13", 1000, 1000, "u", "/img.sif", "rw", None)
+    assert prolog._wait_for_ending_holders(identity, rw, config) is False  # type: ignore[arg-type]
+
+
 def test_rw_on_two_nodes_is_refused_at_submit(bed: Bed, bed_users: tuple[User, User], bed_image, bed_out: Path) -> None:
     alice = bed_users[0]
     image = bed_image(alice)
