@@ -74,19 +74,29 @@ def test_two_writers_on_two_nodes_take_turns(bed: Bed, bed_users: tuple[User, Us
 
 def test_next_writer_waits_for_the_epilog_of_an_ended_holder(bed: Bed, bed_users: tuple[User, User], bed_image,
                                                              bed_out: Path) -> None:
-    """Slurm gives the license back when a job ends, before its Epilog has released the
-    lease. The next writer's Prolog then finds the lease held by a job slurmctld reports
-    as over: it waits for the release (instead of refusing the job) and goes on."""
+    """Slurm gives the license back when a job ends, before its Epilog (or the reconcile
+    worker it started) has released the lease. The next writer's Prolog then finds the lease
+    held by a job slurmctld reports as over whose job-end lock is held: it waits for the
+    release (instead of refusing the job) and goes on."""
     from sifoverlay.engine import lease
+    from sifoverlay.slurm import endlock
 
     alice = bed_users[0]
     image = bed_image(alice)
     ended = bed.sbatch(alice, "-N1", "--wrap", "true", cwd=str(bed_out))  # a job that is over
     assert bed.wait_finished(ended) == "COMPLETED"
-    # its "Epilog still running": the lease, held on another host in ended's name
+    # its "job end still running": the lease, held on another host in ended's name, and the
+    # job-end lock its Epilog or reconcile worker holds meanwhile (slurm/endlock.py)
+    ending = endlock.take(str(bed.state_dir / "journal"), str(ended), "elsewhere")
+    assert ending is not None
     held = lease.acquire(str(image), lease.Holder("elsewhere", os.getpid(), str(ended), "slurm", uid=0),
                          ttl=120, state_dir=str(bed.state_dir))
-    releaser = threading.Timer(6, held.release)
+
+    def job_end_done() -> None:
+        held.release()
+        ending.release()
+
+    releaser = threading.Timer(6, job_end_done)
     releaser.start()
     try:
         job = bed.sbatch(alice, "-N1", f"--oci-sif-overlay={image}:rw", "-o", str(bed_out / "%j.out"),
