@@ -1,4 +1,4 @@
-"""The frame the in-place overlay verbs (resize, compact) share: the image opened and
+"""The frame the in-place overlay verbs (resize, compact, seal) share: the image opened and
 checked, its overlay quiet, the writer lease held, a writable SifFile on the same inode,
 and a dirty ext3 replayed before the verb looks at it."""
 

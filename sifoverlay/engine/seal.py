@@ -25,7 +25,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 from .commit import BlobSource, OpResult, commit
 from .history import Who, draft
 from .journal import Journal
-from .recover import exclusive, pid_alive, scratch_file
+from .recover import pid_alive, scratch_file
 
 log = logging.getLogger(__name__)
 
@@ -132,57 +132,28 @@ def seal(
 ) -> OpResult:
     """Seal through one checked descriptor (`image_fd` re-opened through /proc/self/fd, else
     the path opened with statedir.open_image_checked), verified against `expect_identity`."""
-    from . import statedir
+    from sifoverlay.upper import upper_to_squashfs
+
+    from . import plan
+    from .overlayop import exclusive_overlay
 
     start = time.monotonic()
     image = os.fspath(path)
     journal = Journal(journal_dir, io=io)
-    from .status import _checked_fd
-
-    try:
-        fd = _checked_fd(image, image_fd, expect_identity)  # every step below works on this inode
-    except OSError as exc:
-        from sifoverlay.errors import SifFormatError
-
-        raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
-    try:
-        return _seal_fd(image, fd, journal, io, now, start, who)
-    finally:
-        os.close(fd)
-
-
-def _seal_fd(image: str, fd: int, journal: Journal, io: FileIO, now: int | None, start: float,
-             who: Who | None = None) -> OpResult:
-    from sifoverlay.ext3 import Superblock, replay_and_fsck
-    from sifoverlay.ocisif import open_image
-    from sifoverlay.sif.load import SifFile
-    from sifoverlay.upper import upper_to_squashfs
-
-    from . import plan, quiesce, statedir
-
-    with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
-        located = img.require_overlay()
-        region = (located.offset, located.size)
     sweep_dead_mounts()
-    quiesce.ensure_quiet(image, *region, writers_only=False, fd=fd)
-    with exclusive(image, journal=journal, job=None, source="seal", io=io, region=region, image_fd=fd):
-        with SifFile.from_fd(statedir.reopen(fd, writable=True, io=io), image) as sif:
-            sif.writable = True
-            img = open_image(sif)
-            overlay = img.require_overlay()
-            if Superblock.read(sif.fd, overlay.offset, size=overlay.size).is_dirty:
-                replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io)
-            with scratch_file(image, "sqfs", io=io) as scratch:
-                with mounted_ro(image, overlay.offset, fd=sif.fd) as mountpoint:
-                    upper = os.path.join(mountpoint, "upper")
-                    if not os.path.isdir(upper):
-                        raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
-                    digest, size = upper_to_squashfs(upper, scratch, io=io)  # hashed once, there
-                revision = draft("seal", who, old_overlay=overlay.recorded_digest, new_overlay=None, bytes_hashed=size,
-                                 detail={"layer": digest})
-                planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now,
-                                         revision=revision)
-                commit(image, sif.fd, planned, journal, io=io)
+    with exclusive_overlay(image, source="seal", journal=journal, io=io, image_fd=image_fd,
+                           expect_identity=expect_identity) as (_fd, sif, img, overlay):
+        with scratch_file(image, "sqfs", io=io) as scratch:
+            with mounted_ro(image, overlay.offset, fd=sif.fd) as mountpoint:
+                upper = os.path.join(mountpoint, "upper")
+                if not os.path.isdir(upper):
+                    raise OverlayStateError(image, "overlay has no upper/ directory: nothing to seal")
+                digest, size = upper_to_squashfs(upper, scratch, io=io)  # hashed once, there
+            revision = draft("seal", who, old_overlay=overlay.recorded_digest, new_overlay=None, bytes_hashed=size,
+                             detail={"layer": digest})
+            planned = plan.plan_seal(img, squashfs=BlobSource(digest, size, path=scratch), now=now,
+                                     revision=revision)
+            commit(image, sif.fd, planned, journal, io=io)
     offset = next((b.offset for b in planned.blobs if b.source.digest == digest), -1)
     log.info("%s: sealed overlay into squashfs layer %s (%d bytes)", image, digest, size)
     return OpResult("sealed", image, planned.old_root_digest, planned.new_root_digest, digest, offset, size,

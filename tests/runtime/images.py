@@ -22,6 +22,13 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
+
+def ldd_deps(path: str) -> set[str]:
+    """The existing absolute paths `ldd` names for `path` (its shared libraries and loader)."""
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
+    return {word for line in out.splitlines() for word in line.split()
+            if word.startswith("/") and os.path.exists(word)}
+
 def run(*argv: str) -> None:
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True)
 
@@ -141,11 +148,7 @@ def add_host_binaries(rootfs: Path, names: list[str], *, extra_libs: tuple[str, 
         if os.path.exists(lib):
             files.add(lib)
     for binary in sorted(files):
-        out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            for word in line.split():
-                if word.startswith("/") and os.path.exists(word):
-                    files.add(word)
+        files |= ldd_deps(binary)
     for path in sorted(files):
         for source in {path, os.path.realpath(path)}:
             target = rootfs / source.lstrip("/")
@@ -247,11 +250,7 @@ def add_host_tree(rootfs: Path, binaries: list[str], *, trees: tuple[str, ...] =
                 copies[path] = path
     closure: set[str] = set()
     for path in list(copies):
-        out = subprocess.run(["ldd", path], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            for word in line.split():
-                if word.startswith("/") and os.path.exists(word):
-                    closure.add(word)
+        closure |= ldd_deps(path)
     for host, inside in sorted(copies.items()):
         target = rootfs / inside.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
