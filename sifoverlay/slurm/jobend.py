@@ -188,8 +188,7 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
                 step = "handoff"
                 worker = _hand_off(session, job_id, host, identity, lock, config, io)
                 if worker is not None:
-                    if local:  # the plugin's record: the job's tasks are over
-                        records.remove(config.records_dir, job_id, io=io)
+                    records.remove(config.records_dir, job_id, io=io)  # the plugin's record: the tasks are over
                     return outcome("pending", step, f"reconcile worker pid {worker}")
             step = "sync"
             # The Epilog hashes for at most hash_deadline seconds (a timed-out Epilog drains
@@ -200,7 +199,7 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
             synced = _counted_sync(session.image, job_id, config, textfile_dir, io, identity, deadline, as_user,
                                    who=_job_who(job_id, session.uid, reason))
             clock.lap("sync")
-            clock.add(getattr(synced, "phases", {}), within="sync")
+            clock.add(synced.phases, within="sync")
             result, digest = ("noop" if synced.action == "noop" else "reconciled"), synced.new_digest
         step = "release"
         if local:
