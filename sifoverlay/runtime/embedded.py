@@ -28,7 +28,7 @@ from sifoverlay.fsio import REAL_IO, FileIO
 
 from . import environment, jobview
 from .assemble import assemble, teardown
-from .execute import Bind, StartError, exec_in
+from .execute import Bind, StartError, exec_in, hold_signals
 from .gpu import DRIVER_PROC
 
 if TYPE_CHECKING:
@@ -132,29 +132,32 @@ def run_embedded(
         take = lease.acquire if writable else lease.acquire_shared
         held = take(path, lease.Holder.current(job, "cli"), ttl=lease_ttl, wait=lease_wait, region=region,
                     image_fd=fd, io=io)
-        try:
-            sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
-                           source="cli", details={"lease_token": held.token, "base_dir": base,
-                                                  "pid_start": process_start_ticks(os.getpid()), "boot_id": boot_id()},
-                           io=io)
-            returncode, failure = _assemble_and_run(path, job, argv, user=user, writable=writable, mode=mode,
-                                                    binds=binds, cwd=cwd, env=env, base=base, fd=fd, held=held,
-                                                    lease_ttl=lease_ttl, options=options or JobOptions(),
-                                                    settings=settings, io=io)
-            action, error = (None, None)
-            # Also after a failed start (a rw mount may have touched the ext3), unless the
-            # image was refused before anything was mounted.
-            # The byte-range lock stays held through the sync (quiesce ignores this
-            # process's own lock for `job`): SingularityCE cannot slip in meanwhile.
-            if writable and sync and not isinstance(failure, (BadInput, NotAuthorized)):
-                action, error = _reconcile(path, job, journal, io, fd)
-            if error is None:
-                result = f"exit {returncode}" if failure is None else f"not started: {failure.message()}"
-                sessions.finish(journal, job, result + (f", sync {action}" if action else ""), io=io)
-            if failure is not None:
-                raise failure
-        finally:
-            held.release()
+        # from here a SIGTERM/SIGHUP ends the run without leaving it half set up or torn down
+        with hold_signals():
+            try:
+                sessions.start(journal, job, path, mode="rw" if writable else "ro", host=host, uid=user.uid,
+                               source="cli", details={"lease_token": held.token, "base_dir": base,
+                                                      "pid_start": process_start_ticks(os.getpid()),
+                                                      "boot_id": boot_id()},
+                               io=io)
+                returncode, failure = _assemble_and_run(path, job, argv, user=user, writable=writable, mode=mode,
+                                                        binds=binds, cwd=cwd, env=env, base=base, fd=fd, held=held,
+                                                        lease_ttl=lease_ttl, options=options or JobOptions(),
+                                                        settings=settings, io=io)
+                action, error = (None, None)
+                # Also after a failed start (a rw mount may have touched the ext3), unless the
+                # image was refused before anything was mounted.
+                # The byte-range lock stays held through the sync (quiesce ignores this
+                # process's own lock for `job`): SingularityCE cannot slip in meanwhile.
+                if writable and sync and not isinstance(failure, (BadInput, NotAuthorized)):
+                    action, error = _reconcile(path, job, journal, io, fd)
+                if error is None:
+                    result = f"exit {returncode}" if failure is None else f"not started: {failure.message()}"
+                    sessions.finish(journal, job, result + (f", sync {action}" if action else ""), io=io)
+                if failure is not None:
+                    raise failure
+            finally:
+                held.release()
     finally:
         os.close(fd)
     return ExecOutcome(returncode, job, action, error)

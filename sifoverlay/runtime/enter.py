@@ -244,6 +244,12 @@ def _report(status_fd: int, exc: BaseException) -> int:
     return 127 if "command not found" in message else EXIT_SETUP
 
 
+def _release_signals() -> None:
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
 def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
@@ -261,6 +267,7 @@ def _wait_forwarding(child: int, *, reap_all: bool) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # what came while blocked is forwarded now
     while True:
         pid, status = os.waitpid(-1 if reap_all else child, 0)
         if pid == child:
@@ -278,6 +285,7 @@ def init_main(spec: dict[str, Any], status_fd: int) -> int:
         child = os.fork()
         if child == 0:
             try:
+                _release_signals()  # held ones now end the command the normal way
                 exec_command(spec)
             except BaseException as exc:  # noqa: BLE001 - reported, never re-raised as root in the chroot
                 os._exit(_report(status_fd, exc))
@@ -296,6 +304,10 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     status_fd = int(spec["status_fd"])
     os.set_inheritable(status_fd, False)  # closed by a successful exec: EOF = started
+    # SIGTERM/SIGHUP are blocked (kept pending) until someone forwards them: pid 1 of the
+    # new pid namespace drops a signal it has no handler for, so one sent while the root is
+    # set up would be lost and the command would run to its end.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
         _die_with_parent()  # a SIGKILLed `sifoverlay exec` takes us (and so the whole job) along
         if spec.get("parent") and os.getppid() != int(spec["parent"]):

@@ -8,13 +8,14 @@ forwarded to the command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -29,6 +30,34 @@ log = logging.getLogger(__name__)
 # what signal.signal() returns and accepts back
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)  # SIGINT: the terminal already sends it to the child
+
+
+_held: list[int] = []  # signals received inside hold_signals() and not yet answered
+
+
+@contextlib.contextmanager
+def hold_signals() -> Iterator[None]:
+    """While a run is set up and torn down, SIGTERM/SIGHUP are held instead of killing
+    the caller half way (mounts, lease and session left behind): `exec_in` then does not
+    start the command (exit 128+N), or forwards them to it once it runs. Outside the main
+    thread signals cannot be caught: nothing changes there."""
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        _held.append(signum)
+
+    previous: dict[int, _Handler] = {}
+    try:
+        for sig in _FORWARDED:
+            previous[sig] = signal.signal(sig, hold)
+    except ValueError:
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if _held:
+            log.info("held %s answered by the run's end", ", ".join(signal.Signals(s).name for s in _held))
+        _held.clear()
 
 
 class StartError(SifOverlayError):
@@ -51,6 +80,9 @@ def exec_in(
     when it never started."""
     if not argv:
         raise UsageError(None, "no command given")
+    if _held:  # terminated while the run was set up: never start the command
+        raise StartError(rootfs.image, f"{signal.Signals(_held[0]).name} received before the command started",
+                         returncode=128 + _held[0])
     read_end, write_end = os.pipe()
     spec = {
         "rootfs": rootfs.path, "argv": list(argv), "uid": uid, "gid": gid,
@@ -67,6 +99,8 @@ def exec_in(
     finally:
         os.close(write_end)
     previous = _forward_signals(proc)
+    for sig in _held:  # arrived between the check above and the forwarding
+        proc.send_signal(sig)
     try:
         with os.fdopen(read_end, "rb") as status:
             failure = status.read().decode(errors="replace")

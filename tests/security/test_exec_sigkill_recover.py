@@ -88,7 +88,9 @@ def _killed_then_recovered(env: Env) -> None:
 
 
 def test_a_live_exec_is_left_alone(env: Env) -> None:
-    proc = subprocess.Popen(env.argv("--job-id", "alive-1", "-w", str(env.image), "--", "sleep", "20"),
+    # the command outlives the test by far: only the SIGTERM below may end it, however slow
+    # the machine is (in CI a 20 s command once ended by itself before recover was done)
+    proc = subprocess.Popen(env.argv("--job-id", "alive-1", "-w", str(env.image), "--", "sleep", "900"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -99,6 +101,7 @@ def test_a_live_exec_is_left_alone(env: Env) -> None:
                              capture_output=True, text=True, timeout=120, cwd="/")
         assert (res.returncode, res.stdout) == (0, "nothing to recover\n"), res.stderr
         assert mounts.is_mounted(str(env.base / "alive-1" / "rootfs"))
+        assert proc.poll() is None, proc.communicate()  # recover did not end the live run
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
