@@ -30,6 +30,7 @@ from sifoverlay.sif.descriptor import Descriptor
 from sifoverlay.sif.header import Header
 
 from .journal import BlobPlacement, EntryWriter, Intent, Journal, Kind, new_op_id
+from .leaselock import metadata_lock
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,11 @@ def commit(image: str, fd: int, plan: CommitPlan, journal: Journal, *, job: str 
         write_blobs(fd, plan.blobs, io)
         io.fsync(fd)
         writer.mark(Kind.BLOBS_DURABLE, intent.op_id)
-        io.pwrite(fd, plan.after, 0)  # the commit point
-        io.fsync(fd)
-        writer.mark(Kind.COMMITTED, intent.op_id)
-        collect_garbage(fd, intent, io)
+        with metadata_lock(fd, exclusive=True):  # :ro jobs parsing meanwhile see before or after
+            io.pwrite(fd, plan.after, 0)  # the commit point
+            io.fsync(fd)
+            writer.mark(Kind.COMMITTED, intent.op_id)
+            collect_garbage(fd, intent, io)
     except Exception:
         # An I/O error (ENOSPC, EIO...): finish or undo now, under the caller's lease,
         # so nothing stays half-written; if that fails too the entry waits for recover.

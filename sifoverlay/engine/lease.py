@@ -21,6 +21,12 @@ reader file ``<key>.lease.r.<token>``; readers never conflict with
 each other. A writer and a reader each create their own file first and then look for the
 other's, backing off on conflict, so at least one of two racing parties sees the other.
 
+A writer whose job is over and whose ext3 is unmounted and clean, only hashed and committed
+now (the Slurm job end's reconcile worker), marks its lease ``phase: "reconciling"``
+(`Lease.set_phase`): readers are admitted beside it, since the overlay's bytes no longer
+change; writers still are not. Readers parse the metadata under leaselock.metadata_lock,
+which the commit takes too.
+
 Stale rule and breaking: engine/leasestale.py. Record I/O: engine/leasefile.py. The
 byte-range lock: engine/leaselock.py. This module is the public facade.
 
@@ -63,8 +69,10 @@ __all__ = [
     "Holder",
     "Lease",
     "LeaseInfo",
+    "READERS_ADMITTED",
     "acquire",
     "acquire_shared",
+    "admits_readers",
     "break_stale",
     "boot_id",
     "held_here",
@@ -185,6 +193,26 @@ class Lease:
             record.update(pid=pid, started=process_start_ticks(pid), host=socket.gethostname(),
                           boot_id=boot_id(), keeper=True)
         self.info = replace_record(self.file_path, record, io=self._io)
+        return self.info
+
+    def set_phase(self, phase: str | None) -> LeaseInfo:
+        """Record the holder's phase (READERS_ADMITTED, or None to clear it), checking that
+        the file is still ours like `heartbeat`. A heartbeat racing with this may write its
+        older copy back: read back and retry; a phase still lost leaves readers out (safe)."""
+        for _ in range(5):
+            current = read_info(self.file_path)
+            if self._released or current is None or current.token != self.token:
+                raise ImageBusy(self.image, "lease lost", holder=current.as_dict() if current else None)
+            record = {k: v for k, v in current.record.items() if k != "phase"}
+            if phase is not None:
+                record["phase"] = phase
+            self.info = replace_record(self.file_path, record, io=self._io)
+            time.sleep(0.01)  # a heartbeat in flight lands before the check below
+            again = read_info(self.file_path)
+            if again is not None and again.token == self.token and again.record.get("phase") == phase:
+                return again
+        log.warning("%s: lease phase %s could not be recorded (heartbeats raced): readers stay out", self.image,
+                    phase)
         return self.info
 
     def unlock_range(self) -> None:
@@ -308,16 +336,25 @@ def _try_once(
         raise
 
 
+READERS_ADMITTED = "reconciling"  # the writer's phase in which readers may join (module docstring)
+
+
+def admits_readers(info: LeaseInfo, *, grace: float = DEFAULT_GRACE) -> bool:
+    """A live writer lease that readers may join: its holder only hashes and commits."""
+    return info.mode == "exclusive" and info.record.get("phase") == READERS_ADMITTED and info.is_alive(grace=grace)
+
+
 def _busy(image: str, current: LeaseInfo | None, *, what: str = "held") -> ImageBusy:
     who = current.describe() if current is not None else "a concurrent acquirer"
     return ImageBusy(image, f"{what} by {who}", holder=current.as_dict() if current is not None else None)
 
 
 def _others_live(image: str, targets: list[str], grace: float, *, readers_too: bool) -> LeaseInfo | None:
-    """A live holder recorded in the other (read-only to us) state directories."""
+    """A live holder recorded in the other (read-only to us) state directories that keeps
+    us out (`readers_too=False`: a reader asks; a writer admitting readers does not)."""
     for other in targets[1:]:
         info = read_info(other)
-        if info is not None and info.is_alive(grace=grace):
+        if info is not None and info.is_alive(grace=grace) and (readers_too or not admits_readers(info, grace=grace)):
             return info
         if readers_too:
             for reader in reader_infos(other):
@@ -360,7 +397,9 @@ def _create_reader_file(image: str, targets: list[str], record: dict[str, Any], 
     if not link_record(path, record, io=io):  # token is random: cannot happen twice
         raise ImageBusy(image, "reader lease name collision", holder=None)
     writer = read_info(target)
-    if writer is not None and (writer.is_alive(grace=grace) or not _break_stale_at(image, target, grace, io)):
+    if writer is not None and admits_readers(writer, grace=grace):
+        log.info("%s: reader admitted beside %s (phase %s)", image, writer.describe(), READERS_ADMITTED)
+    elif writer is not None and (writer.is_alive(grace=grace) or not _break_stale_at(image, target, grace, io)):
         remove_if_ours(path, record["token"], io=io)
         raise _busy(image, writer)
     return path

@@ -9,13 +9,16 @@ is how quiesce tells our own lease's lock from anybody else's (`probe`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Final
 
 from sifoverlay.errors import ImageBusy
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -25,6 +28,49 @@ from .leasefile import Region, read_info, reader_infos
 _FLOCK = "hhqqi4x"  # struct flock on LP64 Linux: l_type, l_whence, l_start, l_len, l_pid
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+# The SIF global header: every commit rewrites it (with the descriptor table) at its commit
+# point. Its bytes carry the metadata lock below; no lease ever locks them (a lease locks
+# the ext3 region, or the whole file of an image without one, which no commit runs on).
+METADATA_RANGE: Final = (0, 128)
+METADATA_WAIT: Final = 30.0  # seconds a commit waits for readers still parsing (then goes on)
+_POLL: Final = 0.02
+
+
+@contextlib.contextmanager
+def metadata_lock(fd: int, *, exclusive: bool, timeout: float = METADATA_WAIT) -> Iterator[bool]:
+    """Keep a reader's parse of the header, descriptor table and metadata blobs apart from
+    a commit's rewrite of them and the garbage collection right after it. Only needed where
+    the two can overlap: a `:ro` job admitted while the previous writer's job end hashes
+    and commits (lease.py, phase "reconciling"). A reader holds a read lock on
+    METADATA_RANGE through `fd` while it parses; a commit holds the write lock (`fd` opened
+    for writing) from its commit point through its GC. Polls, never blocks: anyone who can
+    read the image can lock it, so past `timeout` the caller goes on without (yields
+    False). The lock spares a reader a torn view; the image's safety never depends on it."""
+    ltype = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    deadline = time.monotonic() + timeout
+    held = False
+    while True:
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, flock_struct(ltype, *METADATA_RANGE))
+            held = True
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                break  # e.g. EBADF, a descriptor not open for writing: go on without
+        if time.monotonic() >= deadline:
+            logging.getLogger(__name__).warning(
+                "metadata %s lock not granted within %.0fs: going on without it", "write" if exclusive else "read",
+                timeout)
+            break
+        time.sleep(_POLL)
+    try:
+        yield held
+    finally:
+        if held:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_OFD_SETLK, flock_struct(fcntl.F_UNLCK, *METADATA_RANGE))
 
 
 def flock_struct(ltype: int, offset: int, size: int) -> bytes:

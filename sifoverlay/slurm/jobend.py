@@ -30,7 +30,7 @@ from typing import Any, Final
 from sifoverlay.errors import SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
 
-from . import records
+from . import reclaim, records
 from .authorize import verify_unchanged
 from .config import SlurmConfig
 
@@ -190,6 +190,11 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
                 if worker is not None:
                     records.remove(config.records_dir, job_id, io=io)  # the plugin's record: the tasks are over
                     return outcome("pending", step, f"reconcile worker pid {worker}")
+            step = "claim"  # an expired lease is won back first, or left to who broke it (slurm/reclaim.py)
+            lost = reclaim.expired_lease(session, config, io=io) if local else None
+            if lost is not None:
+                records.remove(config.records_dir, job_id, io=io)
+                return outcome("fenced", step, lost)
             step = "sync"
             # The Epilog hashes for at most hash_deadline seconds (a timed-out Epilog drains
             # the node); past it the session and lease stay for the sweeper, which has none.
@@ -271,12 +276,14 @@ def _hand_off(session: Any, job_id: str, host: str, identity: tuple[int, int] | 
 
     from . import reconciler
 
-    seen, recorded = _fingerprints(session.image, identity)
+    seen, recorded, dirty = _fingerprints(session.image, identity)
     if seen is not None and seen == recorded:
         return None  # untouched since its last commit: the Epilog's no-op sync takes milliseconds
     sessions.amend(config.journal_dir, job_id, {"pending": "reconcile", "ended": time.time(),
                                                 "fingerprint": seen},
                    io=io, host=host)
+    if dirty is False:  # unmounted clean: only hashing and a commit are left, readers may join
+        _admit_readers(session, job_id, config, io)
     try:
         pid = reconciler.spawn(job_id, host, lock.fd, config)
     except OSError as exc:  # the session's mark stays: harmless, the Epilog ends the job now
@@ -287,10 +294,27 @@ def _hand_off(session: Any, job_id: str, host: str, identity: tuple[int, int] | 
     return pid
 
 
-def _fingerprints(image: str, identity: tuple[int, int] | None) -> tuple[Any, Any]:
-    """(the overlay's ext3 superblock fingerprint now, the one recorded with its digest):
-    what 'modified' means, read through a checked fd of the authorized inode; (None, None)
-    when it cannot be read (the worker hashes anyway)."""
+def _admit_readers(session: Any, job_id: str, config: SlurmConfig, io: FileIO) -> None:
+    """Mark the job's lease "reconciling" (engine/lease.py): a next :ro job on the image
+    starts at once instead of waiting for the hash; a writer still waits for the commit."""
+    from sifoverlay.engine import lease
+
+    key = session.details.get("key")
+    if key is None:
+        return
+    try:
+        held = lease.resume(None, job_id, io=io, key=str(key), state_dir=config.state_dir)
+        if held is not None and not held.shared:
+            held.set_phase(lease.READERS_ADMITTED)
+    except (OSError, SifOverlayError) as exc:  # readers wait for the commit instead
+        log.warning("job %s: readers not admitted during the reconcile: %s", job_id, exc)
+
+
+def _fingerprints(image: str, identity: tuple[int, int] | None) -> tuple[Any, Any, bool | None]:
+    """(the overlay's ext3 superblock fingerprint now, the one recorded with its digest,
+    whether the ext3 needs a replay or fsck): what 'modified' means, read through a checked
+    fd of the authorized inode; (None, None, None) when it cannot be read (the worker
+    hashes anyway)."""
     from sifoverlay.engine import statedir
     from sifoverlay.ext3 import Superblock
     from sifoverlay.ocisif import open_image
@@ -299,15 +323,16 @@ def _fingerprints(image: str, identity: tuple[int, int] | None) -> tuple[Any, An
     try:
         fd = statedir.open_image_checked(image, expect_identity=identity)
     except (OSError, SifOverlayError):
-        return None, None
+        return None, None, None
     try:
         with open_image(SifFile.from_fd(os.dup(fd), image)) as img:
             overlay = img.overlay
             if overlay is None:
-                return None, None
-            return Superblock.read(img.sif.fd, overlay.offset, size=overlay.size).fingerprint(), overlay.fingerprint
+                return None, None, None
+            sb = Superblock.read(img.sif.fd, overlay.offset, size=overlay.size)
+            return sb.fingerprint(), overlay.fingerprint, sb.is_dirty
     except (OSError, SifOverlayError):
-        return None, None
+        return None, None, None
     finally:
         os.close(fd)
 

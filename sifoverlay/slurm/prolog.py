@@ -24,10 +24,12 @@ is mounted and the image is not written before authorization and the lease succe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+import time
 from typing import Any, Final
 
 from sifoverlay.errors import Ext3FormatError, ImageBusy, OverlayStateError, SifOverlayError
@@ -58,15 +60,38 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
     try:
         return take(identity.path, holder, **timing, **where)
     except ImageBusy:
+        if _wait_for_own_end(job, config):  # a requeued run: its previous run's end just finished
+            return take(identity.path, holder, **timing, **where)
         # A requeued job (same id) whose previous run on THIS node and boot was not cleaned
         # up yet: its lease (resume matches host and boot_id, never the job id alone).
         again = lease.resume(identity.path, job.job_id, **where)
         if again is not None:
+            if again.info.record.get("phase") is not None:  # readers may have joined it meanwhile
+                raise ImageBusy(identity.path, f"held by job {job.job_id}'s previous run, whose reconcile is "
+                                "not finished (left for the sweeper)", holder=again.info.as_dict()) from None
             log.warning("job %s already holds the lease of %s (requeue): reusing it", job.job_id, identity.path)
             return again
         if not _finish_dead_holders(identity, config) and not _wait_for_ending_holders(identity, job, config):
             raise
     return take(identity.path, holder, **timing, **where)
+
+
+def _wait_for_own_end(job: JobEnv, config: SlurmConfig) -> bool:
+    """A requeued job whose previous run's end (its Epilog or reconcile worker) is still in
+    progress: wait for it, bounded by the hash deadline. Reusing that run's lease meanwhile
+    would mount the ext3 read-write while the worker hashes it. True when there was one and
+    it finished."""
+    from . import endlock
+
+    if not endlock.in_progress(config.journal_dir, job.job_id):
+        return False
+    log.info("job %s: the end of its previous run is still in progress: waiting for it", job.job_id)
+    deadline = time.monotonic() + config.hash_deadline + 30
+    while endlock.in_progress(config.journal_dir, job.job_id):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _wait_for_ending_holders(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> bool:
@@ -174,8 +199,6 @@ def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfi
         except Ext3FormatError as exc:  # name the image, not the fd
             raise Ext3FormatError(image, f"ext3 overlay at offset {overlay.offset}: {exc.problem}") from None
     if dirty:
-        import time
-
         log.warning("%s: overlay left dirty by an earlier job: reconciling before job %s", image, job.job_id)
         # On root's authorized fd, never by path: a rename/symlink swap cannot redirect it.
         result = engine.sync(image, job=job.job_id, journal_dir=config.journal_dir, image_fd=identity.fd,
@@ -223,6 +246,14 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
                          image_roots=config.image_roots)
     clock.lap("authorize")
     image = identity.path
+    # A :ro job may start while the previous writer's job end still commits (engine/lease.py,
+    # phase "reconciling"): everything that parses the image's metadata, from the lease's
+    # region lookup to the job view, runs under the metadata read lock the commit honours.
+    parsing = contextlib.ExitStack()
+    if not writable:
+        from sifoverlay.engine.leaselock import metadata_lock
+
+        parsing.enter_context(metadata_lock(identity.fd, exclusive=False))
     try:
         held = _take_lease(identity, job, config)
         clock.lap("lease")
@@ -260,6 +291,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             verify_unchanged(image, identity.dev, identity.ino)
             path = rootfs.path
             taskview.finish(view, config, job.job_id, path, identity.fd, io=io)  # job environment (issue 14)
+            parsing.close()
             clock.lap("view")
             keeper_ready()  # before the job may start: its lease is heartbeated
             clock.lap("keeper")
@@ -278,6 +310,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             _quietly(held.release)
             raise
     finally:
+        parsing.close()
         identity.close()
     log.info("job %s: %s ready (%s) at %s", job.job_id, image, job.mode, path)
     return path

@@ -359,3 +359,82 @@ def test_temp_files_of_killed_processes_are_swept(image: Path) -> None:
     with lease.acquire(image, holder(), region=REGION):
         remaining = sorted(leftovers(image))
     assert remaining == sorted(os.path.basename(p) for p in (base, alive, foreign))
+
+
+# -- readers beside a writer that only hashes and commits (issue 17: phase "reconciling") ----
+def test_readers_join_a_reconciling_writer_and_writers_still_wait(image: Path, children) -> None:
+    w = lease.acquire(image, holder("w"), region=REGION)
+    w.unlock_range()  # the Slurm job end: the ext3 FUSE daemon that held the byte lock is gone
+    with pytest.raises(ImageBusy, match="held by job w"):
+        lease.acquire_shared(image, holder("r0"), region=REGION)  # still writing: readers wait
+    assert lease.readers(image) == []
+    w.set_phase(lease.READERS_ADMITTED)
+    info = lease.inspect(image)
+    assert info is not None and info.record["phase"] == "reconciling" and info.token == w.token
+    assert lease.admits_readers(info)
+    r1 = lease.acquire_shared(image, holder("r1"), region=REGION)
+    r2 = children.start("shared", image, "r2", *REGION, 60, 60)  # another process too
+    assert children.line(r2).startswith("WIN")
+    assert sorted(r.job_id for r in lease.readers(image)) == ["r1", "r2"]
+    with pytest.raises(ImageBusy, match="held by job w"):
+        lease.acquire(image, holder("w2"), region=REGION)  # a writer never joins
+    beat = w.heartbeat()
+    assert beat.record["phase"] == "reconciling"  # heartbeats keep the phase
+    w.set_phase(None)
+    with pytest.raises(ImageBusy, match="held by job w"):
+        lease.acquire_shared(image, holder("r3"), region=REGION)
+    w.release()
+    with pytest.raises(ImageBusy, match="held read-only by job r1"):
+        lease.acquire(image, holder("w2"), region=REGION)  # the readers that joined keep writers out
+    r1.release()
+    r2.kill()
+    r2.wait()
+
+
+def test_a_reconciling_writer_on_another_node_admits_readers_a_dead_one_is_broken(image: Path) -> None:
+    now = time.time()
+    base = {"host": "node9", "pid": 3, "job_id": "600", "source": "slurm", "acquired": now, "mode": "exclusive",
+            "heartbeat": now, "ttl": 300.0, "expires": now + 300, "token": "w", "phase": "reconciling"}
+    write_record(image, base)
+    with lease.acquire_shared(image, holder("r"), region=REGION) as ro:
+        assert ro.shared and lease.inspect(image).job_id == "600"  # type: ignore[union-attr]
+    write_record(image, dict(base, phase="writing"))  # any other phase: refused as before
+    with pytest.raises(ImageBusy, match="held by job 600"):
+        lease.acquire_shared(image, holder("r"), region=REGION)
+    # expired past its grace: not admitting anyone, broken as any stale writer
+    write_record(image, dict(base, heartbeat=now - 1000, expires=now - 700, grace=60.0))
+    assert not lease.admits_readers(lease.inspect(image))  # type: ignore[arg-type]
+    with lease.acquire_shared(image, holder("r"), region=REGION):
+        assert lease.inspect(image) is None
+
+
+def test_metadata_lock_keeps_a_commit_from_a_reader_parsing(image: Path) -> None:
+    reader = os.open(image, os.O_RDONLY)
+    committer = os.open(image, os.O_RDWR)
+    try:
+        with leaselock.metadata_lock(reader, exclusive=False) as got:
+            assert got is True
+            second = os.open(image, os.O_RDONLY)
+            try:
+                with leaselock.metadata_lock(second, exclusive=False, timeout=0.1) as shared:
+                    assert shared is True  # readers share it
+            finally:
+                os.close(second)
+            with leaselock.metadata_lock(committer, exclusive=True, timeout=0.2) as granted:
+                assert granted is False  # not granted: the commit would go on without it
+        with leaselock.metadata_lock(committer, exclusive=True, timeout=0.2) as granted:
+            assert granted is True
+            other = os.open(image, os.O_RDONLY)
+            try:
+                with leaselock.metadata_lock(other, exclusive=False, timeout=0.1) as parsed:
+                    assert parsed is False
+            finally:
+                os.close(other)
+        # a descriptor not open for writing cannot take the write lock: never an error
+        with leaselock.metadata_lock(reader, exclusive=True, timeout=0.1) as granted:
+            assert granted is False
+        # the lease's own locks never cover the header bytes the metadata lock uses
+        assert leaselock.METADATA_RANGE[0] + leaselock.METADATA_RANGE[1] <= REGION[0]
+    finally:
+        os.close(reader)
+        os.close(committer)
