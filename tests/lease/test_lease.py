@@ -438,3 +438,20 @@ def test_metadata_lock_keeps_a_commit_from_a_reader_parsing(image: Path) -> None
     finally:
         os.close(reader)
         os.close(committer)
+
+
+def test_metadata_lock_does_not_wait_for_a_whole_file_lease_lock(image: Path) -> None:
+    """The commit of an overlay create runs under its own lease's write lock over the
+    whole file (no overlay yet): the metadata lock must not wait for it (nor for anyone's
+    lock that is not the metadata lock itself)."""
+    with lease.acquire(image, holder("create"), region=(0, 0)):
+        fd = os.open(image, os.O_RDWR)
+        try:
+            start = time.monotonic()
+            with leaselock.metadata_lock(fd, exclusive=True, timeout=120) as granted:
+                assert granted is False
+            with leaselock.metadata_lock(fd, exclusive=False, timeout=120) as granted:
+                assert granted is False
+            assert time.monotonic() - start < 60  # gave up at once, not after its 120 s timeout
+        finally:
+            os.close(fd)
