@@ -50,17 +50,44 @@ log = logging.getLogger(__name__)
 LEASE_TTL: Final = 180.0
 
 
-def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> Any:
+class _ParseLock:
+    """A :ro job may start while the previous writer's job end still commits (engine/lease.py,
+    phase "reconciling"): what the Prolog parses of the image's metadata, from the lease's
+    region lookup to the job view, it parses under the metadata read lock the commit honours
+    (leaselock.metadata_lock). It lets the lock go while it waits for a holder: the commit
+    it waits for may need it."""
+
+    def __init__(self, fd: int, enabled: bool) -> None:
+        self._fd, self._enabled = fd, enabled
+        self._held: contextlib.ExitStack | None = None
+
+    def hold(self) -> None:
+        if self._enabled and self._held is None:
+            from sifoverlay.engine.leaselock import metadata_lock
+
+            self._held = contextlib.ExitStack()
+            self._held.enter_context(metadata_lock(self._fd, exclusive=False))
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+
+def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig, parsing: _ParseLock) -> Any:
     from sifoverlay.engine import lease
 
     holder = lease.Holder(socket.gethostname(), os.getpid(), job.job_id, "slurm", uid=job.uid)
     take = lease.acquire if job.mode == "rw" else lease.acquire_shared
     where = {"image_fd": identity.fd, "state_dir": config.state_dir}
     timing = {"ttl": config.lease_ttl, "grace": config.lease_grace}
+    parsing.hold()
     try:
         return take(identity.path, holder, **timing, **where)
     except ImageBusy:
+        parsing.release()
         if _wait_for_own_end(job, config):  # a requeued run: its previous run's end just finished
+            parsing.hold()
             return take(identity.path, holder, **timing, **where)
         # A requeued job (same id) whose previous run on THIS node and boot was not cleaned
         # up yet: its lease (resume matches host and boot_id, never the job id alone).
@@ -73,6 +100,7 @@ def _take_lease(identity: ImageIdentity, job: JobEnv, config: SlurmConfig) -> An
             return again
         if not _finish_dead_holders(identity, config) and not _wait_for_ending_holders(identity, job, config):
             raise
+    parsing.hold()
     return take(identity.path, holder, **timing, **where)
 
 
@@ -246,16 +274,9 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
                          image_roots=config.image_roots)
     clock.lap("authorize")
     image = identity.path
-    # A :ro job may start while the previous writer's job end still commits (engine/lease.py,
-    # phase "reconciling"): everything that parses the image's metadata, from the lease's
-    # region lookup to the job view, runs under the metadata read lock the commit honours.
-    parsing = contextlib.ExitStack()
-    if not writable:
-        from sifoverlay.engine.leaselock import metadata_lock
-
-        parsing.enter_context(metadata_lock(identity.fd, exclusive=False))
+    parsing = _ParseLock(identity.fd, enabled=not writable)
     try:
-        held = _take_lease(identity, job, config)
+        held = _take_lease(identity, job, config, parsing)
         clock.lap("lease")
         started = assembled = False
         keeper_ready: Any = None
@@ -291,7 +312,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             verify_unchanged(image, identity.dev, identity.ino)
             path = rootfs.path
             taskview.finish(view, config, job.job_id, path, identity.fd, io=io)  # job environment (issue 14)
-            parsing.close()
+            parsing.release()
             clock.lap("view")
             keeper_ready()  # before the job may start: its lease is heartbeated
             clock.lap("keeper")
@@ -310,7 +331,7 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             _quietly(held.release)
             raise
     finally:
-        parsing.close()
+        parsing.release()
         identity.close()
     log.info("job %s: %s ready (%s) at %s", job.job_id, image, job.mode, path)
     return path
