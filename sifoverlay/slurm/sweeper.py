@@ -205,6 +205,12 @@ def _sweep_foreign(session: Any, config: SlurmConfig, jobstate: JobState, report
     if not (over or down):
         report.skipped.append((job, f"lease of host {session.host} is stale but Slurm says job and node live"))
         return
+    if mine is None and held[0] is not None and (held[0].job_id, held[0].host) == (job, session.host) \
+            and held[0].is_alive(grace=config.lease_grace):
+        # Its node's own job end won back its expired lease and reconciles under a new one
+        # (slurm/reclaim.py); the session's token is being forgotten right now.
+        report.skipped.append((job, f"host {session.host}'s own job end holds the image"))
+        return
     if mine is None:
         # Nobody holds it for this job any more (broken by a job that took over, or released
         # by its node's Epilog just now): the image is not ours to reconcile. Close the session.
