@@ -52,6 +52,7 @@ def spawn(job_id: str, host: str, lock_fd: int, config: SlurmConfig, env: dict[s
 
 def main(argv: list[str] | None = None) -> int:
     from sifoverlay.errors import SifOverlayError
+    from sifoverlay.fsio import io_from_env
 
     from . import logsetup
     from .config import load_config
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("job %s: %s: left for the sweeper", args.job, exc)
         return 2
     try:
-        outcome = finish_pending(args.job, config, lock, host=args.host)
+        outcome = finish_pending(args.job, config, lock, host=args.host, io=io_from_env())  # the tests' crash hook
     except BaseException:  # the sweeper takes over; never a traceback on a closed stderr only
         log.exception("job %s: reconcile worker crashed (left for the sweeper)", args.job)
         return 1

@@ -1,8 +1,10 @@
-"""Node failures on the 3-node test bed (issue 13): a node killed mid-write, a node cut
-off mid-job. Real daemons: `dev-cluster node kill|cut NODE`.
+"""Node failures on the 3-node test bed (issue 13): a node killed mid-write, a node killed
+after its job end was cut inside the commit, a node cut off mid-job. Real daemons:
+`dev-cluster node kill|cut NODE`; the commit is cut by the crash hook (SIFOVERLAY_CRASH_AT)
+given to one node's Epilog and reconcile worker through the bed's Epilog knobs file.
 
-Not here (see docs/slurm.md): an interrupted commit of a dead node is finished from the
-shared journal in tests/engine/test_recover_dead_node.py (engine level); a node frozen
+Not here (see docs/slurm.md): the engine-level cases of a dead node's interrupted commit
+(rolled forward, rolled back, within the grace) in tests/engine/test_recover_dead_node.py; a node frozen
 past expiry + grace is in test_failures_freeze.py (on this bed its ext3 FUSE daemon keeps
 the image's OFD write lock, the nodes sharing one kernel: no takeover while frozen, fence
 on thaw) and, with the takeover a cluster with separate kernels gets, at one node in
@@ -172,6 +174,106 @@ def test_node_killed_mid_write_is_recovered_by_another_node(bed: Bed, bed_users:
     assert_consistent(image)
     assert holder(conf, image) is None
     assert [r["who"]["node"] for r in revisions_of(image, job)] == ["n1"]  # type: ignore[index]
+
+
+# -- node killed after its job end was cut inside the commit -----------------------------------
+TEN_LINES = 'i=0; while [ $i -lt 10 ]; do echo "$SLURM_JOB_ID $i" >> /progress.log; i=$((i+1)); sleep 0.2; done'
+
+
+def epilog_knobs(node: str) -> Path:
+    """The node's test knobs for its Epilog and reconcile worker (slurm_plugin/dev-cluster-nodes
+    EPILOG_KNOBS: the node-local disk, seen here through the host's side of the bind)."""
+    return Path("/var/lib/slurm-sifomn/nodes") / node / "local" / "epilog.env"
+
+
+def commit_cut_at(image: Path, tmp: Path, job: str) -> int:
+    """The I/O operation (1-based, as SIFOVERLAY_CRASH_AT counts) at which a reconcile worker
+    that syncs `image` inside job `job`'s lease makes its second write into the image: the
+    journal's intent is durable and one blob written, the commit half done. Calibrated on a
+    copy: the same engine calls with a logging CountingIO (the worker's first counted
+    operation is the sync's)."""
+    from sifoverlay import engine
+    from sifoverlay.engine import statedir as state
+    from sifoverlay.fsio import CountingIO
+
+    copy = tmp / "calibrate.oci.sif"
+    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+    offset = _overlay_offset(copy)
+    payload = tmp / "payload"
+    payload.write_text("calibration\n")
+    subprocess.run(["debugfs", "-w", "-R", f"write {payload} upper/calibration", f"{copy}?offset={offset}"],
+                   check=True, capture_output=True)
+    with state.using(str(tmp / "state")):
+        held = lease.acquire(copy, lease.Holder.current(job, "slurm"), ttl=600)
+        held.unlock_range()  # the job's byte-range lock went with its FUSE daemon
+        io = CountingIO(keep_log=True, name_fds=True)
+        engine.sync(copy, job=job, journal_dir=str(tmp / "journal"), io=io)
+        held.release()
+    writes = [n for n, (op, info) in enumerate(io.log, 1) if op == "pwrite" and info.get("path") == str(copy)]
+    assert len(writes) >= 2, io.log
+    return writes[1]
+
+
+def _overlay_offset(image: Path) -> int:
+    from sifoverlay.ocisif import open_image
+
+    with open_image(image) as img:
+        assert img.overlay is not None
+        return img.overlay.offset
+
+
+def test_node_killed_after_its_commit_was_cut_is_recovered_by_another_node(
+        bed: Bed, bed_users: tuple[User, User], bed_image: Callable[..., Path], conf: SlurmConfig,
+        tmp_path: Path) -> None:
+    """n2's rw job writes 10 lines and ends; its reconcile worker is SIGKILLed half way
+    through the commit (the crash hook, set for n2 only), leaving the journal entry in the
+    shared journal; then n2 dies. n1's sweeper breaks the stale lease, rolls the entry back
+    and reconciles: the job's writes kept, one revision, by n1."""
+    from sifoverlay.engine.journal import Journal
+
+    alice = bed_users[0]
+    image = bed_image(alice)
+    journal = Journal(conf.journal_dir)
+    knobs = epilog_knobs("n2")
+    assert knobs.parent.is_dir(), f"{knobs.parent}: the bed's node-local disk of n2 is missing"
+    cut = commit_cut_at(image, tmp_path, "1")  # before the job: its end must find the knob
+    try:
+        knobs.write_text(f"SIFOVERLAY_CRASH_AT={cut}\n")
+        job = bed.sbatch(alice, "-w", "n2", f"--oci-sif-overlay={image}", "-o", "/dev/null", "-D", "/",
+                         "--wrap", TEN_LINES)
+        assert bed.wait_finished(job) == "COMPLETED"
+        knobs.unlink()
+        [entry] = journal.pending(image)  # the worker died inside the commit
+        assert entry.intent is not None and entry.intent.op == "sync", entry
+        assert session_open(conf, job, "n2") and revisions_of(image, job) == []
+        info = holder(conf, image)
+        assert info is not None and (info.job_id, info.host) == (str(job), "n2")  # the keeper renews it
+        killed = time.monotonic()
+        last_beat = time.time() - holder(conf, image).heartbeat  # type: ignore[union-attr]
+        assert bed.dev("node", "kill", "n2").returncode == 0
+    finally:
+        knobs.unlink(missing_ok=True)
+    reports: list[dict[str, object]] = []
+
+    def recovered() -> bool:
+        reports.append(sweep_on(bed, "n1"))
+        return not session_open(conf, job, "n2")
+
+    wait_for(recovered, conf.lease_ttl + conf.lease_grace + 30, "n1 to recover n2's image", every=1.0)
+    took = time.monotonic() - killed
+    outcome = [o for r in reports for o in r.get("outcomes", []) if str(o.get("job_id")) == str(job)]  # type: ignore[union-attr]
+    assert [o["result"] for o in outcome] == ["reconciled"], reports[-1]
+    assert "taken over from host n2" in str(outcome[0]["detail"])
+    print(f"\nnode kill after a cut commit: recovered by n1 {took:.1f}s after the kill (lease stale at last "
+          f"heartbeat + {conf.lease_ttl + conf.lease_grace:g}s, last heartbeat {last_beat:.1f}s before the kill; "
+          f"{len(reports)} sweeps); worker cut at I/O op {cut}, journal entry {entry.state.name if entry.state else None}")
+    assert journal.pending(image) == []
+    assert assert_prefix(overlay_file(image, "progress.log"), job) == 10
+    assert_consistent(image)
+    assert _soak_module().check_image(image)["overlay_matches"] is True  # recorded digest == the ext3's
+    assert holder(conf, image) is None
+    revisions = revisions_of(image, job)
+    assert [(r["who"]["node"], r["who"]["via"]) for r in revisions] == [("n1", "sweeper")], revisions  # type: ignore[index]
 
 
 # -- node cut off ----------------------------------------------------------------------------
