@@ -68,6 +68,13 @@ def main() -> int:
         base_image(image)
         engine.create_overlay(image, size_mib=64, sparse=True, journal_dir=journal)
         engine.sync(image, journal_dir=journal)
+        # Status and the no-op sync answer from the CLI's memos (engine/statusmemo.py,
+        # noopmemo.py) once the image has been left alone for QUIET_NS: measure that steady
+        # state (a job's image between jobs), not the first seconds after its sync.
+        from sifoverlay.engine import statusmemo
+
+        quiet_at = (os.stat(image).st_ctime_ns + statusmemo.QUIET_NS) / 1e9 + 0.1
+        time.sleep(max(0.0, quiet_at - time.time()))
         py = sys.executable
         cli = [py, "-m", "sifoverlay"]
         cases = {

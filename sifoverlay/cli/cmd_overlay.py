@@ -109,7 +109,7 @@ def register(sub: Any) -> None:
     group.add_argument("--no-verify", dest="verify", action="store_const", const=False,
                        help="never hash (an overlay without fingerprint stays 'unknown')")
     _common(status)
-    status.set_defaults(func=run, verb="status")
+    status.set_defaults(func=run, verb="status", defer_logging=True)  # the memo path logs nothing
 
     sync = verbs.add_parser("sync", help="record the overlay's current digest (crash-safe)",
                             description="Reconcile the OCI metadata of IMAGE with its overlay bytes.")
@@ -139,6 +139,24 @@ def register(sub: Any) -> None:
                             description="Convert the overlay's upper/ into a squashfs layer (crash-safe).")
     _common(seal)
     seal.set_defaults(func=run, verb="seal")
+
+
+def status_text(st: dict[str, Any]) -> str:
+    """The text of `overlay status` from Status.as_dict() (the full path's or the memo's)."""
+    lines = [f"{st['image']}: {st['state']}", f"  recorded digest: {st['recorded_digest']}"]
+    if st["actual_digest"]:
+        lines.append(f"  actual digest:   {st['actual_digest']}")
+    lines.append(f"  overlay: {st['overlay_size']} bytes at offset {st['overlay_offset']}, {st['free_bytes']} bytes free")
+    if st["capacity"]:
+        cap = st["capacity"]
+        lines.append(f"  free: {cap['free_bytes']} bytes ({cap['available_bytes']} for users), "
+                     f"{cap['free_inodes']} of {cap['inodes']} inodes, {cap['descriptors_free']} of "
+                     f"{cap['descriptors_total']} descriptor slots (a sync needs {cap['slots_per_sync']})")
+    if st["holder"]:
+        lines.append(f"  in use: {st['holder']['detail']}")
+    if st["journal_pending"]:
+        lines.append(f"  unfinished operations: {st['journal_pending']} (run `sifoverlay recover`)")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,23 +201,16 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
                 result = rec.outcome = run_sync()
         return result.as_dict(), f"{result.image}: {result.action} ({result.new_digest})"
     if verb == "status":
-        from sifoverlay.engine.status import status
+        from sifoverlay.engine import statusmemo
 
-        st = status(args.image, verify=args.verify, journal_dir=args.journal_dir, progress=bar)
-        lines = [f"{st.image}: {st.state}", f"  recorded digest: {st.recorded_digest}"]
-        if st.actual_digest:
-            lines.append(f"  actual digest:   {st.actual_digest}")
-        lines.append(f"  overlay: {st.overlay_size} bytes at offset {st.overlay_offset}, {st.free_bytes} bytes free")
-        if st.capacity:
-            cap = st.capacity
-            lines.append(f"  free: {cap['free_bytes']} bytes ({cap['available_bytes']} for users), "
-                         f"{cap['free_inodes']} of {cap['inodes']} inodes, {cap['descriptors_free']} of "
-                         f"{cap['descriptors_total']} descriptor slots (a sync needs {cap['slots_per_sync']})")
-        if st.holder:
-            lines.append(f"  in use: {st.holder['detail']}")
-        if st.journal_pending:
-            lines.append(f"  unfinished operations: {st.journal_pending} (run `sifoverlay recover`)")
-        return st.as_dict(), "\n".join(lines)
+        data = statusmemo.cached_status(args.image, verify=args.verify, journal_dir=args.journal_dir)
+        if data is None:  # issue 17: the memo answers only what this full path would
+            getattr(args, "setup_logging", lambda: None)()
+            from sifoverlay.engine.status import status
+
+            data = status(args.image, verify=args.verify, journal_dir=args.journal_dir, progress=bar,
+                          remember=True).as_dict()
+        return data, status_text(data)
     if verb == "create":
         from sifoverlay.engine.create import create_overlay
         from sifoverlay.errors import UsageError

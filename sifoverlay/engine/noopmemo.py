@@ -60,7 +60,7 @@ def _memo_path(st: os.stat_result) -> str:
     return os.path.join(statedir.default_dir(), MEMO_DIR, f"{st.st_dev:x}-{st.st_ino}")
 
 
-def _stamp(st: os.stat_result) -> list[str]:
+def stamp(st: os.stat_result) -> list[str]:
     return [str(v) for v in (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)]
 
 
@@ -75,7 +75,7 @@ def remember(fd: int, *, journal_dir: str, key: str, offset: int, size: int, dig
         superblock = os.pread(fd, SUPERBLOCK_SIZE, offset + SUPERBLOCK_OFFSET)
         if len(superblock) != SUPERBLOCK_SIZE or os.fstat(fd).st_ctime_ns != st.st_ctime_ns:
             return False
-        fields = [VERSION, *_stamp(st), key, str(offset), str(size), digest,
+        fields = [VERSION, *stamp(st), key, str(offset), str(size), digest,
                   os.fsencode(journal_dir).hex(), superblock.hex()]
         if any(not f or any(c.isspace() for c in f) for f in fields):
             return False
@@ -105,7 +105,7 @@ def _read_memo(st: os.stat_result) -> list[str] | None:
     return fields if len(fields) == 12 and fields[0] == VERSION else None
 
 
-def _journal_has_entries(directory: str, key: str) -> bool:
+def journal_has_entries(directory: str, key: str) -> bool:
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -124,12 +124,12 @@ def recorded_noop(image: str, journal_dir: str | os.PathLike[str] | None = None)
     try:
         st = os.fstat(fd)
         fields = _read_memo(st)
-        if fields is None or fields[1:6] != _stamp(st):
+        if fields is None or fields[1:6] != stamp(st):
             return None
         key, offset, size, digest, journal_hex, superblock_hex = fields[6:]
         if bytes.fromhex(journal_hex) != os.fsencode(journal_directory(journal_dir)):
             return None
-        if _journal_has_entries(journal_directory(journal_dir), key):
+        if journal_has_entries(journal_directory(journal_dir), key):
             return None
         if os.pread(fd, SUPERBLOCK_SIZE, int(offset) + SUPERBLOCK_OFFSET) != bytes.fromhex(superblock_hex):
             return None

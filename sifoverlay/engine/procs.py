@@ -6,10 +6,10 @@ A process is identified by (pid, start time in clock ticks since boot): a pid al
 have been recycled. Across a reboot start times repeat, hence boot_id.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: NamedTuple would compile each field's string
+# annotation at import, which `overlay status` pays on every start (issue 17, fast CLI).
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["MountEntry", "boot_id", "mountinfo", "pid_exists", "process_alive", "process_start_ticks",
            "unescape_mount_field"]
@@ -69,8 +69,7 @@ def process_alive(pid: int | None, started: int | None) -> bool:
 
 
 # --- mountinfo ---------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class MountEntry:
+class MountEntry(NamedTuple):  # not a dataclass: quiesce, hence `overlay status`, must import fast
     """One line of /proc/<pid>/mountinfo, fields unescaped."""
 
     mount_id: int

@@ -22,32 +22,28 @@ could block root forever. The few stat()s left (a trusted mount's source and mou
 run with a deadline; one that does not answer counts as live.
 """
 
-from __future__ import annotations
-
 import errno
 import fcntl
-import logging
 import os
-import threading
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from sifoverlay.errors import ImageBusy
 
-from . import leaselock, procs
+from . import procs
 
 if TYPE_CHECKING:
     from .lease import Lease
 
-log = logging.getLogger(__name__)
+# Light at import (no logging, dataclasses, threading or lease modules; no `from __future__
+# import annotations`, whose string annotations NamedTuple compiles one by one): the
+# `overlay status` fast path (engine/statusmemo.py) runs the FUSE and loop checks below.
 # fuse2fs mounts show up as fuse.<fs type from the superblock>, e.g. fuse.ext4.
 FUSE_WRITERS = ("fuse2fs", "ext2", "ext3", "ext4")
 FUSE_READERS = ("squashfuse", "squashfuse_ll")
 
 
-@dataclass(frozen=True, slots=True)
-class Activity:
+class Activity(NamedTuple):
     """One sign of use. `writer` = it may change the ext3 bytes."""
 
     kind: str  # "fuse" (ext3) | "fuse-layer" (squashfs layer) | "loop" | "lock" | "lease"
@@ -61,6 +57,8 @@ STAT_DEADLINE = 2.0  # seconds a stat() of a trusted FUSE mount may take before 
 def _bounded_stat(path: str, deadline: float = STAT_DEADLINE) -> os.stat_result | OSError | None:
     """os.stat(path) in a helper thread: the result, the OSError, or None when it did not
     answer in time (a stopped FUSE daemon). The thread is a daemon: it cannot keep us."""
+    import threading
+
     box: list[os.stat_result | OSError] = []
 
     def run() -> None:
@@ -200,11 +198,21 @@ def fuse_processes(st: os.stat_result, proc: str = "/proc", *, owners: Collectio
 
 
 def _read(path: str) -> str:
+    """A small /proc or /sys file, stripped ("" when unreadable). os.read, not open(): this
+    runs for every pid on the host, and a text file object costs three times as much."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return ""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace").strip()
 
 
 def loop_devices(st: os.stat_result, offset: int, size: int, sys_block: str = "/sys/block") -> list[Activity]:
@@ -236,6 +244,8 @@ def byte_range_lock(path: str, offset: int, size: int, *, writers_only: bool, ow
     Probing through `own_fd` (the description holding our own lease's lock) leaves that
     lock out: a description never conflicts with itself. `image_fd`: probe through a new
     description of that inode (reopened through the fd, never by name)."""
+    from . import leaselock
+
     ltype = fcntl.F_RDLCK if writers_only else fcntl.F_WRLCK
     try:
         if own_fd is not None:
@@ -276,7 +286,7 @@ def lease_holder(path: str, *, job: str | None = None, image_fd: int | None = No
     return [Activity("lease", info.describe(), True)]
 
 
-def _own_lock_fd(path: str, job: str | None, own_lease: Lease | None, image_fd: int | None = None) -> int | None:
+def _own_lock_fd(path: str, job: str | None, own_lease: "Lease | None", image_fd: int | None = None) -> int | None:
     if own_lease is not None and own_lease.lock_fd is not None and not own_lease.released:
         return own_lease.lock_fd
     if job is None:
@@ -290,7 +300,7 @@ def _own_lock_fd(path: str, job: str | None, own_lease: Lease | None, image_fd: 
 
 def find_activity(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
-    own_lease: Lease | None = None, fd: int | None = None, owners: Collection[int] | None = None,
+    own_lease: "Lease | None" = None, fd: int | None = None, owners: Collection[int] | None = None,
 ) -> list[Activity]:
     """Every sign of use of [offset, offset+size) of `path` on this host. `job` (or
     `own_lease`, whose job it is): the caller runs inside that job's lease, so neither
@@ -317,7 +327,7 @@ def find_activity(
 
 def ensure_quiet(
     path: str, offset: int, size: int, *, locks: bool = True, writers_only: bool = True, job: str | None = None,
-    own_lease: Lease | None = None, fd: int | None = None, owners: Collection[int] | None = None,
+    own_lease: "Lease | None" = None, fd: int | None = None, owners: Collection[int] | None = None,
 ) -> list[Activity]:
     """Raise ImageBusy when a writer (or, with writers_only=False, any user) is active;
     return the harmless activity seen (read-only mounts)."""

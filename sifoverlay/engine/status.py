@@ -14,8 +14,10 @@ default), verify=False never (the library default: cheap enough for exporters).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,15 +60,18 @@ def status(
     progress: Callable[[int, int], None] | None = None,
     image_fd: int | None = None,
     expect_identity: tuple[int, int] | None = None,
+    remember: bool = False,
 ) -> Status:
     """Status of the overlay, read through one checked descriptor: the caller's `image_fd`
     (re-opened through /proc/self/fd) or the path opened with statedir.open_image_checked;
-    `expect_identity` = (st_dev, st_ino) it must be (NotAuthorized otherwise)."""
+    `expect_identity` = (st_dev, st_ino) it must be (NotAuthorized otherwise).
+    `remember`: leave the CLI's memo (engine/statusmemo.py) when the result may be told
+    again from it (nothing hashed, no writer, nothing pending, no warning logged)."""
     from sifoverlay.ocisif import open_image
 
     from sifoverlay.sif.load import SifFile
 
-    from . import statedir
+    from . import statedir, statusmemo
 
     image = os.fspath(path)
     try:
@@ -76,17 +81,42 @@ def status(
 
         raise SifFormatError(image, f"cannot open: {exc.strerror}", errno=exc.errno) from exc
     try:
-        pending = len(Journal(journal_dir).pending(key=statedir.identity_key(fd)))
-        try:
-            img = open_image(SifFile.from_fd(os.dup(fd), image))
-        except SifOverlayError as exc:
-            if pending:
-                raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
-            raise
-        with img:
-            return _status(image, fd, img, verify, progress, pending)
+        before = statusmemo.quiet_stamp(fd) if remember else None
+        with _warnings_logged() as warned:
+            pending = len(Journal(journal_dir).pending(key=statedir.identity_key(fd)))
+            try:
+                img = open_image(SifFile.from_fd(os.dup(fd), image))
+            except SifOverlayError as exc:
+                if pending:
+                    raise RecoveryNeeded(image, f"unfinished operation in the journal ({exc.problem}); run `sifoverlay recover`") from exc
+                raise
+            with img:
+                result = _status(image, fd, img, verify, progress, pending)
+        if before is not None and not warned and result.actual_digest is None and result.holder is None \
+                and result.journal_pending == 0:
+            statusmemo.remember(fd, before, result.as_dict())
+        return result
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _warnings_logged() -> Iterator[list[logging.LogRecord]]:
+    """The warnings (and worse) logged meanwhile: a status that warned leaves no memo, the
+    memo's answer would not repeat the warning."""
+    seen: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Catch(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        root.removeHandler(handler)
 
 
 def _status(image: str, fd: int, img: Any, verify: bool | None, progress: Callable[[int, int], None] | None,
