@@ -7,9 +7,10 @@ Public API (docs/architecture.md): `assemble`, `teardown`, `find_leftovers`, `ex
 
 from __future__ import annotations
 
-from .assemble import MODES, Rootfs, TeardownReport, assemble, find_leftovers, teardown
-from .embedded import ExecOutcome, User, default_base_dir, run_embedded
-from .execute import Bind, StartError, exec_in
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "MODES",
@@ -26,3 +27,43 @@ __all__ = [
     "run_embedded",
     "teardown",
 ]
+
+if TYPE_CHECKING:
+    from .assemble import MODES, Rootfs, TeardownReport, assemble, find_leftovers, teardown
+    from .embedded import ExecOutcome, User, default_base_dir, run_embedded
+    from .execute import Bind, StartError, exec_in
+
+# Lazy (issue 17, job start): the job user's copy-up child (`python -m
+# sifoverlay.runtime.copyup`, on every rw job's start) and the Prolog's imports of
+# runtime.jobview/state must not load assemble, embedded and execute with their imports.
+# `assemble` is both a submodule and a function: the package attribute stays the
+# function, as when this module bound it eagerly (the submodule is in sys.modules).
+_LAZY = {
+    "MODES": "assemble", "Rootfs": "assemble", "TeardownReport": "assemble", "assemble": "assemble",
+    "find_leftovers": "assemble", "teardown": "assemble",
+    "ExecOutcome": "embedded", "User": "embedded", "default_base_dir": "embedded", "run_embedded": "embedded",
+    "Bind": "execute", "StartError": "execute", "exec_in": "execute",
+}
+
+
+class _Runtime(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:  # only for names not bound yet
+        where = _LAZY.get(name)
+        if where is None:  # a submodule nobody imported yet, as eager loading made it available
+            try:
+                return importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY:
+            return  # the import system binding submodule `assemble`: the function keeps the name
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Runtime

@@ -196,6 +196,26 @@ def _fuse_step(current: JobState, base_dir: str | os.PathLike[str], step: Step, 
                                               pid_start=process_start_ticks(proc.pid)), io)
 
 
+def _fuse_steps(current: JobState, base_dir: str | os.PathLike[str],
+                daemons: Sequence[tuple[Step, list[str], tuple[int, ...], int]], *, io: FileIO) -> JobState:
+    """`_fuse_step` for independent mounts: every daemon started (and recorded with its pid)
+    before the first wait."""
+    started = []
+    for step, argv, fds, umask in daemons:
+        current = _record(base_dir, current, step, io)
+        log_path = os.path.join(os.path.dirname(step.target), "log", f"{step.name}.log")
+        proc = mounts.start_fuse(argv, uid=current.uid, gid=current.gid, pass_fds=fds, log_path=log_path,
+                                 umask=umask, io=io)
+        step = replace(step, pid=proc.pid, pid_start=process_start_ticks(proc.pid))
+        current = _record(base_dir, current, step, io)
+        started.append((step, proc, log_path))
+    for step, proc, log_path in started:
+        what = _WHAT.get(step.name, f"squashfs {step.name.replace('.', ' ')}")
+        mounts.wait_mounted(proc, step.target, log_path=log_path, image=current.image, what=what)
+        current = _record(base_dir, current, replace(step, status="mounted"), io)
+    return current
+
+
 def _opt_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
@@ -209,19 +229,23 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
     # as that same user (and fusermount3 would refuse it without user_allow_other)
     other = ",allow_other" if os.geteuid() == 0 else ""
     lowers: list[str] = []
+    # The layers and the ext3 are independent mounts: their daemons start together and are
+    # waited for one by one (each is recorded with its pid before any wait, for teardown).
+    daemons: list[tuple[Step, list[str], tuple[int, ...], int]] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", owner, io)
         opts = f"ro,offset={layer.offset}{other},subtype=squashfuse,fsname={_opt_escape(current.image)}"
-        current = _fuse_step(current, base_dir, Step("fuse", f"layer.{number}", target),
-                             ["squashfuse", "-f", "-o", opts, source, target], fds=(fd,), io=io)
+        daemons.append((Step("fuse", f"layer.{number}", target), ["squashfuse", "-f", "-o", opts, source, target],
+                        (fd,), 0o022))
         lowers.insert(0, target)  # overlay lowerdir lists the top layer first
     if stub is not None:
         lowers.append(stub)  # lowest: the image's own files win over the mount points
     if overlay is not None:
         target = _mountpoint(directory, "ext3", owner, io)
         opts = f"offset={overlay.offset},fakeroot{other}" + ("" if current.writable else ",ro")
-        current = _fuse_step(current, base_dir, Step("fuse", "ext3", target),
-                             ["fuse2fs", "-f", source, target, "-o", opts], fds=(fd, *hold_fds), io=io, umask=0)
+        daemons.append((Step("fuse", "ext3", target), ["fuse2fs", "-f", source, target, "-o", opts],
+                        (fd, *hold_fds), 0))
+    current = _fuse_steps(current, base_dir, daemons, io=io)
     current, upper, work = _upper_dirs(current, base_dir, directory, overlay, lowers, io)
     if current.writable:
         from .copyup import prepare_upper

@@ -73,7 +73,16 @@ def spawn_fuse(
     """Start a FUSE daemon in the foreground as uid/gid (None = as we are) and wait until
     `target` shows up in mountinfo. On failure the daemon is killed and reaped and
     ExternalToolError carries the tail of its output."""
-    tool = os.path.basename(argv[0])
+    proc = start_fuse(argv, uid=uid, gid=gid, pass_fds=pass_fds, log_path=log_path, umask=umask, io=io)
+    return wait_mounted(proc, target, log_path=log_path, timeout=timeout, image=image, what=what)
+
+
+def start_fuse(
+    argv: Sequence[str], *, uid: int | None, gid: int | None, pass_fds: Sequence[int] = (), log_path: str,
+    umask: int = 0o022, io: FileIO = REAL_IO,
+) -> subprocess.Popen[bytes]:
+    """The first half of `spawn_fuse`: the daemon started, its mount not waited for (the
+    runtime starts the daemons of independent mounts together, then waits for each)."""
     if os.geteuid() != 0:  # unprivileged exec: the daemons are ours already (fusermount3 mounts)
         uid = gid = None
     logf = io.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -85,7 +94,16 @@ def spawn_fuse(
         )
     finally:
         io.close(logf)
+    return proc
+
+
+def wait_mounted(proc: subprocess.Popen[bytes], target: str, *, log_path: str, timeout: float = MOUNT_TIMEOUT,
+                 image: str | None = None, what: str = "the filesystem") -> subprocess.Popen[bytes]:
+    """The second half of `spawn_fuse`: wait until `target` is mounted; on failure the
+    daemon is killed and reaped and ExternalToolError carries the tail of its output."""
+    tool = os.path.basename(str(proc.args[0])) if isinstance(proc.args, (list, tuple)) else "fuse"
     deadline = time.monotonic() + timeout
+    pause = 0.002  # a daemon mounts in 10-30 ms: short polls first (every job start waits here)
     while True:
         if is_mounted(target):
             return proc
@@ -96,7 +114,8 @@ def spawn_fuse(
                 tool=tool, returncode=proc.returncode if proc.returncode is not None else -1,
                 output_tail=read_tail(log_path),
             )
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.02)
 
 
 def read_tail(path: str) -> str:
