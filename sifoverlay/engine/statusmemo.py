@@ -24,13 +24,16 @@ the memo when everything the full path would look at says the same:
   recorded a fingerprint (without one the full path hashes).
 
 Anything else, a missing or malformed memo, or an error of any kind: no answer, and the
-full path runs and reports. Standard library (json to read the memo) plus statedir,
-noopmemo and quiesce's light half: nothing of the parsers.
+full path runs and reports. Standard library plus statedir, noopmemo and quiesce's light
+half: nothing of the parsers. The result is kept with marshal, which needs no import (json
+costs a short-lived process ~2 ms): the memo is read only when it is a regular file of
+our own uid (as root in a root-owned directory), so no one else can have written it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import marshal
 import os
 import stat
 import struct
@@ -41,13 +44,14 @@ from sifoverlay.errors import SifOverlayError
 
 from . import noopmemo, statedir
 
-VERSION = "sifoverlay-status-memo-1"
+VERSION = "sifoverlay-status-memo-2"
 MEMO_DIR = "status-memo"
 QUIET_NS = noopmemo.QUIET_NS  # the same rule as the no-op sync's memo (a separate name: tests set it)
 LEASE_SUFFIX = ".lease"  # = leasefile.LEASE_SUFFIX (not imported: it loads the lease record code)
 _FLOCK = "hhqqi4x"  # = leaselock._FLOCK, struct flock on LP64 Linux
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _MAX_MEMO = 65536
+MARSHAL_VERSION = 4  # the format of Python >= 3.4; a memo written by another Python still loads
 
 
 def _memo_path(st: os.stat_result) -> str:
@@ -68,8 +72,6 @@ def remember(fd: int, before: os.stat_result, data: dict[str, Any]) -> bool:
     """Write the memo of the full status `data` (Status.as_dict()) of the image behind
     `fd`, whose `quiet_stamp` was `before`. True when written; never raises."""
     try:
-        import json
-
         if os.fstat(fd).st_ctime_ns != before.st_ctime_ns:
             return False  # written while parsed
         offset = int(data["overlay_offset"])
@@ -77,14 +79,14 @@ def remember(fd: int, before: os.stat_result, data: dict[str, Any]) -> bool:
         if len(superblock) != noopmemo.SUPERBLOCK_SIZE or noopmemo.stamp(os.fstat(fd)) != noopmemo.stamp(before):
             return False
         head = " ".join([VERSION, *noopmemo.stamp(before), str(offset), superblock.hex()])
-        body = json.dumps({**data, "image": ""}, ensure_ascii=True, separators=(",", ":"))
+        body = marshal.dumps({**data, "image": ""}, MARSHAL_VERSION)
         from sifoverlay.fsio import REAL_IO
 
         path = _memo_path(before)
         statedir.ensure(os.path.dirname(path))
-        REAL_IO.write_file_atomic(path, f"{head}\n{body}\n".encode("ascii"), mode=0o600, durable=False)
+        REAL_IO.write_file_atomic(path, f"{head}\n".encode("ascii") + body, mode=0o600, durable=False)
         return True
-    except (OSError, ValueError, KeyError, TypeError, UnicodeError, SifOverlayError):
+    except (OSError, ValueError, KeyError, TypeError, UnicodeError, SifOverlayError):  # marshal: ValueError
         return False  # e.g. NotAuthorized: a state dir not root's alone; a memo is only an optimisation
 
 
@@ -100,13 +102,11 @@ def _read_memo(st: os.stat_result) -> tuple[list[str], dict[str, Any]] | None:
         data = os.read(fd, _MAX_MEMO)
     finally:
         os.close(fd)
-    head, _, body = data.decode("ascii").partition("\n")
-    fields = head.split()
-    if len(fields) != 8 or fields[0] != VERSION or not body.endswith("\n"):
+    head, _, body = data.partition(b"\n")
+    fields = head.decode("ascii").split()
+    if len(fields) != 8 or fields[0] != VERSION:
         return None
-    import json
-
-    result = json.loads(body)
+    result = marshal.loads(body)
     return (fields, result) if isinstance(result, dict) else None
 
 
@@ -181,7 +181,7 @@ def cached_status(image: str, *, verify: bool | None, journal_dir: str | os.Path
             return None
         data["image"] = image
         return data
-    except (OSError, ValueError, KeyError, TypeError, UnicodeError, SifOverlayError):  # a malformed memo...
+    except (OSError, ValueError, KeyError, TypeError, EOFError, UnicodeError, SifOverlayError):  # a malformed memo...
         return None  # the full path decides
     finally:
         os.close(fd)

@@ -8,6 +8,7 @@ import fcntl
 import importlib
 import json
 import logging
+import marshal
 import os
 import struct
 from pathlib import Path
@@ -66,6 +67,15 @@ def memo_file(image: Path) -> Path:
     return Path(os.environ["SIFOVERLAY_STATE_DIR"]) / statusmemo.MEMO_DIR / f"{st.st_dev:x}-{st.st_ino}"
 
 
+def read_memo(image: Path) -> tuple[str, Any]:
+    head, _, body = memo_file(image).read_bytes().partition(b"\n")
+    return head.decode(), marshal.loads(body)
+
+
+def write_memo(image: Path, head: str, body: Any) -> None:
+    memo_file(image).write_bytes(head.encode() + b"\n" + marshal.dumps(body, statusmemo.MARSHAL_VERSION))
+
+
 def set_superblock(image: Path, offset_in_sb: int, value: bytes) -> None:
     offset, _ = region(image)
     with open(image, "r+b") as f:
@@ -109,9 +119,10 @@ def test_memo_file_is_private_and_names_no_image(overlay_image: Path, cli: Cli) 
     assert cli.run(overlay_image)[3] == "full"
     memo = memo_file(overlay_image)
     assert memo.stat().st_mode & 0o777 == 0o600 and memo.stat().st_uid == os.geteuid()
-    head, body = memo.read_text().splitlines()
-    assert head.split()[0] == statusmemo.VERSION and json.loads(body)["image"] == ""
-    assert str(overlay_image) not in memo.read_text()
+    head, body = read_memo(overlay_image)
+    assert head.split()[0] == statusmemo.VERSION and body["image"] == ""
+    assert body == {**engine.status(overlay_image).as_dict(), "image": ""}
+    assert os.fsencode(overlay_image) not in memo.read_bytes()
 
 
 def test_verify_always_takes_the_full_path(overlay_image: Path, cli: Cli) -> None:
@@ -126,11 +137,9 @@ def test_no_fingerprint_memo_answers_no_verify_only(overlay_image: Path, cli: Cl
     """Without a recorded fingerprint the default (verify=None) hashes: never from the memo."""
     engine.sync(overlay_image)
     cli.run(overlay_image)
-    memo = memo_file(overlay_image)
-    head, body = memo.read_text().splitlines()
-    data = json.loads(body)
+    head, data = read_memo(overlay_image)
     data["fingerprint_recorded"], data["state"] = None, "unknown"
-    memo.write_text(f"{head}\n{json.dumps(data)}\n")
+    write_memo(overlay_image, head, data)
     assert statusmemo.cached_status(str(overlay_image), verify=None, journal_dir=None) is None
     answer = statusmemo.cached_status(str(overlay_image), verify=False, journal_dir=None)
     assert answer is not None and answer["state"] == "unknown"
@@ -273,13 +282,12 @@ def test_image_changes_void_the_memo(overlay_image: Path, cli: Cli, tmp_path: Pa
 def test_a_different_superblock_voids_the_memo(overlay_image: Path, cli: Cli) -> None:
     """A write that kept the ctime (not possible through the kernel, simulated in the memo)."""
     remembered(overlay_image, cli)
-    memo = memo_file(overlay_image)
-    head, body = memo.read_text().splitlines()
+    head, body = read_memo(overlay_image)
     fields = head.split()
     superblock = bytearray(bytes.fromhex(fields[-1]))
     superblock[52] ^= 1  # mnt_count
     fields[-1] = superblock.hex()
-    memo.write_text(" ".join(fields) + f"\n{body}\n")
+    write_memo(overlay_image, " ".join(fields), body)
     assert statusmemo.cached_status(str(overlay_image), verify=None, journal_dir=None) is None
 
 
@@ -287,18 +295,18 @@ def test_a_different_superblock_voids_the_memo(overlay_image: Path, cli: Cli) ->
 def test_a_bad_memo_gives_no_answer(overlay_image: Path, cli: Cli, tmp_path: Path, damage: str) -> None:
     remembered(overlay_image, cli)
     memo = memo_file(overlay_image)
-    text = memo.read_text()
+    text = memo.read_bytes()
     if damage == "truncated":
-        memo.write_text(text[: len(text) // 2])
+        memo.write_bytes(text[:-10])
     elif damage == "garbage":
         memo.write_bytes(b"\xff\xfe not a memo\n")
     elif damage == "other-version":
-        memo.write_text(text.replace(statusmemo.VERSION, "sifoverlay-status-memo-0"))
+        memo.write_bytes(text.replace(statusmemo.VERSION.encode(), b"sifoverlay-status-memo-1"))
     elif damage == "not-a-dict":
-        memo.write_text(text.splitlines()[0] + "\n[1, 2]\n")
+        write_memo(overlay_image, read_memo(overlay_image)[0], [1, 2])
     elif damage == "symlink":
         real = tmp_path / "elsewhere"
-        real.write_text(text)
+        real.write_bytes(text)
         memo.unlink()
         memo.symlink_to(real)
     else:
