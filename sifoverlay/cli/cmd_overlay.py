@@ -203,7 +203,9 @@ def _do(args: argparse.Namespace, bar: ProgressBar | None) -> tuple[dict[str, An
     if verb == "status":
         from sifoverlay.engine import statusmemo
 
-        data = statusmemo.cached_status(args.image, verify=args.verify, journal_dir=args.journal_dir)
+        data = None
+        if not getattr(args, "verbose", 0):  # -v: the engine's log is asked for
+            data = statusmemo.cached_status(args.image, verify=args.verify, journal_dir=args.journal_dir)
         if data is None:  # issue 17: the memo answers only what this full path would
             getattr(args, "setup_logging", lambda: None)()
             from sifoverlay.engine.status import status

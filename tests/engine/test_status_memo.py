@@ -133,6 +133,16 @@ def test_verify_always_takes_the_full_path(overlay_image: Path, cli: Cli) -> Non
     assert (code, path) == (0, "full") and json.loads(out)["actual_digest"] == engine.status(overlay_image).recorded_digest
 
 
+def test_verbose_takes_the_full_path(overlay_image: Path, cli: Cli) -> None:
+    """-v asks for the engine's log, which only the full path writes."""
+    engine.sync(overlay_image)
+    cli.run(overlay_image)
+    assert cli.run(overlay_image)[3] == "memo"
+    before = cli.full_runs
+    assert main(["-v", "overlay", "status", str(overlay_image)]) == 0
+    assert cli.full_runs == before + 1
+
+
 def test_no_fingerprint_memo_answers_no_verify_only(overlay_image: Path, cli: Cli) -> None:
     """Without a recorded fingerprint the default (verify=None) hashes: never from the memo."""
     engine.sync(overlay_image)
