@@ -23,8 +23,6 @@ from typing import Any
 
 from sifoverlay.errors import RecoveryNeeded, SifOverlayError
 
-from .journal import Journal
-
 
 @dataclass(frozen=True, slots=True)
 class Status:
@@ -83,7 +81,7 @@ def status(
     try:
         before = statusmemo.quiet_stamp(fd) if remember else None
         with _warnings_logged() as warned:
-            pending = len(Journal(journal_dir).pending(key=statedir.identity_key(fd)))
+            pending = _pending(journal_dir, statedir.identity_key(fd))
             try:
                 img = open_image(SifFile.from_fd(os.dup(fd), image))
             except SifOverlayError as exc:
@@ -98,6 +96,18 @@ def status(
         return result
     finally:
         os.close(fd)
+
+
+def _pending(journal_dir: str | os.PathLike[str] | None, key: str) -> int:
+    """len(Journal(journal_dir).pending(key=key)); the journal module (and what it imports)
+    is loaded only when an entry of the image is there by name (noopmemo's cheap listing)."""
+    from . import noopmemo
+
+    if not noopmemo.journal_has_entries(noopmemo.journal_directory(journal_dir), key):
+        return 0
+    from .journal import Journal
+
+    return len(Journal(journal_dir).pending(key=key))
 
 
 @contextmanager

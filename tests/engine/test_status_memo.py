@@ -368,3 +368,17 @@ def test_constants_are_the_engines() -> None:
 
     assert statusmemo.LEASE_SUFFIX == leasefile.LEASE_SUFFIX
     assert statusmemo._FLOCK == leaselock._FLOCK and statusmemo.F_OFD_GETLK == leaselock.F_OFD_GETLK
+
+
+@pytest.mark.parametrize("entries", [None, [], ["other-key.1.sovj"], ["KEY.1.sovj"], ["KEY.1.sovj.tmp", "KEY.txt"]])
+def test_pending_count_is_the_journals(tmp_path: Path, entries: list[str] | None) -> None:
+    """status counts pending entries without loading the journal module when there is
+    no entry of the image by name; the count is Journal.pending's either way."""
+    from sifoverlay.engine.journal import Journal
+
+    journal, key = tmp_path / "journal-x", "0123456789abcdef-42-0"
+    if entries is not None:
+        journal.mkdir()
+        for name in entries:
+            (journal / name.replace("KEY", key)).write_bytes(b"")
+    assert status_module._pending(journal, key) == len(Journal(journal).pending(key=key))
