@@ -432,6 +432,7 @@ def verify(run: ClusterSoak, monitor: Monitor, reports: list[dict[str, Any]]) ->
     by_state: dict[str, int] = {}
     by_kind: dict[str, int] = {}
     failed_by_rule, failed_by_node, failed_unexpected = 0, 0, 0
+    failures: list[dict[str, Any]] = []  # every failed task with its class and the line that says why
     expected: dict[str, list[str]] = {}
     node_event_jobs = run.events["node_kill"] + run.events["node_cut"] + run.events["node_freeze_long"]
     for job in run.jobs:
@@ -445,15 +446,23 @@ def verify(run: ClusterSoak, monitor: Monitor, reports: list[dict[str, Any]]) ->
                 text = job.out
                 for path in (run.work / "out").glob(f"{job.name}.*"):
                     text += path.read_text(errors="replace")
-                if any(word in text for word in RULE_FAILURES):
+                why = next((line.strip() for line in text.splitlines() if any(w in line for w in RULE_FAILURES)), "")
+                if why:
                     failed_by_rule += 1
+                    verdict = "rule"
                 elif node_event_jobs:
                     failed_by_node += 1  # a task killed with its node (the job's stderr went with it)
+                    verdict = "node event"
                 else:
                     failed_unexpected += 1
+                    verdict = "unexpected"
                     problems.append(f"job {job.job_id} ({job.kind}) task {task or '-'} FAILED: {text.strip()[-200:]}")
+                failures.append({"job": job.job_id, "kind": job.kind, "task": task, "state": state, "class": verdict,
+                                 "why": (why or next(iter(text.strip().splitlines()[-1:]), ""))[-300:]})
             elif state in ("NODE_FAIL", "BOOT_FAIL"):
                 failed_by_node += 1
+                failures.append({"job": job.job_id, "kind": job.kind, "task": task, "state": state,
+                                 "class": "node event", "why": state})
     images_ok, files_verified, files_expected, drift = 0, 0, 0, {}
     env = dict(os.environ, SIFOVERLAY_JOURNAL_DIR=run.config.journal_dir, SIFOVERLAY_STATE_DIR=run.config.state_dir)
     for image in run.images:
@@ -490,7 +499,7 @@ def verify(run: ClusterSoak, monitor: Monitor, reports: list[dict[str, Any]]) ->
         "nodes": run.nodes, "n": run.n, "k": run.k, "seed": run.seed,
         "jobs_submitted": len(run.jobs), "jobs_by_kind": by_kind,
         "tasks_by_state": by_state, "failed_by_rule": failed_by_rule, "failed_by_node_event": failed_by_node,
-        "failed_unexpected": failed_unexpected, "events": run.events,
+        "failed_unexpected": failed_unexpected, "failures": failures, "events": run.events,
         "images_checked": len(run.images), "images_consistent": images_ok, "drift_states": drift,
         "files_expected": files_expected, "files_verified": files_verified,
         "mount_samples": monitor.samples, "double_rw_mounts": len(monitor.double),

@@ -96,15 +96,46 @@ def _option(options: str, key: str) -> str | None:
     return None
 
 
+def _names_a_descriptor(source: str) -> bool:
+    """A mount source like /proc/self/fd/7 (how the runtime hands the image to fuse2fs):
+    it names a descriptor of the mounter, not a file anyone else can look up."""
+    parts = source.split("/")
+    return len(parts) == 5 and parts[:2] == ["", "proc"] and parts[3] == "fd"
+
+
+def _visible_daemon_targets(proc: str, trusted: frozenset[int]) -> set[str]:
+    """The mount points named on the command lines of the FUSE daemons of trusted uids
+    this process can see."""
+    targets: set[str] = set()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return targets
+    for pid in pids:
+        if _read(os.path.join(proc, pid, "comm")) not in ("fuse2fs", "squashfuse", "squashfuse_ll"):
+            continue
+        uids = _uids(proc, pid)
+        if not uids or not uids <= trusted:
+            continue
+        argv = _read(os.path.join(proc, pid, "cmdline")).split("\0")
+        targets.update(a for a in argv if a.startswith("/"))
+    return targets
+
+
 def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo", *,
-                owners: Collection[int] | None = None) -> list[Activity]:
-    """FUSE mounts of the image made by a trusted uid (the mount's user_id=)."""
+                owners: Collection[int] | None = None, proc: str = "/proc") -> list[Activity]:
+    """FUSE mounts of the image made by a trusted uid (the mount's user_id=). A mount whose
+    source names the mounter's descriptor (/proc/self/fd/N) is judged by its daemon when
+    that daemon is visible (fuse_processes reads which inode it has open): stat()ing that
+    name here would look at OUR descriptor N, which made the mounts of other images count
+    as this one's. When its daemon is not visible (another pid namespace) it counts."""
     found: list[Activity] = []
     trusted = trusted_uids(st, owners)
     try:
         entries = procs.mountinfo(mountinfo)
     except OSError:
         return found
+    daemon_targets: set[str] | None = None
     for entry in entries:
         fstype = entry.fstype
         program = fstype.split(".", 1)[1] if fstype.startswith("fuse.") else fstype
@@ -113,9 +144,16 @@ def fuse_mounts(st: os.stat_result, mountinfo: str = "/proc/self/mountinfo", *,
         owner = _option(entry.super_options, "user_id")
         if owner is None or not owner.isdigit() or int(owner) not in trusted:
             continue  # anyone can mount FUSE with fsname=<this image>: not evidence
-        same = _same_file(entry.source, st)
+        if _names_a_descriptor(entry.source):
+            if daemon_targets is None:
+                daemon_targets = _visible_daemon_targets(proc, trusted)
+            if entry.target in daemon_targets:
+                continue  # its daemon is visible: fuse_processes says whether it serves this image
+            same = None
+        else:
+            same = _same_file(entry.source, st)
         if same is False:
-            continue  # (a /proc/self/fd/N source is the mounter's fd: see fuse_processes)
+            continue
         if same is not None and _dead_mount(entry.target):
             continue  # its daemon is gone: nothing can write through it
         kind = "fuse-layer" if program in FUSE_READERS else "fuse"

@@ -156,3 +156,42 @@ def test_own_lease_does_not_hide_a_foreign_posix_lock(overlay_image: Path) -> No
     finally:
         held.release()
     assert quiesce.find_activity(path, offset, size, writers_only=False) == []
+
+
+def _fake_daemon(proc: Path, pid: int, comm: str, uid: int, argv: list[str]) -> None:
+    d = proc / str(pid)
+    d.mkdir(parents=True)
+    (d / "comm").write_text(comm + "\n")
+    (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def test_a_descriptor_source_is_judged_by_its_daemon_not_by_our_own_fd(tmp_path: Path) -> None:
+    """The runtime mounts the ext3 as `fuse2fs /proc/self/fd/N TARGET`: mountinfo then names
+    the MOUNTER's descriptor N. stat()ing that name here looked at OUR fd N, so another
+    job's mount of another image counted as a writer of ours whenever our image happened to
+    be our fd N: on the 3-node bed a reconcile worker failed with 'overlay in use' that way
+    (and the next writer of its image was refused)."""
+    image = tmp_path / "img.sif"
+    image.write_bytes(b"x")
+    fd = os.open(image, os.O_RDONLY)  # our descriptor N of our image
+    try:
+        info = tmp_path / "mountinfo"
+        info.write_text(
+            f"36 35 0:50 / /run/m/35/ext3 rw,relatime - fuse.ext4 /proc/self/fd/{fd} rw,user_id=0\n"
+            f"37 35 0:51 / /run/m/42/ext3 rw,relatime - fuse.ext4 /proc/self/fd/{fd} rw,user_id=0\n")
+        proc = tmp_path / "proc"
+        # the daemon of job 35's mount is visible (and serves another image: fuse_processes
+        # would say so from its fdinfo); job 42's is not (another pid namespace)
+        _fake_daemon(proc, 5001, "fuse2fs", 0, ["fuse2fs", "-f", f"/proc/self/fd/{fd}", "/run/m/35/ext3", "-o", "ro"])
+        _fake_daemon(proc, 5002, "sleep", 0, ["sleep", "/run/m/42/ext3"])  # not a FUSE daemon
+        found = quiesce.fuse_mounts(os.stat(image), str(info), proc=str(proc))
+        assert [a.detail for a in found] == ["ext4 mount at /run/m/42/ext3 (rw)"]
+        # a daemon of an untrusted uid does not make a mount go away
+        _fake_daemon(proc, 5003, "fuse2fs", 31337, ["fuse2fs", "-f", "/proc/self/fd/3", "/run/m/42/ext3"])
+        assert [a.detail for a in quiesce.fuse_mounts(os.stat(image), str(info), proc=str(proc))] == \
+            ["ext4 mount at /run/m/42/ext3 (rw)"]
+        _fake_daemon(proc, 5004, "fuse2fs", 0, ["fuse2fs", "-f", "/proc/self/fd/3", "/run/m/42/ext3"])
+        assert quiesce.fuse_mounts(os.stat(image), str(info), proc=str(proc)) == []
+    finally:
+        os.close(fd)
