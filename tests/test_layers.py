@@ -2,7 +2,7 @@
 
 Parses every module of sifoverlay with ast and maps it to a layer:
 
-    0 base          sifoverlay (package root), errors, fsio
+    0 base          sifoverlay (package root), errors, fsio, lazy
     1 format        sif
     2 image model   ocisif, ext3, upper
     3 engine        engine
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "sifoverlay"
 
-BASE_MODULES = {"sifoverlay", "sifoverlay.errors", "sifoverlay.fsio", "sifoverlay.crashsim"}
+BASE_MODULES = {"sifoverlay", "sifoverlay.errors", "sifoverlay.fsio", "sifoverlay.crashsim", "sifoverlay.lazy"}
 LAYER_OF_PACKAGE = {
     "sif": 1,
     "ocisif": 2,

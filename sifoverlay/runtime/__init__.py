@@ -7,10 +7,9 @@ Public API (docs/architecture.md): `assemble`, `teardown`, `find_leftovers`, `ex
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sifoverlay.lazy import make_lazy
 
 __all__ = [
     "MODES",
@@ -46,24 +45,4 @@ _LAZY = {
 }
 
 
-class _Runtime(types.ModuleType):
-    def __getattr__(self, name: str) -> Any:  # only for names not bound yet
-        where = _LAZY.get(name)
-        if where is None:  # a submodule nobody imported yet, as eager loading made it available
-            try:
-                return importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{__name__}.{name}":
-                    raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
-        super().__setattr__(name, value)
-        return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY:
-            return  # the import system binding submodule `assemble`: the function keeps the name
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Runtime
+make_lazy(__name__, _LAZY)
