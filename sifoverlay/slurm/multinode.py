@@ -133,8 +133,11 @@ def wait_for_ending_holders(holders: Callable[[], list[tuple[str, str]]], *, tim
                 log.info("the image's previous holder released it: going on")
             return True
         for source, job_id in current:
-            if source == "slurm" and ending is not None and ending(job_id):
-                continue  # its Epilog or reconcile worker holds the job-end lock: done within its hash time
+            if ending is not None and ending(job_id):
+                # its Epilog, reconcile worker or sweeper holds the job-end lock: done within
+                # its hash time. Any source: a job end that took a lease of its own (its expired
+                # one won back, or a sweeper's takeover: slurm/reclaim.py) holds it as "sync"
+                continue
             state = _job_state(job_id, env) if source == "slurm" else None
             if state is None or state.split("+")[0] != _EPILOG_RUNNING:
                 if state is not None and waited:

@@ -169,3 +169,19 @@ def test_ro_on_three_nodes_while_a_writer_runs_on_another_image(bed: Bed, bed_us
     assert overlay_status(shared) == f"{shared}: clean"
     assert sha256(shared) == shared_before  # three read-only mounts wrote nothing
     assert overlay_status(private) == f"{private}: clean"
+
+
+def test_prolog_waits_for_a_job_end_that_holds_a_lease_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job end that won back its expired lease, or a sweeper that took a dead node's job
+    end over, reconciles under a new lease whose source is "sync" (engine.sync), with the
+    job's id. While it holds the job-end lock, a next writer waits for it; in the 200-job
+    soak two writers were refused 'held by job 202 (sync)' instead. A "sync" holder that
+    nobody is ending (a user's CLI sync) is refused at once, as before."""
+    from sifoverlay.slurm import multinode
+
+    monkeypatch.setattr(multinode, "_job_state", lambda job_id, env: "COMPLETED")
+    released = iter([[("sync", "202")], [("sync", "202")], []])
+    assert wait_for_ending_holders(lambda: next(released), timeout=600, poll=0.01,
+                                   ending=lambda job_id: job_id == "202") is True
+    assert wait_for_ending_holders(lambda: [("sync", "sync-4242")], timeout=600, poll=0.01,
+                                   ending=lambda job_id: job_id == "202") is False
