@@ -31,6 +31,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sifoverlay.engine.procs import process_start_ticks
 from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
@@ -70,7 +71,7 @@ class TeardownReport:
 def assemble(
     image: str | os.PathLike[str], job_id: str, *, writable: bool, mode: str = "fuse", uid: int, gid: int,
     base_dir: str | os.PathLike[str], image_fd: int | None = None, hold_fds: Sequence[int] = (),
-    mountpoints: Sequence[tuple[str, bool]] = (), io: FileIO = REAL_IO,
+    mountpoints: Sequence[tuple[str, bool]] = (), io: FileIO = REAL_IO, copyup_child: Any = None,
 ) -> Rootfs:
     """Mount the image's layers (+ overlay) for `job_id` under ``base_dir/<job_id>/``.
 
@@ -79,6 +80,8 @@ def assemble(
     OFD lock fd, so the byte-range lock lives exactly as long as the ext3 mount.
     `mountpoints`: (path, is_dir) the job view binds onto; those the image lacks come from
     a stub layer under the image's layers (runtime.jobview), never from the overlay.
+    `copyup_child`: a copy-up child of the job user started earlier (copyup.UserChild), used
+    by a rw FUSE assembly; the caller cancels it afterwards.
     On any failure everything already set up is torn down before the error propagates.
     """
     path = os.path.abspath(os.fspath(image))
@@ -102,7 +105,7 @@ def assemble(
             # no layer (an image that is all overlay): the stub is the one lower layer overlayfs needs
             stub = jobview.make_stub(directory, mountpoints, io=io) if mountpoints or not layers else None
             build = _assemble_fuse if mode == "fuse" else _assemble_kernel
-            build(current, base_dir, directory, fd, layers, overlay, hold_fds, io, stub)
+            build(current, base_dir, directory, fd, layers, overlay, hold_fds, io, stub, copyup_child)
         except BaseException:
             teardown(job, base_dir=base_dir, io=io)
             raise
@@ -222,7 +225,7 @@ def _opt_escape(value: str) -> str:
 
 def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
                    layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
-                   stub: str | None = None) -> None:
+                   stub: str | None = None, copyup_child: Any = None) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
     # allow_other lets root enter the job user's mounts; an unprivileged exec enters them
@@ -250,7 +253,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
     if current.writable:
         from .copyup import prepare_upper
 
-        prepare_upper(upper, lowers, uid=current.uid, gid=current.gid, io=io)  # as the job user
+        prepare_upper(upper, lowers, uid=current.uid, gid=current.gid, io=io, child=copyup_child)  # as the job user
     target = _mountpoint(directory, "rootfs", owner, io)
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}{other}"
     if not current.writable and current.uid != 0:
@@ -263,7 +266,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
 def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
                      layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
-                     stub: str | None = None) -> None:
+                     stub: str | None = None, copyup_child: Any = None) -> None:
     lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", None, io)

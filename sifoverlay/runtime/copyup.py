@@ -72,13 +72,21 @@ def _shared_dirs(lowers: Sequence[str]) -> Iterator[tuple[str, os.stat_result]]:
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
 
 
+def as_user(uid: int | None, gid: int | None) -> bool:
+    """Does the copy-up run in a child as the job user (root, for a user other than root)?"""
+    return os.geteuid() == 0 and uid is not None and gid is not None and uid != 0 and gid != 0
+
+
 def prepare_upper(upper: str, lowers: Sequence[str], *, uid: int | None = None, gid: int | None = None,
-                  io: FileIO = REAL_IO) -> list[str]:
+                  io: FileIO = REAL_IO, child: UserChild | None = None) -> list[str]:
     """Copy up / repair the shared directories in `upper`; returns what was changed.
-    As root with a job user (`uid`/`gid`, not 0) the work runs as that user in a child."""
-    if os.geteuid() == 0 and uid is not None and gid is not None and uid != 0 and gid != 0:
+    As root with a job user (`uid`/`gid`, not 0) the work runs as that user in a child
+    (`child`: one started earlier by `UserChild.start`, else a new one)."""
+    if as_user(uid, gid):
+        assert uid is not None and gid is not None
         try:
-            changed = [str(c) for c in run_as_user(upper, lowers, uid, gid)["changed"]]
+            started = child if child is not None and child.uid == uid else UserChild.start(uid, gid)
+            changed = [str(c) for c in started.run(upper, lowers)["changed"]]
         except ExternalToolError as exc:  # only /tmp & co. stay 1755 then: not worth failing the job
             log.error("%s", exc)
             return []
@@ -92,30 +100,60 @@ def prepare_upper(upper: str, lowers: Sequence[str], *, uid: int | None = None, 
 def run_as_user(upper: str, lowers: Sequence[str], uid: int, gid: int, *, timeout: float = TIMEOUT) -> dict[str, Any]:
     """Run the copy-up as uid:gid (no groups, no capabilities, no_new_privs); returns the
     child's report: {"changed": [...], "uid", "euid", "cap_eff", "no_new_privs"}."""
-    from sifoverlay.ext3.tools import TOOL_PATH, python_module_argv, unprivileged_argv
+    return UserChild.start(uid, gid).run(upper, lowers, timeout=timeout)
 
-    argv = [*unprivileged_argv(uid, gid),
-            *python_module_argv("sifoverlay.runtime.copyup", json.dumps({"upper": upper, "lowers": list(lowers)}))]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", cwd="/", env={"PATH": TOOL_PATH, "LC_ALL": "C",
-                                                             "PYTHONDONTWRITEBYTECODE": "1"},
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise ExternalToolError(upper, f"copy-up as uid {uid} timed out after {timeout:.0f} s (killed)",
-                                tool="copyup", returncode=-1, output_tail="") from None
+
+class UserChild:
+    """The copy-up child as the job user, started before the mounts it works on exist: the
+    Prolog starts it first thing, so its interpreter starts while the lease is taken and
+    the daemons mount (on every rw job start). It waits for its work on stdin; `cancel`
+    (or a closed stdin) ends it having done nothing."""
+
+    def __init__(self, proc: subprocess.Popen[str], uid: int) -> None:
+        self.proc, self.uid = proc, uid
+
+    @classmethod
+    def start(cls, uid: int, gid: int) -> UserChild:
+        from sifoverlay.ext3.tools import TOOL_PATH, python_module_argv, unprivileged_argv
+
+        argv = [*unprivileged_argv(uid, gid), *python_module_argv("sifoverlay.runtime.copyup")]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace", cwd="/",
+                                env={"PATH": TOOL_PATH, "LC_ALL": "C", "PYTHONDONTWRITEBYTECODE": "1"},
+                                start_new_session=True)
+        return cls(proc, uid)
+
+    def cancel(self) -> None:
+        """End the child if it still waits (idempotent; reaps it)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc.communicate()
+
+    def run(self, upper: str, lowers: Sequence[str], *, timeout: float = TIMEOUT) -> dict[str, Any]:
+        proc, uid = self.proc, self.uid
+        try:
+            out, err = proc.communicate(json.dumps({"upper": upper, "lowers": list(lowers)}), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            raise ExternalToolError(upper, f"copy-up as uid {uid} timed out after {timeout:.0f} s (killed)",
+                                    tool="copyup", returncode=-1, output_tail="") from None
+        return _report(upper, uid, proc.returncode, out, err)
+
+
+def _report(upper: str, uid: int, returncode: int, out: str, err: str) -> dict[str, Any]:
     lines = out.strip().splitlines()
     try:
         report: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     except ValueError:
         report = {}
-    if proc.returncode != 0 or "changed" not in report:
+    if returncode != 0 or "changed" not in report:
         tail = " | ".join((err or out).strip().splitlines()[-3:])
-        raise ExternalToolError(upper, f"copy-up as uid {uid} failed (exit {proc.returncode}): {tail or 'no output'}",
-                                tool="copyup", returncode=proc.returncode, output_tail=tail)
+        raise ExternalToolError(upper, f"copy-up as uid {uid} failed (exit {returncode}): {tail or 'no output'}",
+                                tool="copyup", returncode=returncode, output_tail=tail)
     for line in (err or "").strip().splitlines():
         log.warning("copy-up: %s", line)
     return report
@@ -218,6 +256,9 @@ def _identity() -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    spec = json.loads(sys.argv[1])
+    given = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()  # started early: the work comes on stdin
+    if not given.strip():
+        sys.exit(0)  # cancelled before it had anything to do
+    spec = json.loads(given)
     report = {"changed": prepare_here(spec["upper"], spec["lowers"]), **_identity()}
     print(json.dumps(report))
