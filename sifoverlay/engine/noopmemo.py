@@ -89,8 +89,10 @@ def remember(fd: int, *, journal_dir: str, key: str, offset: int, size: int, dig
         return False
 
 
-def _read_memo(st: os.stat_result) -> list[str] | None:
-    path = _memo_path(st)
+def read_own_memo(path: str, limit: int) -> bytes | None:
+    """The bytes of a memo file: a regular file of our own uid (as root: in a root-owned
+    directory, else NotAuthorized), never followed through a link, never blocking; None
+    when it is anything else. Raises OSError when it is missing."""
     if os.geteuid() == 0:
         statedir.check_root_owned(os.path.dirname(path))  # NotAuthorized: no answer
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -98,9 +100,15 @@ def _read_memo(st: os.stat_result) -> list[str] | None:
         mst = os.fstat(fd)
         if not stat.S_ISREG(mst.st_mode) or mst.st_uid != os.geteuid():
             return None
-        data = os.read(fd, _MAX_MEMO)
+        return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def _read_memo(st: os.stat_result) -> list[str] | None:
+    data = read_own_memo(_memo_path(st), _MAX_MEMO)
+    if data is None:
+        return None
     fields = data.decode("ascii").split()
     return fields if len(fields) == 12 and fields[0] == VERSION else None
 
