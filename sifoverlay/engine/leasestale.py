@@ -1,6 +1,7 @@
 """When a lease may be broken, and breaking it without a race.
 
-Stale rule (a lease may be broken only when ALL of this holds):
+Stale rule (a lease may be broken only when ALL of this holds, or at once when it was
+written on this host during an earlier boot: a reboot ended every process of its holder):
   1. it is expired: ``now > heartbeat + ttl``; and
   2. on the same host (same host name) and the same boot (boot_id): the holder process
      is gone — its pid does not exist, or exists with another start time (pid reuse);
@@ -36,12 +37,13 @@ log = logging.getLogger(__name__)
 def holder_alive(info: LeaseInfo, *, grace: float = DEFAULT_GRACE, now: float | None = None) -> bool:
     """False when `info` is stale by the rule of the module docstring."""
     now = time.time() if now is None else now
+    here = info.host == socket.gethostname()
+    if here and info.boot_id is not None and info.boot_id != procs.boot_id():
+        return False  # this host rebooted since: nothing of that holder runs any more, expiry or not
     if now <= info.expires:
         return True
-    if info.host != socket.gethostname():
+    if not here:
         return now <= info.expires + max(grace, record_grace(info))
-    if info.boot_id is not None and info.boot_id != procs.boot_id():
-        return False
     return procs.process_alive(info.pid, info.started)
 
 

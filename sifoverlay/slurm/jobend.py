@@ -385,12 +385,35 @@ def _release_lease(image: str, job_id: str, io: FileIO, key: str | None = None, 
     except FileNotFoundError:  # the image (or its directory) is gone too
         held = None
     if held is None:
+        _break_dead_records(image, job_id, key, state_dir, io)
         log.info("job %s: no lease of its own on %s (already released)", job_id, image)
         return
     from . import keeper
 
     keeper.stop(held.info)  # before the release: a keeper that saw its record vanish would fence
     held.release()
+
+
+def _break_dead_records(image: str, job_id: str, key: str | None, state_dir: str | None, io: FileIO) -> None:
+    """The job's lease records written on this host during an earlier boot (the node was
+    killed and booted again while the job ended): dead whatever their expiry, and closing
+    the job's session without them would leave them for nobody (the sweeper starts from
+    sessions). Broken here, so the next job on the image need not wait out ttl + grace."""
+    import socket
+
+    from sifoverlay.engine import lease, leasestale
+
+    where: dict[str, Any] = {"key": str(key)} if key is not None else {"image_path": image}
+    try:
+        found = [lease.inspect(**where, state_dir=state_dir), *lease.readers(**where, state_dir=state_dir)]
+    except OSError:
+        return
+    for info in found:
+        if info is not None and info.job_id == str(job_id) and info.host == socket.gethostname() \
+                and not info.is_alive():
+            if leasestale.break_file(info.path, info.inode, io=io):
+                log.warning("job %s: broke its lease record of an earlier boot of this node (%s)", job_id,
+                            info.describe())
 
 
 def _lost_lease(session: Any, config: SlurmConfig) -> str | None:

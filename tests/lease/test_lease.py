@@ -455,3 +455,22 @@ def test_metadata_lock_does_not_wait_for_a_whole_file_lease_lock(image: Path) ->
             assert time.monotonic() - start < 60  # gave up at once, not after its 120 s timeout
         finally:
             os.close(fd)
+
+
+def test_a_record_of_an_earlier_boot_of_this_host_is_dead_before_it_expires(image: Path) -> None:
+    """A node killed and booted again finds its own job's lease still within its ttl: the
+    holder died with the old boot, so the record is dead at once (the 3-node soak's next
+    writer on that node was refused 'held by job 47' for the rest of the ttl, and the
+    record outlived the job's session). Another host's record within its ttl stays live."""
+    now = time.time()
+    base = {"host": HOST, "pid": os.getpid(), "job_id": "47", "source": "slurm", "acquired": now,
+            "heartbeat": now, "ttl": 600.0, "expires": now + 600, "token": "t47", "mode": "exclusive",
+            "boot_id": "an-earlier-boot"}
+    write_record(image, base)
+    assert lease.inspect(image).alive is False  # type: ignore[union-attr]
+    with lease.acquire(image, holder("54"), region=REGION) as held:  # broken at once, not after 600 s
+        assert held.info.job_id == "54"
+    write_record(image, dict(base, boot_id=lease.boot_id()))  # this boot: our own live pid
+    assert lease.inspect(image).alive is True  # type: ignore[union-attr]
+    write_record(image, dict(base, host="another-node", boot_id="an-earlier-boot"))
+    assert lease.inspect(image).alive is True  # type: ignore[union-attr]  # another host: its ttl counts

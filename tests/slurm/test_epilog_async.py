@@ -127,3 +127,27 @@ def test_job_end_lock_file_is_reused_safely_after_unlink(tmp_path: Path) -> None
     assert os.path.exists(path) and endlock.in_progress(journal, "9")
     os.close(again_fd_copy)  # the worker's last fd
     assert not endlock.in_progress(journal, "9")
+
+
+def test_a_job_end_breaks_its_lease_records_of_an_earlier_boot_of_this_node(
+    overlay_image: Path, config: SlurmConfig,
+) -> None:
+    """A node killed while its job ended (reconcile worker and keeper gone) and booted
+    again: the next Prolog there finishes the job (reason prolog). Its lease records, from
+    the earlier boot, are dead; closing the session without breaking them left them for
+    nobody (the 3-node soak: image 'in-use' at the end, the next writer refused)."""
+    import json
+    import socket
+
+    from sifoverlay.engine import lease, sessions
+
+    _lease_by_exited_process(overlay_image, "47", ttl=600.0)
+    info = lease.inspect(overlay_image, state_dir=config.state_dir)
+    assert info is not None
+    Path(info.path).write_text(json.dumps(dict(info.record, boot_id="an-earlier-boot")))
+    _start_session(config, "47", overlay_image, mode="ro")
+    assert socket.gethostname() == info.host
+    ended = finish_job("47", config, reason="prolog")
+    assert ended.ok and ended.result == "released", ended
+    assert lease.inspect(overlay_image, state_dir=config.state_dir) is None
+    assert sessions.load(config.journal_dir, "47") is None
