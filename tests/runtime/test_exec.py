@@ -109,6 +109,13 @@ def test_writer_refuses_second_writer_and_readers(env: Env) -> None:
     assert overlay_consistent(env.image)[0] == overlay_consistent(env.image)[1]
 
 
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_crash_leftovers_found_and_removed(env: Env, mode: str) -> None:
     job = f"crash-{mode}"
@@ -117,7 +124,9 @@ def test_crash_leftovers_found_and_removed(env: Env, mode: str) -> None:
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     written = env.base / job / "rootfs" / "tmp" / "crash"
     deadline = time.monotonic() + 30
-    while not (mounts.is_mounted(str(written.parent.parent)) and written.exists()):
+    # the content, not the name: `>` creates the file before echo writes into it (killing
+    # in between left an empty file, and the next run rightly read '')
+    while not (mounts.is_mounted(str(written.parent.parent)) and _text(written) == "before\n"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the command: no teardown ran
