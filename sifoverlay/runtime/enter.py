@@ -244,12 +244,6 @@ def _report(status_fd: int, exc: BaseException) -> int:
     return 127 if "command not found" in message else EXIT_SETUP
 
 
-def _release_signals() -> None:
-    for sig in FORWARDED:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-
-
 def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
@@ -285,7 +279,8 @@ def init_main(spec: dict[str, Any], status_fd: int) -> int:
         child = os.fork()
         if child == 0:
             try:
-                _release_signals()  # held ones now end the command the normal way
+                # nothing here ever installed a handler for them: held ones now end the command
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
                 exec_command(spec)
             except BaseException as exc:  # noqa: BLE001 - reported, never re-raised as root in the chroot
                 os._exit(_report(status_fd, exc))
