@@ -31,7 +31,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sifoverlay.engine.procs import process_start_ticks
 from sifoverlay.errors import ExternalToolError, OverlayStateError, UsageError
@@ -40,6 +40,9 @@ from sifoverlay.fsio import REAL_IO, FileIO
 from . import jobview, mounts, state, validate
 from .state import JobState, Step
 from .validate import Region
+
+if TYPE_CHECKING:
+    from .copyup import UserChild
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class TeardownReport:
 def assemble(
     image: str | os.PathLike[str], job_id: str, *, writable: bool, mode: str = "fuse", uid: int, gid: int,
     base_dir: str | os.PathLike[str], image_fd: int | None = None, hold_fds: Sequence[int] = (),
-    mountpoints: Sequence[tuple[str, bool]] = (), io: FileIO = REAL_IO, copyup_child: Any = None,
+    mountpoints: Sequence[tuple[str, bool]] = (), io: FileIO = REAL_IO, copyup_child: UserChild | None = None,
 ) -> Rootfs:
     """Mount the image's layers (+ overlay) for `job_id` under ``base_dir/<job_id>/``.
 
@@ -225,7 +228,7 @@ def _opt_escape(value: str) -> str:
 
 def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
                    layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
-                   stub: str | None = None, copyup_child: Any = None) -> None:
+                   stub: str | None = None, copyup_child: UserChild | None = None) -> None:
     owner = (current.uid, current.gid)
     source = f"/proc/self/fd/{fd}"
     # allow_other lets root enter the job user's mounts; an unprivileged exec enters them
@@ -266,7 +269,7 @@ def _assemble_fuse(current: JobState, base_dir: str | os.PathLike[str], director
 
 def _assemble_kernel(current: JobState, base_dir: str | os.PathLike[str], directory: str, fd: int,
                      layers: list[Region], overlay: Region | None, hold_fds: Sequence[int], io: FileIO,
-                     stub: str | None = None, copyup_child: Any = None) -> None:
+                     stub: str | None = None, copyup_child: UserChild | None = None) -> None:
     lowers: list[str] = []
     for number, layer in enumerate(layers):
         target = _mountpoint(directory, f"layer.{number}", None, io)
