@@ -68,6 +68,10 @@ class SlurmConfig:
     # rw job end: "async" unmounts and frees the node, a reconcile worker hashes and commits
     # under the job's lease (slurm/reconciler.py); "sync" does it all inside the Epilog
     epilog_reconcile: str = "async"
+    # job start: "detached" lets the Prolog exit once the job holds its lease, its child
+    # mounts while slurmd starts the job and the plugin waits for the rootfs (records.py);
+    # "inline" mounts inside the Prolog (docs/slurm.md "Job start")
+    prolog_mounts: str = "detached"
     source: str = "<defaults>"  # where the values came from, for messages
 
     @property
@@ -134,6 +138,10 @@ def parse_args(args: list[str], *, source: str = "<plugstack>") -> SlurmConfig:
             if value not in ("async", "sync"):
                 raise UsageError(source, f"plugstack: epilog_reconcile={value}: expected async or sync")
             config = replace(config, epilog_reconcile=value)
+        elif key == "prolog_mounts":
+            if value not in ("detached", "inline"):
+                raise UsageError(source, f"plugstack: prolog_mounts={value}: expected detached or inline")
+            config = replace(config, prolog_mounts=value)
         elif key == "home":
             if value not in ("yes", "no"):
                 raise UsageError(source, f"plugstack: home={value}: expected yes or no")

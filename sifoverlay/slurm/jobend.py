@@ -135,8 +135,9 @@ def _finish_job(job_id: str, config: SlurmConfig, *, reason: str, textfile_dir: 
     clock = PhaseClock(reason, job_id)
     host = host or socket.gethostname()
     local = host == socket.gethostname()
+    # First the job's mounter, when the job ends while it still mounts (prolog_mounts=detached)
+    record = records.wait_for_preparer(config.records_dir, job_id) if local else None
     session = sessions.load(config.journal_dir, job_id, host=host)
-    record = records.read(config.records_dir, job_id) if local else None
 
     def outcome(result: str, step: str, detail: str = "", digest: str | None = None) -> JobEndOutcome:
         image = session.image if session is not None else (record.image if record else None)

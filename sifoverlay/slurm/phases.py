@@ -44,6 +44,12 @@ class PhaseClock:
         self.job_id = job_id
         self.began = self._mark = time.monotonic()
         self.phases: dict[str, float] = {}
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        """A moment, not a phase: seconds since the start (the Prolog's exit, while its
+        detached mounter goes on)."""
+        self.marks[name] = time.monotonic() - self.began
 
     def lap(self, name: str) -> None:
         now = time.monotonic()
@@ -68,6 +74,8 @@ class PhaseClock:
             "time": round(time.time(), 3), "total": round(total, 6),
             "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
         }
+        if self.marks:
+            record["marks"] = {name: round(seconds, 6) for name, seconds in self.marks.items()}
         log.info("job %s: %s %s in %.3fs (%s)", self.job_id, self.entry, result, total,
                  " ".join(f"{k}={v:.3f}" for k, v in self.phases.items()))
         target = path if path is not None else timing_path()

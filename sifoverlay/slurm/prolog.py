@@ -16,6 +16,14 @@ Runs as root on the node, with no PATH. For a job submitted with --oci-sif-overl
    default; kernel mounts only with plugstack mount=kernel);
 7. write the record the plugin reads in slurmstepd (`records.write_ready`).
 
+With plugstack prolog_mounts=detached (the default) the Prolog forks first, and its child
+(the mounter) does steps 1-7. Once the job holds its lease and session (after step 5) the
+mounter writes a ``preparing`` record and lets the Prolog exit, so slurmd starts the job
+while steps 6-7 run; the plugin waits in slurmstepd for ``ready`` while the mounter lives.
+srun asks for the Prolog's end at 0.1, 0.3, 0.6 s (docs/slurm.md "Job start"): the mounts
+overlap that wait instead of adding to it. Until it lets the Prolog go, the mounter dies
+with it (PR_SET_PDEATHSIG), exactly as an inline Prolog killed by slurmd would.
+
 Any refusal (not authorized, busy, not an OCI-SIF, ...) is written as a refused record
 and the Prolog still exits 0: a failing Prolog drains the node and requeues the job.
 The plugin fails the job's tasks with the message on the job's stderr instead. Nothing
@@ -30,7 +38,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Final
+from typing import Any, Callable, Final
 
 from sifoverlay.errors import Ext3FormatError, ImageBusy, OverlayStateError, SifOverlayError
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -235,22 +243,27 @@ def _reconcile_if_dirty(identity: ImageIdentity, job: JobEnv, config: SlurmConfi
         log.info("%s: %s (%s)", image, result.action, result.new_digest)
 
 
-def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
+Release = Callable[[], None]
+
+
+def prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO, release: Release | None = None) -> str:
     """Steps 1-7 of the module docstring; returns the rootfs path. Raises a
     SifOverlayError on refusal, after undoing whatever it had done. Lease records and
-    scratch files go to the configured root state directory (plugstack state_dir=)."""
+    scratch files go to the configured root state directory (plugstack state_dir=).
+    `release` (the detached mounter's): called once the job holds its lease and session,
+    after the ``preparing`` record is written."""
     from sifoverlay.engine import statedir
 
     with statedir.using(config.state_dir):
-        return _prepare(job, config, io=io)
+        return _prepare(job, config, io=io, release=release)
 
 
-def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
+def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO, release: Release | None = None) -> str:
     from .phases import PhaseClock
 
     clock = PhaseClock("prolog", job.job_id)
     try:
-        path = _prepare_timed(job, config, clock, io=io)
+        path = _prepare_timed(job, config, clock, io=io, release=release)
     except BaseException:
         clock.lap("refused")
         clock.record(result="refused", mode=job.mode)
@@ -259,7 +272,8 @@ def _prepare(job: JobEnv, config: SlurmConfig, *, io: FileIO = REAL_IO) -> str:
     return path
 
 
-def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO = REAL_IO) -> str:
+def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO = REAL_IO,
+                   release: Release | None = None) -> str:
     from sifoverlay import runtime
     from sifoverlay.engine import sessions, statedir
 
@@ -299,6 +313,15 @@ def _prepare_timed(job: JobEnv, config: SlurmConfig, clock: Any, *, io: FileIO =
             if writable:
                 _reconcile_if_dirty(identity, job, config)
                 clock.lap("dirty")
+            if release is not None:  # the job is admitted: slurmd may start it while we mount
+                from sifoverlay.engine import procs
+
+                me = os.getpid()
+                records.write_preparing(config.records_dir, job.job_id, image, job.mode, requested=job.image,
+                                        preparer=(me, procs.process_start_ticks(me) or 0), io=io)
+                release()
+                clock.lap("release")
+                clock.mark("prolog_exit")
             # The runtime mounts through our authorized fd (no path lookup after the check)
             # and hands the lease's byte-range lock fd to the ext3 FUSE daemon, so the lock
             # lives exactly as long as the ext3 mount, long after this Prolog exits.
@@ -369,7 +392,8 @@ def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
         log.exception("cleanup step %s failed", getattr(func, "__name__", func))
 
 
-def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None) -> str:
+def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None,
+        release: Release | None = None) -> str:
     """The Prolog without the process around it: 'skipped' | 'ready' | 'refused'."""
     problem = None
     if config is None:
@@ -386,7 +410,7 @@ def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None)
     try:
         if problem is not None:
             raise SifOverlayError(None, problem)
-        prepare(job, config)
+        prepare(job, config, release=release)
         return "ready"
     except SifOverlayError as exc:
         message = exc.message()
@@ -398,12 +422,86 @@ def run(env: dict[str, str] | None = None, *, config: SlurmConfig | None = None)
     return "refused"
 
 
+def _set_parent_death_signal(signum: int) -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _become_mounter(prolog_pid: int) -> None:
+    """The forked child: dies with the Prolog until released, leaves its process group
+    and slurmd's output pipe (slurmd reads the Prolog's output to its end)."""
+    import signal
+
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != prolog_pid:  # the Prolog was killed before the line above
+        os._exit(0)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)  # io-seam: exempt (/dev/null for the mounter's stdio)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def run_detached(config: SlurmConfig) -> str:
+    """prolog_mounts=detached: fork the mounter, wait until it releases us (the job holds
+    its lease; records.py ``preparing``) or ends (refused: its record says why).
+    Returns 'released' or 'ended'."""
+    read_end, write_end = os.pipe()  # both close-on-exec: no daemon the mounter starts keeps them
+    prolog_pid = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            _become_mounter(prolog_pid)
+
+            def release() -> None:
+                _set_parent_death_signal(0)  # from now on the job's start needs us, not the Prolog
+                os.write(write_end, b"1")  # io-seam: exempt (a pipe to the waiting Prolog)
+                os.close(write_end)
+
+            run(config=config, release=release)
+        except BaseException:
+            log.exception("prolog mounter crashed")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        got = os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+    if got:
+        return "released"
+    os.waitpid(child, 0)
+    return "ended"
+
+
+def _has_image(config: SlurmConfig) -> bool:
+    try:
+        return JobEnv.from_env(None, default_mode=config.default_mode).image is not None
+    except SifOverlayError:
+        return False  # run() says what is wrong, inline
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import logsetup
 
     logsetup.setup("prolog", verbose="-v" in (argv or sys.argv[1:]), job=os.environ.get("SLURM_JOB_ID", ""))
     try:
-        run()
+        try:
+            config = load_config()
+        except SifOverlayError:
+            config = None  # run() refuses the job with the message
+        if config is not None and config.prolog_mounts == "detached" and _has_image(config):
+            run_detached(config)
+        else:
+            run(config=config)
     except BaseException:  # whatever happens, do not drain the node
         log.exception("prolog crashed")
     return 0

@@ -15,6 +15,9 @@
  *   home=yes|no                                (bind the job user's $HOME; default yes)
  *   epilog_reconcile=async|sync                (rw job end: hash in a worker after the node is
  *                                               free, or inside the Epilog; default async)
+ *   prolog_mounts=detached|inline              (job start: the Prolog exits once the lease is held
+ *                                               and its child mounts while the job starts; or all
+ *                                               inside the Prolog; default detached)
  *   slurmd_spool_dir=/var/spool/slurmd         (slurm.conf SlurmdSpoolDir: srun --mpi=pmix dirs)
  * slurmd_spool_dir is the plugin's only; state_dir and the other keys after it are used by
  * the Python side only; they are checked on both sides with the same rules so both halves
@@ -141,6 +144,13 @@ static int parse_one(const char *arg)
 	if (!strcmp(key, "epilog_reconcile")) {
 		if (strcmp(value, "async") && strcmp(value, "sync")) {
 			sifo_error("plugstack: epilog_reconcile=%s: expected async or sync", value);
+			return -1;
+		}
+		return 0;
+	}
+	if (!strcmp(key, "prolog_mounts")) {
+		if (strcmp(value, "detached") && strcmp(value, "inline")) {
+			sifo_error("plugstack: prolog_mounts=%s: expected detached or inline", value);
 			return -1;
 		}
 		return 0;

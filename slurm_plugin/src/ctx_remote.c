@@ -229,7 +229,7 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 				return fail_task(job_id, "%s (from %s)", err, SIFO_ENV_TWIN);
 		}
 	}
-	if (sifo_job_record_load(sifo_config.runtime_dir, job_id, &rec) < 0)
+	if (sifo_job_record_wait(sifo_config.runtime_dir, job_id, &rec, SIFO_PREPARE_WAIT_S) < 0)
 		return fail_task(job_id, "runtime_dir %s: path too long", sifo_config.runtime_dir);
 
 	switch (rec.kind) {
@@ -241,6 +241,7 @@ int sifo_remote_task_init_privileged(spank_t sp, int ac, char **av)
 				 "(or sifoverlay's Prolog is not set in slurm.conf)", sifo_request.path, SIFO_OPTION);
 	case SIFO_RECORD_REFUSED:
 	case SIFO_RECORD_BAD:
+	case SIFO_RECORD_PREPARING: /* not after sifo_job_record_wait */
 		return fail_task(job_id, "%s", rec.message);
 	case SIFO_RECORD_READY:
 		break;

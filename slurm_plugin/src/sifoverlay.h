@@ -62,15 +62,24 @@ const char *sifo_mode_name(enum sifo_mode mode);
 int sifo_check_ocisif(const char *path, char *err, size_t errlen);
 
 /* jobrecord.c: what the Prolog left for a job in <runtime_dir>/slurm/<jobid>/. */
-enum sifo_record { SIFO_RECORD_NONE = 0, SIFO_RECORD_READY, SIFO_RECORD_REFUSED, SIFO_RECORD_BAD };
+enum sifo_record { SIFO_RECORD_NONE = 0, SIFO_RECORD_READY, SIFO_RECORD_REFUSED, SIFO_RECORD_BAD,
+		   SIFO_RECORD_PREPARING };
 struct sifo_job_record {
 	enum sifo_record kind;
 	char image[PATH_MAX];        /* image path as the Prolog resolved it */
 	char requested[PATH_MAX];    /* image path as the user gave it */
 	char rootfs[PATH_MAX];       /* assembled rootfs (READY) */
 	char message[SIFO_MSG_MAX];  /* refusal or problem (REFUSED, BAD) */
+	long preparer_pid;           /* PREPARING: the Prolog's mounter, and its /proc start time */
+	unsigned long long preparer_start;
 };
 int sifo_job_record_load(const char *runtime_dir, unsigned job_id, struct sifo_job_record *rec);
+/* Load the record, waiting while it is PREPARING and its mounter lives (at most
+ * timeout_s seconds): the result is never PREPARING (BAD with the reason instead). */
+/* the job end waits 60 s for a mounter, then kills it (records.py): the task a little longer */
+#define SIFO_PREPARE_WAIT_S 90
+int sifo_job_record_wait(const char *runtime_dir, unsigned job_id, struct sifo_job_record *rec,
+			 unsigned timeout_s);
 
 /* args.c: the job environment options (issue 14); each has an env twin OCI_SIF_<NAME>
  * used when the flag is absent. */

@@ -49,6 +49,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "reads the timing log for tests and benchmarks (root's /var/log/sifoverlay), never user paths",
     ("sifoverlay/slurm/phases.py", "record"):
         "appends to timing.jsonl in root's log directory (/var/log/sifoverlay): O_NOFOLLOW",
+    ("sifoverlay/slurm/prolog.py", "_become_mounter"):
+        "os.devnull (/dev/null), a constant: the detached mounter's stdin/stdout/stderr",
     ("sifoverlay/sif/load.py", "open"):
         "SifFile.open: O_NOFOLLOW|O_NONBLOCK is in `flags`, S_ISREG checked by from_fd; root-side code "
         "uses statedir.open_image_checked + SifFile.from_fd instead",

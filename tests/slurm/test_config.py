@@ -27,6 +27,12 @@ def test_epilog_reconcile_is_async_unless_the_admin_says_sync() -> None:
     assert parse_args(["epilog_reconcile=async"]).epilog_reconcile == "async"
 
 
+def test_prolog_mounts_are_detached_unless_the_admin_says_inline() -> None:
+    assert parse_args([]).prolog_mounts == "detached"
+    assert parse_args(["prolog_mounts=inline"]).prolog_mounts == "inline"
+    assert parse_args(["prolog_mounts=detached"]).prolog_mounts == "detached"
+
+
 def test_defaults() -> None:
     config = parse_args([])
     assert (config.journal_dir, config.runtime_dir, config.image_roots, config.default_mode, config.mount) == (
@@ -44,6 +50,7 @@ def test_defaults() -> None:
     ("default_mode=rx", "plugstack: default_mode=rx: expected rw or ro"),
     ("mount=nfs", "plugstack: mount=nfs: expected fuse or kernel"),
     ("epilog_reconcile=later", "plugstack: epilog_reconcile=later: expected async or sync"),
+    ("prolog_mounts=later", "plugstack: prolog_mounts=later: expected detached or inline"),
 ])
 def test_strict_keys(arg: str, message: str) -> None:
     with pytest.raises(UsageError) as info:

@@ -100,7 +100,18 @@ def hook(site: Site, name: str) -> str:
     done = subprocess.run([sys.executable, "-m", f"sifoverlay.slurm.{name}"], env=site.env, capture_output=True,
                           text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
+    if name == "prolog":  # prolog_mounts=detached: its mounter may still mount; the plugin waits alike
+        _wait_for_record(site)
     return done.stderr
+
+
+def _wait_for_record(site: Site) -> None:
+    from sifoverlay.slurm import records
+
+    deadline = time.monotonic() + 60
+    while (record := records.read(site.config.records_dir, JOB)) is None or record.status == "preparing":
+        assert time.monotonic() < deadline, f"job {JOB}: still {record} after 60 s"
+        time.sleep(0.01)
 
 
 def _sha(path: Path) -> str:

@@ -137,6 +137,7 @@ PLUGSTACK_ERRORS = [
     ("bad-size", "max_overlay=12X", "plugstack: max_overlay=12X: expected a positive number (optionally with K, M, G or T)"),
     ("zero-deadline", "hash_deadline=0", "plugstack: hash_deadline=0: must be positive"),
     ("bad-epilog-reconcile", "epilog_reconcile=later", "plugstack: epilog_reconcile=later: expected async or sync"),
+    ("bad-prolog-mounts", "prolog_mounts=later", "plugstack: prolog_mounts=later: expected detached or inline"),
 ]
 
 
@@ -152,7 +153,7 @@ def test_plugstack_keys_are_strict(cluster: Cluster, slurm_users: tuple[User, Us
 def test_plugstack_all_keys_accepted(cluster: Cluster, slurm_users: tuple[User, User], image_dir: Path) -> None:
     args = ("journal_dir=/var/lib/sifoverlay/journal runtime_dir=/run/sifoverlay image_roots=/a:/b "
             "default_mode=ro sifoverlay=/usr/bin/python3 mount=kernel state_dir=/var/lib/sifoverlay "
-            "max_overlay=256G hash_deadline=600")
+            "max_overlay=256G hash_deadline=600 epilog_reconcile=sync prolog_mounts=inline")
     done = cluster.as_user(slurm_users[0], "sbatch", "--test-only", "--wrap", "true", cwd="/tmp",
                            env=_private_conf(image_dir, args))
     assert done.returncode == 0, done.stderr
