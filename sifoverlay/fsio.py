@@ -15,7 +15,7 @@ import errno
 import os
 import signal
 from collections.abc import Callable, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
@@ -240,13 +240,21 @@ def io_from_env() -> FileIO:
     return REAL_IO
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
+_FALLOCATE: list[Any] = []  # libc's fallocate(2), bound once
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if not _FALLOCATE:
+        import ctypes
+
+        # the C library this interpreter already runs on (dlsym of the process): not
+        # ctypes.util.find_library, which forks `ldconfig -p` at every call
+        func = ctypes.CDLL(None, use_errno=True).fallocate
+        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _FALLOCATE.append(func)
+    if _FALLOCATE[0](fd, mode, offset, length) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

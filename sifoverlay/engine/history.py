@@ -12,7 +12,6 @@ byte for byte), else the clock. Cap: `SIFOVERLAY_HISTORY_REVISIONS` (default 100
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 from collections.abc import Mapping
@@ -92,7 +91,7 @@ class RevisionDraft:
     def revision(self, *, old_manifest: str | None, new_manifest: str) -> dict[str, Any]:
         when = commit_time()
         rev: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
             "op": self.op,
             "overlay": {"old": self.old_overlay, "new": self.new_overlay},
             "manifest": {"old": old_manifest, "new": new_manifest},

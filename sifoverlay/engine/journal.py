@@ -202,10 +202,9 @@ class Entry:
 
 
 def new_op_id() -> str:
-    import secrets  # here: a no-op sync makes no op id (issue 17, fast CLI)
-
+    # os.urandom, not secrets (hmac, random, base64: ms of imports on every commit, issue 17)
     host = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:32] or "host"
-    return f"{int(time.time() * 1000)}-{host}-{os.getpid()}-{secrets.token_hex(3)}"
+    return f"{int(time.time() * 1000)}-{host}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 class EntryWriter:

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import socket
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -106,7 +104,7 @@ class Holder:
     @classmethod
     def current(cls, job_id: str, source: str = "cli") -> Holder:
         pid = os.getpid()
-        return cls(socket.gethostname(), pid, str(job_id), source, os.getuid(), process_start_ticks(pid))
+        return cls(os.uname().nodename, pid, str(job_id), source, os.getuid(), process_start_ticks(pid))
 
 
 def inspect(image_path: str | os.PathLike[str] | None = None, *, image_fd: int | None = None,
@@ -190,7 +188,7 @@ class Lease:
         record = dict(current.record, heartbeat=now, expires=now + new_ttl, ttl=new_ttl)
         if keeper:
             pid = os.getpid()
-            record.update(pid=pid, started=process_start_ticks(pid), host=socket.gethostname(),
+            record.update(pid=pid, started=process_start_ticks(pid), host=os.uname().nodename,
                           boot_id=boot_id(), keeper=True)
         self.info = replace_record(self.file_path, record, io=self._io)
         return self.info
@@ -287,7 +285,7 @@ def _acquire(
 ) -> Lease:
     if ttl <= 0:
         raise ValueError("ttl must be positive")
-    if holder.started is None and holder.host == socket.gethostname():
+    if holder.started is None and holder.host == os.uname().nodename:
         holder = Holder(holder.host, holder.pid, holder.job_id, holder.source, holder.uid,
                         process_start_ticks(holder.pid))
     deadline = None if wait is None else time.monotonic() + wait
@@ -321,7 +319,7 @@ def _try_once(
         record: dict[str, Any] = {
             "version": 2, **asdict(holder), "job_id": str(holder.job_id), "acquired": now,
             "heartbeat": now, "expires": now + ttl, "ttl": float(ttl), "boot_id": boot_id(),
-            "mode": mode, "token": secrets.token_hex(16), "region": list(region), "image": image,
+            "mode": mode, "token": os.urandom(16).hex(), "region": list(region), "image": image,
             "key": key, "dev": st.st_dev, "ino": st.st_ino, "byte_lock": locked, "grace": float(grace),
         }
         if exclusive:
@@ -442,7 +440,7 @@ def resume(image_path: str | os.PathLike[str] | None, job_id: str, *, io: FileIO
 def held_here(info: LeaseInfo) -> bool:
     """The record was written on this host during this boot (a missing boot_id on either
     side, e.g. no /proc, compares by host name alone)."""
-    if info.host != socket.gethostname():
+    if info.host != os.uname().nodename:
         return False
     here = boot_id()
     return info.boot_id is None or here is None or info.boot_id == here

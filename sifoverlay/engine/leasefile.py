@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,7 +175,7 @@ def reader_infos(targets: str | list[str]) -> list[LeaseInfo]:
 def temp_name(target: str, kind: str) -> str:
     """A unique name beside `target` that tells who made it (see the module docstring)."""
     directory, name = os.path.split(target)
-    return os.path.join(directory, f"{name}.{kind}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+    return os.path.join(directory, f"{name}.{kind}.{os.uname().nodename}.{os.getpid()}.{os.urandom(4).hex()}")
 
 
 def parse_temp_name(target: str, name: str) -> tuple[str, str, int] | None:

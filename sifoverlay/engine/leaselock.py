@@ -14,7 +14,6 @@ import errno
 import fcntl
 import logging
 import os
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -201,7 +200,7 @@ def _lock_holder(image: str, fd: int, region: Region, ltype: int, targets: list[
     found = probe(fd, *region, ltype=ltype)
     kind, pid = found if found is not None else (ltype, 0)
     what = "write" if kind == fcntl.F_WRLCK else "read"
-    holder = {"host": socket.gethostname(), "pid": pid if pid > 0 else None, "lock": what}
+    holder = {"host": os.uname().nodename, "pid": pid if pid > 0 else None, "lock": what}
     if pid > 0:
         return f"by pid {pid} on this host ({what} byte-range lock on the overlay, no lease file: e.g. singularity)", holder
     return f"by another open file on this host ({what} OFD lock on the overlay, no lease file)", holder

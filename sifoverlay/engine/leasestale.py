@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 from sifoverlay.fsio import REAL_IO, FileIO
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 def holder_alive(info: LeaseInfo, *, grace: float = DEFAULT_GRACE, now: float | None = None) -> bool:
     """False when `info` is stale by the rule of the module docstring."""
     now = time.time() if now is None else now
-    here = info.host == socket.gethostname()
+    here = info.host == os.uname().nodename
     if here and info.boot_id is not None and info.boot_id != procs.boot_id():
         return False  # this host rebooted since: nothing of that holder runs any more, expiry or not
     if now <= info.expires:
@@ -92,7 +91,7 @@ def sweep_temp_files(target: str, *, io: FileIO = REAL_IO) -> list[str]:
     when older than ttl+grace."""
     directory = os.path.dirname(target)
     removed = []
-    now, me = time.time(), socket.gethostname()
+    now, me = time.time(), os.uname().nodename
     for name in os.listdir(directory):
         parsed = parse_temp_name(target, name)
         if parsed is None:

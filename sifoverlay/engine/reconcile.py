@@ -199,7 +199,7 @@ def _slow_sync(
     force_hash: bool, start: float, deadline: float | None = None, as_user: tuple[int, int] | None = None,
     who: Who | None = None, op: str = "sync",
 ) -> SyncResult:
-    from sifoverlay.ext3 import Superblock, check_region_header, hash_range, replay_and_fsck
+    from sifoverlay.ext3 import Superblock, check_region_header, hash_range
     from sifoverlay.ocisif import open_image
     from sifoverlay.sif.load import SifFile
 
@@ -233,6 +233,8 @@ def _slow_sync(
             replayed = False
             sb = Superblock.read(sif.fd, overlay.offset, size=overlay.size)
             if sb.is_dirty:
+                from sifoverlay.ext3 import replay_and_fsck  # subprocess & co only when there is a replay
+
                 # replay and/or e2fsck -p; fd= makes it check the loop device serves this inode
                 replayed = replay_and_fsck(image, overlay.offset, overlay.size, fd=sif.fd, io=io,
                                            as_user=as_user).checked
