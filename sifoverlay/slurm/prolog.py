@@ -479,7 +479,22 @@ def run_detached(config: SlurmConfig) -> str:
     if got:
         return "released"
     os.waitpid(child, 0)
+    _refuse_if_silent(config)
     return "ended"
+
+
+def _refuse_if_silent(config: SlurmConfig) -> None:
+    """The mounter ended without releasing us: it refused the job (its record says why),
+    unless it died before it could write anything; then the tasks must still learn why."""
+    try:
+        job = JobEnv.from_env(None, default_mode=config.default_mode)
+    except SifOverlayError:  # main() checked it before the fork: not reached
+        return
+    if job.image is not None and records.read(config.records_dir, job.job_id) is None:
+        log.error("job %s: the Prolog's mounter ended without a record", job.job_id)
+        records.write_refused(config.records_dir, job.job_id, job.image,
+                              f"refused: {job.image}: the sifoverlay Prolog's mounter died before it could "
+                              "prepare the job (the node's sifoverlay log says why)")
 
 
 def _has_image(config: SlurmConfig) -> bool:

@@ -116,6 +116,8 @@ _PROLOG = textwrap.dedent("""
         (out / "mounter").write_text(f"{os.getpid()} {os.getsid(0)} {os.readlink('/proc/self/fd/1')}")
         if mode == "refuse":
             return "refused"
+        if mode == "die":
+            os._exit(0)  # before any word: no record
         if mode == "release":
             release()
             time.sleep(0.5)  # the mounts, after the Prolog has gone
@@ -162,6 +164,20 @@ def test_a_refusal_before_the_release_ends_the_prolog_with_the_mounter(tmp_path:
     assert (proc.returncode, out) == (0, "ended\n")
     pid = int(_wait_for(tmp_path / "mounter").split()[0])
     assert not process_alive(pid, None)  # reaped by the Prolog
+
+
+def test_a_mounter_that_dies_before_any_word_leaves_a_refusal(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "48", "SLURM_JOB_UID": str(os.getuid()),
+           "SLURM_JOB_GID": str(os.getgid()), "SPANK_OCI_SIF_OVERLAY": "/img/a.oci.sif:ro",
+           "SIFOVERLAY_TEST_RUNTIME": str(tmp_path / "run")}
+    script = _PROLOG.replace("SlurmConfig()", "SlurmConfig(runtime_dir=os.environ['SIFOVERLAY_TEST_RUNTIME'])")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), "die"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert (done.returncode, done.stdout) == (0, "ended\n"), done.stderr
+    record = records.read(str(tmp_path / "run" / "slurm"), "48")
+    assert record is not None and record.status == "refused"
+    assert record.message == ("refused: /img/a.oci.sif: the sifoverlay Prolog's mounter died before it could "
+                              "prepare the job (the node's sifoverlay log says why)")
 
 
 def test_a_killed_prolog_takes_its_unreleased_mounter_with_it(tmp_path: Path) -> None:
