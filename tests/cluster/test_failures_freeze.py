@@ -79,9 +79,9 @@ def mentions(report: dict[str, object], job: int) -> tuple[list[dict[str, object
 def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
         bed: Bed, bed_users: tuple[User, User], bed_image: Callable[..., Path], bed_out: Path,
         conf: SlurmConfig, after_thaw: str) -> None:
-    """after_thaw: who ends the frozen job: the cluster sweeper on n1, run once a second
-    from the thaw on (it wins the race against n2's Epilog), or n2's own Epilog alone (no
-    sweep: a sweeper timer runs every few minutes)."""
+    """after_thaw: who may end the frozen job: the cluster sweeper on n1, run once a second
+    from the thaw on, racing n2's own job end (either may win, exactly one does), or n2's
+    own Epilog alone (no sweep: a sweeper timer runs every few minutes)."""
     alice = bed_users[0]
     image = bed_image(alice)
     job = start_writer(bed, alice, image, "n2", conf)
@@ -175,7 +175,15 @@ def test_node_frozen_past_expiry_is_fenced_on_thaw_and_reconciled_once(
         assert second_state == "FAILED" and "held by" in second_out, (second_state, second_out)
         assert overlay_file(image, "second.log") == ""
     assert len(revs) == 1 and revs[0]["who"]["exit_state"] != "COMPLETED", revs  # type: ignore[index]
-    assert revs[0]["who"]["node"] == ("n1" if after_thaw == "sweeper" else "n2"), revs  # type: ignore[index]
+    winner = (revs[0]["who"]["node"], revs[0]["who"]["via"])  # type: ignore[index]
+    if after_thaw == "sweeper":
+        # n1's sweeper and n2's own job end (its Epilog's reconcile worker claiming the
+        # expired lease, slurm/reclaim.py) race to break the lease n2 still names: one
+        # rename, exactly one wins (both orders are forced in tests/slurm/test_own_lease_race.py).
+        # Which one depends on when n2's slurmd re-registers after the thaw (CI: n2 in 1.5 s).
+        assert winner in (("n1", "sweeper"), ("n2", "worker"), ("n2", "epilog")), revs
+    else:
+        assert winner[0] == "n2", revs
     assert_prefix(overlay_file(image, "progress.log"), job)
     assert_consistent(image)
     assert holder(conf, image) is None
