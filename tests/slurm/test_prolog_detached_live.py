@@ -78,6 +78,7 @@ def test_a_task_waits_for_a_live_mounter_and_fails_when_it_died(cluster: Cluster
     d = _shared_dir(image)
     script = d / "job.sh"
     script.write_text("#!/bin/sh\n"
+                      f"touch {d}/started\n"
                       f"while [ ! -e {d}/go1 ]; do sleep 0.05; done\n"
                       f"a=$(cut -d' ' -f1 /proc/uptime)\n" + STEP.format(d=d, n="step1") + "\n"
                       f"b=$(cut -d' ' -f1 /proc/uptime); echo $a $b > {d}/step1.t\n"
@@ -92,6 +93,9 @@ def test_a_task_waits_for_a_live_mounter_and_fails_when_it_died(cluster: Cluster
         while (ready := records.read(config.records_dir, str(job))) is None or ready.status != "ready":
             assert time.monotonic() < deadline and (ready is None or ready.status == "preparing"), ready
             time.sleep(0.05)
+        # The batch step's own task waits for the record too: only once the script runs is
+        # the record ours to play with (else the script itself waits for the stand-in).
+        _wait_file(d / "started")
 
         def restore() -> None:
             records.write_ready(config.records_dir, str(job), ready.image, ready.mode, ready.rootfs,
