@@ -447,7 +447,7 @@ def _become_mounter(prolog_pid: int) -> None:
         os.close(null)
 
 
-def run_detached(config: SlurmConfig) -> str:
+def run_detached(config: SlurmConfig, job: JobEnv) -> str:
     """prolog_mounts=detached: fork the mounter, wait until it releases us (the job holds
     its lease; records.py ``preparing``) or ends (refused: its record says why).
     Returns 'released' or 'ended'."""
@@ -479,29 +479,21 @@ def run_detached(config: SlurmConfig) -> str:
     if got:
         return "released"
     os.waitpid(child, 0)
-    _refuse_if_silent(config)
-    return "ended"
-
-
-def _refuse_if_silent(config: SlurmConfig) -> None:
-    """The mounter ended without releasing us: it refused the job (its record says why),
-    unless it died before it could write anything; then the tasks must still learn why."""
-    try:
-        job = JobEnv.from_env(None, default_mode=config.default_mode)
-    except SifOverlayError:  # main() checked it before the fork: not reached
-        return
     if job.image is not None and records.read(config.records_dir, job.job_id) is None:
+        # it died before it could refuse the job in its record: the tasks must still learn why
         log.error("job %s: the Prolog's mounter ended without a record", job.job_id)
         records.write_refused(config.records_dir, job.job_id, job.image,
                               f"refused: {job.image}: the sifoverlay Prolog's mounter died before it could "
                               "prepare the job (the node's sifoverlay log says why)")
+    return "ended"
 
 
-def _has_image(config: SlurmConfig) -> bool:
+def _job_with_image(config: SlurmConfig) -> JobEnv | None:
     try:
-        return JobEnv.from_env(None, default_mode=config.default_mode).image is not None
+        job = JobEnv.from_env(None, default_mode=config.default_mode)
     except SifOverlayError:
-        return False  # run() says what is wrong, inline
+        return None  # run() says what is wrong, inline
+    return job if job.image is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config()
         except SifOverlayError:
             config = None  # run() refuses the job with the message
-        if config is not None and config.prolog_mounts == "detached" and _has_image(config):
-            run_detached(config)
+        job = _job_with_image(config) if config is not None and config.prolog_mounts == "detached" else None
+        if config is not None and job is not None:
+            run_detached(config, job)
         else:
             run(config=config)
     except BaseException:  # whatever happens, do not drain the node

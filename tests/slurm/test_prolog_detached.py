@@ -108,6 +108,7 @@ _PROLOG = textwrap.dedent("""
     from pathlib import Path
     from sifoverlay.slurm import prolog
     from sifoverlay.slurm.config import SlurmConfig
+    from sifoverlay.slurm.jobenv import JobEnv
 
     out = Path(sys.argv[1])
     mode = sys.argv[2]
@@ -127,7 +128,9 @@ _PROLOG = textwrap.dedent("""
         return "ready"
 
     prolog.run = stand_in
-    print("released" if prolog.run_detached(SlurmConfig()) == "released" else "ended", flush=True)
+    config = SlurmConfig()
+    job = prolog._job_with_image(config) or JobEnv("0", os.getuid(), os.getgid(), None, None, None, None)
+    print("released" if prolog.run_detached(config, job) == "released" else "ended", flush=True)
     (out / "prolog-exit").write_text(str(time.monotonic()))
 """)
 
@@ -215,7 +218,7 @@ def test_main_runs_inline_when_the_admin_says_so(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(prolog, "load_config", lambda: SlurmConfig(prolog_mounts="inline"))
     monkeypatch.setattr(prolog, "run", lambda env=None, *, config=None, release=None: calls.append(
         f"run release={release}") or "ready")
-    monkeypatch.setattr(prolog, "run_detached", lambda config: calls.append("detached") or "released")
+    monkeypatch.setattr(prolog, "run_detached", lambda config, job: calls.append(f"detached {job.job_id}") or "released")
     monkeypatch.setenv("SPANK_OCI_SIF_OVERLAY", "/img/a.oci.sif:ro")
     monkeypatch.setenv("SLURM_JOB_ID", "46")
     monkeypatch.setenv("SLURM_JOB_UID", str(os.getuid()))
@@ -225,4 +228,4 @@ def test_main_runs_inline_when_the_admin_says_so(monkeypatch: pytest.MonkeyPatch
     assert prolog.main([]) == 0
     monkeypatch.delenv("SPANK_OCI_SIF_OVERLAY")
     assert prolog.main([]) == 0  # no image: nothing to fork for
-    assert calls == ["run release=None", "detached", "run release=None"]
+    assert calls == ["run release=None", "detached 46", "run release=None"]
