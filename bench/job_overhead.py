@@ -161,7 +161,7 @@ class PlugstackKey:
 
     def __init__(self, source: str) -> None:
         self.path = Path(source.rsplit(":", 1)[0])
-        self.original = self.path.read_text()
+        self.original = self.current = self.path.read_text()
 
     def set(self, key: str, value: str | None) -> None:
         import re
@@ -172,16 +172,19 @@ class PlugstackKey:
                 line = re.sub(rf"\s{key}=\S+", "", line.rstrip("\n"))
                 line = (line + (f" {key}={value}" if value else "")) + "\n"
             lines.append(line)
-        tmp = self.path.with_name(self.path.name + ".bench")
-        tmp.write_text("".join(lines))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.path)
+        self._write("".join(lines))
 
     def restore(self) -> None:
+        self._write(self.original)
+
+    def _write(self, text: str) -> None:
+        if text == self.current:
+            return
         tmp = self.path.with_name(self.path.name + ".bench")
-        tmp.write_text(self.original)
+        tmp.write_text(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.path)
+        self.current = text
 
 
 PLUGSTACK: PlugstackKey | None = None

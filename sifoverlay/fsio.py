@@ -12,6 +12,7 @@ A guard test (tests/test_io_seam.py) scans the package for writes outside this m
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -240,19 +241,19 @@ def io_from_env() -> FileIO:
     return REAL_IO
 
 
-_FALLOCATE: list[Any] = []  # libc's fallocate(2), bound once
+@functools.cache
+def _libc_fallocate() -> Any:
+    """libc's fallocate(2), bound once from the C library this interpreter already runs on
+    (dlsym of the process), not ctypes.util.find_library, which forks `ldconfig -p`."""
+    import ctypes
+
+    func = ctypes.CDLL(None, use_errno=True).fallocate
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return func
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if not _FALLOCATE:
-        import ctypes
-
-        # the C library this interpreter already runs on (dlsym of the process): not
-        # ctypes.util.find_library, which forks `ldconfig -p` at every call
-        func = ctypes.CDLL(None, use_errno=True).fallocate
-        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _FALLOCATE.append(func)
-    if _FALLOCATE[0](fd, mode, offset, length) != 0:
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
         import ctypes
 
         err = ctypes.get_errno()
